@@ -1,0 +1,318 @@
+//! Health classification: the pure rules that turn a server's health report into a status.
+//!
+//! A report is a JSON object. A component is `database`, `redis`, or any entry of an optional
+//! `components` object; its value is an object with a string `status`, or a bare status string.
+//! `ok`, `healthy`, `up` and `pass` (any case) are healthy, any other string is unhealthy, and
+//! anything else (absent, null, another shape) is unknown and never a failure. An unhealthy
+//! database or redis is `critical`; otherwise `services.healthy == false` or any other unhealthy
+//! component is `degraded`; otherwise `healthy`.
+
+use serde_json::{Map, Value};
+
+use crate::model::HealthStatus;
+
+/// What a report said of one component.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ComponentHealth {
+    /// A healthy status string.
+    Healthy,
+    /// Any other status string, kept as reported.
+    Unhealthy(String),
+    /// Absent, null, or of another shape.
+    Unknown,
+}
+
+impl ComponentHealth {
+    fn from_json(value: Option<&Value>) -> Self {
+        let status = match value {
+            Some(Value::String(s)) => s.as_str(),
+            Some(Value::Object(obj)) => match obj.get("status") {
+                Some(Value::String(s)) => s.as_str(),
+                _ => return ComponentHealth::Unknown,
+            },
+            _ => return ComponentHealth::Unknown,
+        };
+        if ["ok", "healthy", "up", "pass"]
+            .iter()
+            .any(|h| status.eq_ignore_ascii_case(h))
+        {
+            ComponentHealth::Healthy
+        } else {
+            ComponentHealth::Unhealthy(truncate(status, 200))
+        }
+    }
+
+    fn as_bool(&self) -> Option<bool> {
+        match self {
+            ComponentHealth::Healthy => Some(true),
+            ComponentHealth::Unhealthy(_) => Some(false),
+            ComponentHealth::Unknown => None,
+        }
+    }
+}
+
+/// A parsed health report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthAnswer {
+    /// The `database` component.
+    pub database: ComponentHealth,
+    /// The `redis` component.
+    pub redis: ComponentHealth,
+    /// `services.healthy` when it is a boolean.
+    pub services_healthy: Option<bool>,
+    /// The entries of `components`, in the report's order.
+    pub components: Vec<(String, ComponentHealth)>,
+}
+
+/// A report that is not a JSON object.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("expected a JSON object, got {0}")]
+pub struct NotAnObject(&'static str);
+
+impl HealthAnswer {
+    /// Reads a report; anything but a JSON object is refused.
+    pub fn from_json(value: &Value) -> Result<Self, NotAnObject> {
+        let obj = match value {
+            Value::Object(obj) => obj,
+            Value::Null => return Err(NotAnObject("null")),
+            Value::Bool(_) => return Err(NotAnObject("a boolean")),
+            Value::Number(_) => return Err(NotAnObject("a number")),
+            Value::String(_) => return Err(NotAnObject("a string")),
+            Value::Array(_) => return Err(NotAnObject("an array")),
+        };
+        Ok(Self::from_object(obj))
+    }
+
+    fn from_object(obj: &Map<String, Value>) -> Self {
+        let services_healthy = match obj.get("services") {
+            Some(Value::Object(s)) => s.get("healthy").and_then(Value::as_bool),
+            _ => None,
+        };
+        let components = match obj.get("components") {
+            Some(Value::Object(c)) => c
+                .iter()
+                .map(|(name, v)| (truncate(name, 100), ComponentHealth::from_json(Some(v))))
+                .collect(),
+            _ => Vec::new(),
+        };
+        Self {
+            database: ComponentHealth::from_json(obj.get("database")),
+            redis: ComponentHealth::from_json(obj.get("redis")),
+            services_healthy,
+            components,
+        }
+    }
+}
+
+/// The result of classifying a report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Classification {
+    /// The resulting status.
+    pub status: HealthStatus,
+    /// The database component as true, false or unknown.
+    pub database_healthy: Option<bool>,
+    /// The redis component as true, false or unknown.
+    pub redis_healthy: Option<bool>,
+    /// `services.healthy` as true, false or unknown.
+    pub services_healthy: Option<bool>,
+    /// `unhealthy: database (down), queue (stalled)` when something is unhealthy.
+    pub error_message: Option<String>,
+    /// The unhealthy components and their statuses, when there are any.
+    pub error_details: Option<Value>,
+}
+
+/// Classifies a report by the rules in this module's docs.
+pub fn classify(answer: &HealthAnswer) -> Classification {
+    let services = ComponentHealth::Unhealthy("unhealthy".to_owned());
+    let services = (answer.services_healthy == Some(false)).then_some(("services", &services));
+    let unhealthy: Vec<(String, String)> = [("database", &answer.database), ("redis", &answer.redis)]
+        .into_iter()
+        .chain(services)
+        .chain(answer.components.iter().map(|(n, c)| (n.as_str(), c)))
+        .filter_map(|(name, c)| match c {
+            ComponentHealth::Unhealthy(status) => Some((name.to_owned(), status.clone())),
+            _ => None,
+        })
+        .collect();
+
+    let core_down = matches!(answer.database, ComponentHealth::Unhealthy(_))
+        || matches!(answer.redis, ComponentHealth::Unhealthy(_));
+    let status = if core_down {
+        HealthStatus::Critical
+    } else if unhealthy.is_empty() {
+        HealthStatus::Healthy
+    } else {
+        HealthStatus::Degraded
+    };
+
+    let (error_message, error_details) = if unhealthy.is_empty() {
+        (None, None)
+    } else {
+        let message = unhealthy
+            .iter()
+            .map(|(n, s)| format!("{n} ({s})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let details: Map<String, Value> = unhealthy
+            .into_iter()
+            .map(|(n, s)| (n, Value::String(s)))
+            .collect();
+        (
+            Some(truncate(&format!("unhealthy: {message}"), 500)),
+            Some(Value::Object(details)),
+        )
+    };
+
+    Classification {
+        status,
+        database_healthy: answer.database.as_bool(),
+        redis_healthy: answer.redis.as_bool(),
+        services_healthy: answer.services_healthy,
+        error_message,
+        error_details,
+    }
+}
+
+/// Cuts a string to at most `max` characters, so that no report can bloat a row.
+pub(crate) fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use HealthStatus::*;
+
+    #[track_caller]
+    fn check(report: Value, status: HealthStatus, flags: [Option<bool>; 3], details: Option<Value>) {
+        let answer = HealthAnswer::from_json(&report).expect("an object");
+        let c = classify(&answer);
+        assert_eq!(c.status, status, "status of {report}");
+        assert_eq!(
+            [c.database_healthy, c.redis_healthy, c.services_healthy],
+            flags,
+            "flags of {report}"
+        );
+        assert_eq!(c.error_details, details, "details of {report}");
+        assert_eq!(c.error_message.is_some(), c.error_details.is_some());
+    }
+
+    const T: Option<bool> = Some(true);
+    const F: Option<bool> = Some(false);
+    const U: Option<bool> = None;
+
+    #[test]
+    fn all_ok_is_healthy() {
+        check(
+            json!({"database": {"status": "ok"}, "redis": {"status": "ok"}, "services": {"healthy": true}}),
+            Healthy,
+            [T, T, T],
+            None,
+        );
+    }
+
+    #[test]
+    fn empty_object_is_healthy_and_unknown() {
+        check(json!({}), Healthy, [U, U, U], None);
+    }
+
+    #[test]
+    fn healthy_words_in_any_case() {
+        for word in ["ok", "OK", "Healthy", "UP", "pass", "Pass"] {
+            check(json!({"database": word, "redis": {"status": word}}), Healthy, [T, T, U], None);
+        }
+    }
+
+    #[test]
+    fn database_down_is_critical() {
+        check(
+            json!({"database": {"status": "down"}, "redis": "ok"}),
+            Critical,
+            [F, T, U],
+            Some(json!({"database": "down"})),
+        );
+    }
+
+    #[test]
+    fn redis_down_is_critical_even_with_services_false() {
+        check(
+            json!({"redis": "error", "services": {"healthy": false}}),
+            Critical,
+            [U, F, F],
+            Some(json!({"redis": "error", "services": "unhealthy"})),
+        );
+    }
+
+    #[test]
+    fn services_false_is_degraded() {
+        check(
+            json!({"database": "ok", "redis": "ok", "services": {"healthy": false}}),
+            Degraded,
+            [T, T, F],
+            Some(json!({"services": "unhealthy"})),
+        );
+    }
+
+    #[test]
+    fn services_of_another_type_is_unknown() {
+        check(json!({"services": {"healthy": "no"}}), Healthy, [U, U, U], None);
+        check(json!({"services": true}), Healthy, [U, U, U], None);
+    }
+
+    #[test]
+    fn unhealthy_extra_component_is_degraded() {
+        check(
+            json!({"database": "ok", "components": {"queue": {"status": "stalled"}, "cache": "up"}}),
+            Degraded,
+            [T, U, U],
+            Some(json!({"queue": "stalled"})),
+        );
+    }
+
+    #[test]
+    fn odd_shapes_are_unknown_never_failures() {
+        check(
+            json!({"database": null, "redis": 5, "components": {"a": [1], "b": {"status": 3}}}),
+            Healthy,
+            [U, U, U],
+            None,
+        );
+        check(json!({"components": "nope", "extra": {"x": 1}}), Healthy, [U, U, U], None);
+    }
+
+    #[test]
+    fn message_names_each_unhealthy_component() {
+        let answer =
+            HealthAnswer::from_json(&json!({"database": "down", "components": {"q": "slow"}})).unwrap();
+        assert_eq!(
+            classify(&answer).error_message.as_deref(),
+            Some("unhealthy: database (down), q (slow)")
+        );
+    }
+
+    #[test]
+    fn non_objects_are_refused() {
+        for (v, what) in [
+            (json!(null), "null"),
+            (json!([]), "an array"),
+            (json!("ok"), "a string"),
+            (json!(1), "a number"),
+            (json!(true), "a boolean"),
+        ] {
+            assert_eq!(HealthAnswer::from_json(&v).unwrap_err(), NotAnObject(what));
+        }
+    }
+
+    #[test]
+    fn long_statuses_are_cut() {
+        let long = "x".repeat(10_000);
+        let answer = HealthAnswer::from_json(&json!({ "database": long })).unwrap();
+        let c = classify(&answer);
+        assert!(c.error_message.unwrap().chars().count() <= 501);
+    }
+}

@@ -1,0 +1,285 @@
+//! The store conformance suite: every [`Store`] runs it, so a new backend proves itself by
+//! passing it. Each case gets a fresh, empty store from the factory.
+//!
+//! ```text
+//! fleet_core::conformance::run_all(|| async { MyStore::connect_fresh().await }).await;
+//! ```
+
+use std::future::Future;
+
+use serde_json::json;
+use time::{Duration, OffsetDateTime};
+
+use crate::model::{
+    ApiToken, HealthCheck, HealthStatus, MetricValues, MetricsFailure, MetricsRecord, MetricsSample,
+    NewServer, Period, ServerId, ServerStatus,
+};
+use crate::store::{History, HistoryQuery, Registry, ServerFilter, Store, StoreError};
+
+/// A store the suite can drive: the workers' side, the registry and history.
+pub trait ConformingStore: Store + Registry + History {}
+impl<T: Store + Registry + History> ConformingStore for T {}
+
+/// A fixed, whole-second base time (2026-03-31 23:59:00 UTC), so stores with microsecond
+/// precision compare equal.
+pub fn base_time() -> OffsetDateTime {
+    time::macros::datetime!(2026-03-31 23:59:00 UTC)
+}
+
+/// A successful health check of `server` at `at` with status `status`.
+pub fn check_at(server: ServerId, at: OffsetDateTime, status: HealthStatus) -> HealthCheck {
+    let unhealthy = status != HealthStatus::Healthy;
+    HealthCheck {
+        server_id: server,
+        timestamp: at,
+        status,
+        response_time_ms: Some(12),
+        database_healthy: Some(status != HealthStatus::Critical),
+        redis_healthy: Some(true),
+        services_healthy: Some(status == HealthStatus::Healthy),
+        error_message: unhealthy.then(|| "unhealthy: services (unhealthy)".to_owned()),
+        error_details: unhealthy.then(|| json!({"services": "unhealthy"})),
+        responded: status != HealthStatus::Unreachable,
+        successful: status != HealthStatus::Unreachable,
+    }
+}
+
+/// A sample of `server` at `at` with a few values set.
+pub fn sample_at(server: ServerId, at: OffsetDateTime, cpu: f64) -> MetricsSample {
+    MetricsSample {
+        server_id: server,
+        timestamp: at,
+        period: Period::Raw,
+        values: MetricValues {
+            cpu_percent: Some(cpu),
+            memory_percent: Some(50.5),
+            network_rx_bytes: Some(1 << 40),
+            llm_requests: Some(7),
+            llm_cost_usd: Some(0.125),
+            total_users: Some(3),
+            ..Default::default()
+        },
+    }
+}
+
+fn secs(n: i64) -> Duration {
+    Duration::seconds(n)
+}
+
+/// Runs every case against fresh stores from `make`.
+pub async fn run_all<S, F, Fut>(make: F)
+where
+    S: ConformingStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    health_targets_are_active_servers_stalest_first(&make().await).await;
+    metrics_targets_are_healthy_or_degraded_most_recently_seen_first(&make().await).await;
+    health_batch_lands_once_with_its_values(&make().await).await;
+    state_only_moves_forward(&make().await).await;
+    last_seen_moves_only_on_an_answer(&make().await).await;
+    metrics_land_once_and_failures_are_kept(&make().await).await;
+    results_for_removed_servers_do_not_block_the_batch(&make().await).await;
+    registry_refuses_duplicates_and_filters(&make().await).await;
+    history_windows_are_newest_first(&make().await).await;
+    tokens_reach_the_probe(&make().await).await;
+}
+
+async fn add(store: &impl ConformingStore, name: &str) -> ServerId {
+    store
+        .create_server(NewServer::new(name, format!("http://127.0.0.1:9/{name}")))
+        .await
+        .expect("create server")
+        .id
+}
+
+async fn names(store: &impl ConformingStore, health: bool) -> Vec<String> {
+    let targets = if health { store.health_targets().await } else { store.metrics_targets().await };
+    targets.expect("select targets").into_iter().map(|t| t.name).collect()
+}
+
+async fn health_targets_are_active_servers_stalest_first(store: &impl ConformingStore) {
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let b = add(store, "b").await;
+    let _never = add(store, "never").await;
+    let off = add(store, "off").await;
+    let maint = add(store, "maint").await;
+    store.set_server_status(off, ServerStatus::Inactive).await.unwrap();
+    store.set_server_status(maint, ServerStatus::Maintenance).await.unwrap();
+    store
+        .record_health(&[
+            check_at(a, t0 + secs(20), HealthStatus::Healthy),
+            check_at(b, t0 + secs(10), HealthStatus::Healthy),
+            check_at(off, t0, HealthStatus::Healthy),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(names(store, true).await, ["never", "b", "a"], "health targets");
+}
+
+async fn metrics_targets_are_healthy_or_degraded_most_recently_seen_first(store: &impl ConformingStore) {
+    let t0 = base_time();
+    let ids: Vec<ServerId> = {
+        let mut v = Vec::new();
+        for n in ["h-old", "h-new", "deg", "crit", "unr", "never", "h-off"] {
+            v.push(add(store, n).await);
+        }
+        v
+    };
+    store.set_server_status(ids[6], ServerStatus::Inactive).await.unwrap();
+    store
+        .record_health(&[
+            check_at(ids[0], t0, HealthStatus::Healthy),
+            check_at(ids[1], t0 + secs(30), HealthStatus::Healthy),
+            check_at(ids[2], t0 + secs(20), HealthStatus::Degraded),
+            check_at(ids[3], t0 + secs(40), HealthStatus::Critical),
+            check_at(ids[4], t0 + secs(50), HealthStatus::Unreachable),
+            check_at(ids[6], t0 + secs(60), HealthStatus::Healthy),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(names(store, false).await, ["h-new", "deg", "h-old"], "metrics targets");
+}
+
+async fn health_batch_lands_once_with_its_values(store: &impl ConformingStore) {
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let b = add(store, "b").await;
+    // The batch straddles a month boundary (23:59:00 + 90 s is April).
+    let batch = vec![
+        check_at(a, t0, HealthStatus::Healthy),
+        check_at(b, t0, HealthStatus::Critical),
+        check_at(a, t0 + secs(90), HealthStatus::Degraded),
+    ];
+    store.record_health(&batch).await.unwrap();
+    // A retried batch adds nothing.
+    store.record_health(&batch).await.unwrap();
+    let ha = store.health_history(a, HistoryQuery::default()).await.unwrap();
+    assert_eq!(ha, vec![batch[2].clone(), batch[0].clone()], "history of a");
+    let hb = store.health_history(b, HistoryQuery::default()).await.unwrap();
+    assert_eq!(hb, vec![batch[1].clone()], "history of b");
+    let sa = store.get_server(a).await.unwrap().unwrap();
+    assert_eq!(sa.health_status, Some(HealthStatus::Degraded));
+    assert_eq!(sa.last_health_check_at, Some(t0 + secs(90)));
+    assert_eq!(sa.last_seen_at, Some(t0 + secs(90)));
+}
+
+async fn state_only_moves_forward(store: &impl ConformingStore) {
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    store.record_health(&[check_at(a, t0 + secs(30), HealthStatus::Healthy)]).await.unwrap();
+    // A late batch with an older check lands in history but does not rewind the state.
+    store.record_health(&[check_at(a, t0, HealthStatus::Critical)]).await.unwrap();
+    let s = store.get_server(a).await.unwrap().unwrap();
+    assert_eq!(s.health_status, Some(HealthStatus::Healthy), "state moved back in time");
+    assert_eq!(s.last_health_check_at, Some(t0 + secs(30)));
+    assert_eq!(s.last_seen_at, Some(t0 + secs(30)));
+    assert_eq!(store.health_history(a, HistoryQuery::default()).await.unwrap().len(), 2);
+}
+
+async fn last_seen_moves_only_on_an_answer(store: &impl ConformingStore) {
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    store.record_health(&[check_at(a, t0, HealthStatus::Healthy)]).await.unwrap();
+    store.record_health(&[check_at(a, t0 + secs(30), HealthStatus::Unreachable)]).await.unwrap();
+    let s = store.get_server(a).await.unwrap().unwrap();
+    assert_eq!(s.health_status, Some(HealthStatus::Unreachable));
+    assert_eq!(s.last_health_check_at, Some(t0 + secs(30)));
+    assert_eq!(s.last_seen_at, Some(t0), "last_seen_at moved without an answer");
+}
+
+async fn metrics_land_once_and_failures_are_kept(store: &impl ConformingStore) {
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let batch = vec![
+        MetricsRecord::Sample(sample_at(a, t0, 12.5)),
+        MetricsRecord::Sample(sample_at(a, t0 + secs(60), 13.0)),
+        MetricsRecord::Failure(MetricsFailure {
+            server_id: a,
+            timestamp: t0 + secs(120),
+            error: "metrics response field cpu_percent = 140 is out of range 0..=100".into(),
+        }),
+    ];
+    store.record_metrics(&batch).await.unwrap();
+    store.record_metrics(&batch[..2]).await.unwrap();
+    let h = store.metrics_history(a, HistoryQuery::default()).await.unwrap();
+    assert_eq!(h, vec![sample_at(a, t0 + secs(60), 13.0), sample_at(a, t0, 12.5)]);
+    let s = store.get_server(a).await.unwrap().unwrap();
+    assert_eq!(s.last_metrics_error_at, Some(t0 + secs(120)));
+    assert!(s.last_metrics_error.unwrap().contains("cpu_percent = 140"));
+}
+
+async fn results_for_removed_servers_do_not_block_the_batch(store: &impl ConformingStore) {
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let gone = add(store, "gone").await;
+    assert!(store.delete_server(gone).await.unwrap());
+    assert!(!store.delete_server(gone).await.unwrap());
+    store
+        .record_health(&[check_at(gone, t0, HealthStatus::Healthy), check_at(a, t0, HealthStatus::Healthy)])
+        .await
+        .unwrap();
+    store
+        .record_metrics(&[MetricsRecord::Sample(sample_at(gone, t0, 1.0)), MetricsRecord::Sample(sample_at(a, t0, 1.0))])
+        .await
+        .unwrap();
+    assert_eq!(store.health_history(a, HistoryQuery::default()).await.unwrap().len(), 1);
+    assert_eq!(store.metrics_history(a, HistoryQuery::default()).await.unwrap().len(), 1);
+    assert!(store.get_server(gone).await.unwrap().is_none());
+}
+
+async fn registry_refuses_duplicates_and_filters(store: &impl ConformingStore) {
+    let mut web = NewServer::new("web-1", "https://127.0.0.1:8443");
+    web.hostname = Some("Web-Host.example".into());
+    web.region = Some("eu".into());
+    web.environment = Some("production".into());
+    web.tags = vec!["edge".into(), "web".into()];
+    let web = store.create_server(web).await.unwrap();
+    assert_eq!(web.status, ServerStatus::Active);
+    assert_eq!(web.health_status, None);
+    let err = store.create_server(NewServer::new("web-1", "http://127.0.0.1:1")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "duplicate name gave {err:?}");
+    let mut db = NewServer::new("db-1", "http://127.0.0.1:5");
+    db.region = Some("us".into());
+    db.status = ServerStatus::Maintenance;
+    store.create_server(db).await.unwrap();
+
+    let list = |f: ServerFilter| async move {
+        store.list_servers(&f).await.unwrap().into_iter().map(|s| s.name).collect::<Vec<_>>()
+    };
+    assert_eq!(list(ServerFilter::default()).await, ["db-1", "web-1"]);
+    assert_eq!(list(ServerFilter { region: Some("eu".into()), ..Default::default() }).await, ["web-1"]);
+    assert_eq!(list(ServerFilter { status: Some(ServerStatus::Maintenance), ..Default::default() }).await, ["db-1"]);
+    assert_eq!(list(ServerFilter { tag: Some("edge".into()), ..Default::default() }).await, ["web-1"]);
+    assert_eq!(list(ServerFilter { search: Some("web-host".into()), ..Default::default() }).await, ["web-1"]);
+    assert_eq!(list(ServerFilter { environment: Some("production".into()), ..Default::default() }).await, ["web-1"]);
+    assert_eq!(list(ServerFilter { limit: Some(1), offset: 1, ..Default::default() }).await, ["web-1"]);
+    assert!(list(ServerFilter { health_status: Some(HealthStatus::Healthy), ..Default::default() }).await.is_empty());
+    let got = store.get_server(web.id).await.unwrap().unwrap();
+    assert_eq!(got, web);
+    assert!(store.get_server(ServerId::new()).await.unwrap().is_none());
+    assert!(!store.set_server_status(ServerId::new(), ServerStatus::Active).await.unwrap());
+}
+
+async fn history_windows_are_newest_first(store: &impl ConformingStore) {
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let checks: Vec<HealthCheck> = (0..5).map(|i| check_at(a, t0 + secs(i * 30), HealthStatus::Healthy)).collect();
+    store.record_health(&checks).await.unwrap();
+    let q = HistoryQuery { from: Some(t0 + secs(30)), to: Some(t0 + secs(120)), limit: 10 };
+    let got: Vec<_> = store.health_history(a, q).await.unwrap().into_iter().map(|c| c.timestamp).collect();
+    assert_eq!(got, [t0 + secs(90), t0 + secs(60), t0 + secs(30)]);
+    let q = HistoryQuery { limit: 2, ..Default::default() };
+    assert_eq!(store.health_history(a, q).await.unwrap().len(), 2);
+}
+
+async fn tokens_reach_the_probe(store: &impl ConformingStore) {
+    let new = NewServer::new("secret", "http://127.0.0.1:9").with_token(ApiToken::new("tok-123"));
+    store.create_server(new).await.unwrap();
+    add(store, "plain").await;
+    let targets = store.health_targets().await.unwrap();
+    let by_name = |n: &str| targets.iter().find(|t| t.name == n).unwrap().token.clone();
+    assert_eq!(by_name("secret").map(|t| t.expose().to_owned()), Some("tok-123".to_owned()));
+    assert_eq!(by_name("plain"), None);
+}

@@ -1,0 +1,489 @@
+//! The engine: one scheduler, dispatcher and writer, generic over the work it schedules.
+//!
+//! A [`Worker`] runs cycles start-to-start on a fixed grid, never two at once. Each cycle asks
+//! its [`Work`] for targets, starts them in batches (`batch_size` together, `batch_delay`
+//! apart), each under its own deadline, with at most `max_in_flight` running across batches, so
+//! a hung target holds only its own slot. Results go into a bounded buffer that a writer task
+//! drains to the store in groups; when the store fails they wait there and are retried.
+
+mod buffer;
+mod config;
+mod stats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep_until, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ConfigError, WorkerConfig, WorkerConfigBuilder, WorkerKind};
+pub use stats::{CycleSummary, StatsHandle, Tally, WorkerStats};
+
+use crate::clock::Clock;
+use crate::store::{Findings, StoreError};
+use buffer::ResultBuffer;
+
+/// What a worker schedules: how to pick targets, check one, count and record the results.
+#[async_trait]
+pub trait Work: Send + Sync + 'static {
+    /// What one check is run against.
+    type Target: Send + Sync + 'static;
+    /// What one check produces.
+    type Output: Send + Sync + 'static;
+
+    /// Which worker this is.
+    fn kind(&self) -> WorkerKind;
+
+    /// The targets of one cycle, in the order they should start.
+    async fn select(&self) -> Result<Vec<Self::Target>, StoreError>;
+
+    /// A target's name, for logs.
+    fn name<'a>(&self, target: &'a Self::Target) -> &'a str;
+
+    /// Runs one check, started at `started`, which must finish by `deadline`.
+    async fn run(&self, target: &Self::Target, started: OffsetDateTime, deadline: Instant)
+    -> Self::Output;
+
+    /// The result of a check that the engine cut off at its deadline.
+    fn timed_out(&self, target: &Self::Target, started: OffsetDateTime, after: Duration)
+    -> Self::Output;
+
+    /// How a result counts in the statistics.
+    fn tally(&self, output: &Self::Output) -> Tally;
+
+    /// Writes a batch of results in one store call.
+    async fn record(&self, batch: &[Self::Output]) -> Result<(), StoreError>;
+
+    /// Logs that a cycle of `targets` targets starts.
+    fn log_start(&self, targets: usize);
+
+    /// Logs a finished cycle's summary.
+    fn log_summary(&self, summary: &CycleSummary);
+
+    /// Runs after each completed cycle; returns what the store's self-check found wrong.
+    async fn after_cycle(&self) -> Option<Result<Findings, StoreError>> {
+        None
+    }
+}
+
+/// What happened at shutdown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// In-flight checks cut off when the grace period ran out.
+    pub cancelled_checks: u64,
+    /// Completed results that could not be written before the grace period ran out.
+    pub lost_results: u64,
+}
+
+/// A worker: a [`Work`] with its settings, ready to run.
+#[derive(Debug)]
+pub struct Worker<W: Work> {
+    work: Arc<W>,
+    config: WorkerConfig,
+    clock: Arc<dyn Clock>,
+    buffer: Arc<ResultBuffer<W::Output>>,
+    stats: StatsHandle,
+}
+
+/// A worker running on its own task.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    stats: StatsHandle,
+    task: tokio::task::JoinHandle<ShutdownReport>,
+}
+
+impl WorkerHandle {
+    /// The worker's statistics.
+    pub fn stats(&self) -> &StatsHandle {
+        &self.stats
+    }
+
+    /// Waits for the worker to stop (after its cancellation token fires).
+    pub async fn stopped(self) -> ShutdownReport {
+        match self.task.await {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::error!(target: "fleet::engine", error = %e, "worker task failed");
+                ShutdownReport::default()
+            }
+        }
+    }
+}
+
+impl<W: Work> Worker<W>
+where
+    W::Output: std::fmt::Debug,
+{
+    /// A worker for `work` with `config`, taking timestamps from `clock`.
+    pub fn new(work: W, config: WorkerConfig, clock: Arc<dyn Clock>) -> Self {
+        let buffer = Arc::new(ResultBuffer::new(config.result_buffer, config.write_batch_size));
+        let stats = StatsHandle::new(work.kind().as_str(), buffer.clone());
+        {
+            let mut g = stats.lock();
+            g.stats.interval_seconds = config.interval.as_secs_f64();
+            g.stats.batch_delay_seconds = config.batch_delay.as_secs_f64();
+        }
+        Self { work: Arc::new(work), config, clock, buffer, stats }
+    }
+
+    /// The worker's statistics, readable while it runs.
+    pub fn stats(&self) -> StatsHandle {
+        self.stats.clone()
+    }
+
+    /// Runs the worker on its own task until `cancel` fires.
+    pub fn spawn(self, cancel: CancellationToken) -> WorkerHandle {
+        let stats = self.stats.clone();
+        let task = tokio::spawn(self.run(cancel));
+        WorkerHandle { stats, task }
+    }
+
+    /// Runs cycles until `cancel` fires, then drains in-flight checks and flushes results
+    /// within `shutdown_grace`.
+    pub async fn run(self, cancel: CancellationToken) -> ShutdownReport {
+        let kind = self.work.kind().as_str();
+        self.stats.lock().stats.running = true;
+        let flush_now = CancellationToken::new();
+        let mut writer = tokio::spawn(write_loop(
+            self.work.clone(),
+            self.buffer.clone(),
+            self.stats.clone(),
+            self.config.clone(),
+            flush_now.clone(),
+        ));
+
+        let interval = self.config.interval;
+        let anchor = Instant::now();
+        let mut tick: u64 = 0;
+        let mut next = anchor;
+        let mut cancelled_checks = 0;
+        let mut announced_delay = None;
+        let stop_at = loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break Instant::now(),
+                () = sleep_until(next) => {}
+            }
+            let cycle = self.run_cycle(&cancel, &mut announced_delay).await;
+            if let Some((stop_at, cut)) = cycle {
+                cancelled_checks = cut;
+                break stop_at;
+            }
+            // Keep the cadence on the grid anchor + k * interval. Ticks that fell while
+            // this cycle ran are counted, never queued: the next cycle starts at once and
+            // stands for the latest of them.
+            let now = Instant::now();
+            let latest = ((now - anchor).as_nanos() / interval.as_nanos()) as u64;
+            if latest > tick {
+                let missed = latest - tick;
+                self.stats.lock().stats.overruns += missed;
+                tracing::warn!(
+                    target: "fleet::engine",
+                    worker = kind,
+                    missed,
+                    "{} cycle overran its {}s interval: {missed} tick(s) fell while it ran; the next cycle starts now",
+                    capitalized(kind),
+                    interval.as_secs_f64(),
+                );
+                tick = latest;
+                next = now;
+            } else {
+                tick += 1;
+                next = anchor + Duration::from_nanos((interval.as_nanos() * u128::from(tick)) as u64);
+            }
+        };
+
+        // Flush what completed, bounded by what is left of the grace period.
+        flush_now.cancel();
+        let flush_deadline = stop_at + self.config.shutdown_grace;
+        let lost = match timeout_at(flush_deadline, &mut writer).await {
+            Ok(_) => 0,
+            Err(_) => {
+                writer.abort();
+                let _ = writer.await;
+                self.buffer.pending()
+            }
+        };
+        if lost > 0 {
+            self.buffer.add_dropped(lost);
+            tracing::error!(
+                target: "fleet::engine",
+                worker = kind,
+                lost,
+                "{} worker stopped with {lost} results not stored: the store did not take them within the {}s grace period",
+                capitalized(kind),
+                self.config.shutdown_grace.as_secs_f64(),
+            );
+        }
+        self.stats.lock().stats.running = false;
+        tracing::info!(target: "fleet::engine", worker = kind, cancelled_checks, lost, "{} worker stopped", capitalized(kind));
+        ShutdownReport { cancelled_checks, lost_results: lost }
+    }
+
+    /// The delay between batch starts for `targets` targets: the configured one, shortened
+    /// so that all batches start within a third of the interval unless it is held fixed.
+    fn batch_delay(&self, targets: usize) -> Duration {
+        let c = &self.config;
+        let batches = targets.div_ceil(c.batch_size);
+        if c.fixed_batch_delay || batches <= 1 {
+            return c.batch_delay;
+        }
+        let budget = c.interval / 3;
+        let gaps = (batches - 1) as u32;
+        if c.batch_delay * gaps <= budget {
+            c.batch_delay
+        } else {
+            budget / gaps
+        }
+    }
+
+    /// Runs one cycle. Returns `Some((stop_at, cut_checks))` when cancelled during it.
+    async fn run_cycle(
+        &self,
+        cancel: &CancellationToken,
+        announced_delay: &mut Option<Duration>,
+    ) -> Option<(Instant, u64)> {
+        let kind = self.work.kind();
+        let started = Instant::now();
+        let started_at = self.clock.now();
+        let selected = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Some((Instant::now(), 0)),
+            selected = self.work.select() => selected,
+        };
+        let targets = match selected {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(target: "fleet::engine", worker = kind.as_str(), error = %e, "{} cycle skipped: selecting targets failed: {e}", capitalized(kind.as_str()));
+                self.stats.lock().stats.last_error = Some(format!("selecting targets failed: {e}"));
+                return None;
+            }
+        };
+        let total = targets.len();
+        let delay = self.batch_delay(total);
+        if delay != self.config.batch_delay && *announced_delay != Some(delay) {
+            tracing::info!(
+                target: "fleet::engine",
+                worker = kind.as_str(),
+                "{} batch delay shortened from {:?} to {:?} so that {} batches of {} start within a third of the {:?} interval",
+                capitalized(kind.as_str()),
+                self.config.batch_delay,
+                delay,
+                total.div_ceil(self.config.batch_size),
+                self.config.batch_size,
+                self.config.interval,
+            );
+            *announced_delay = Some(delay);
+        }
+        {
+            let mut g = self.stats.lock();
+            g.cycle = CycleSummary { targets: total, ..Default::default() };
+            g.stats.last_cycle_targets = total as u64;
+            g.stats.batch_delay_seconds = delay.as_secs_f64();
+        }
+        self.work.log_start(total);
+
+        let slots = Arc::new(Semaphore::new(self.config.max_in_flight));
+        let mut running = JoinSet::new();
+        let mut targets = targets.into_iter();
+        let mut batch = 0u32;
+        let mut stop_at = None;
+        'batches: while targets.len() > 0 {
+            if batch > 0 {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => { stop_at = Some(Instant::now()); break 'batches; }
+                    () = sleep_until(started + delay * batch) => {}
+                }
+            }
+            for target in targets.by_ref().take(self.config.batch_size) {
+                let permit = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => { stop_at = Some(Instant::now()); break 'batches; }
+                    permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                };
+                let check = Check {
+                    work: self.work.clone(),
+                    buffer: self.buffer.clone(),
+                    stats: self.stats.clone(),
+                    clock: self.clock.clone(),
+                    timeout: self.config.timeout,
+                };
+                running.spawn(async move {
+                    check.run(target).await;
+                    drop(permit);
+                });
+                // Reap finished checks as we go so the set stays small.
+                while running.try_join_next().is_some() {}
+            }
+            batch += 1;
+        }
+
+        // Wait for the checks in flight; on cancel, give them the grace period.
+        if stop_at.is_none() {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => { stop_at = Some(Instant::now()); break; }
+                    next = running.join_next() => if next.is_none() { break },
+                }
+            }
+        }
+        if let Some(stop_at) = stop_at {
+            // Checks get most of the grace period; the rest is kept for the final flush.
+            let drain_until = stop_at + self.config.shutdown_grace.mul_f64(0.8);
+            let _ = timeout_at(drain_until, async { while running.join_next().await.is_some() {} })
+                .await;
+            let cut = running.len() as u64;
+            running.shutdown().await;
+            if cut > 0 {
+                tracing::warn!(target: "fleet::engine", worker = kind.as_str(), cut, "{} checks still running at shutdown were cancelled", cut);
+            }
+            return Some((stop_at, cut));
+        }
+
+        let duration = started.elapsed();
+        let summary = {
+            let mut g = self.stats.lock();
+            g.cycle.duration = duration;
+            g.stats.cycles += 1;
+            g.stats.last_run = Some(started_at);
+            g.stats.last_duration_seconds = Some(duration.as_secs_f64());
+            g.cycle.clone()
+        };
+        self.work.log_summary(&summary);
+        if let Some(found) = self.work.after_cycle().await {
+            let mut g = self.stats.lock();
+            match found {
+                Ok(findings) => g.stats.storage_findings = findings,
+                Err(e) => g.stats.last_error = Some(format!("storage check failed: {e}")),
+            }
+        }
+        None
+    }
+}
+
+/// One check, with what it needs to run on its own task.
+struct Check<W: Work> {
+    work: Arc<W>,
+    buffer: Arc<ResultBuffer<W::Output>>,
+    stats: StatsHandle,
+    clock: Arc<dyn Clock>,
+    timeout: Duration,
+}
+
+/// Counts a check as in flight for as long as it lives, also when it is cancelled.
+struct InFlight(StatsHandle);
+
+impl InFlight {
+    fn new(stats: StatsHandle) -> Self {
+        stats.lock().stats.in_flight += 1;
+        Self(stats)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().stats.in_flight -= 1;
+    }
+}
+
+impl<W: Work> Check<W> {
+    async fn run(self, target: W::Target) {
+        let _in_flight = InFlight::new(self.stats.clone());
+        let started_at = self.clock.now();
+        let deadline = Instant::now() + self.timeout;
+        let output = match timeout_at(deadline, self.work.run(&target, started_at, deadline)).await
+        {
+            Ok(output) => output,
+            Err(_) => self.work.timed_out(&target, started_at, self.timeout),
+        };
+        let tally = self.work.tally(&output);
+        self.stats.record(tally, self.work.name(&target));
+        self.buffer.push(output);
+    }
+}
+
+/// Drains the buffer to the store in groups of up to `write_batch_size`, at once when that
+/// many wait, else after `flush_interval`. On a store error the group goes back and is retried
+/// with backoff. After `flush_now` fires it writes without waiting and returns once empty.
+async fn write_loop<W: Work>(
+    work: Arc<W>,
+    buffer: Arc<ResultBuffer<W::Output>>,
+    stats: StatsHandle,
+    config: WorkerConfig,
+    flush_now: CancellationToken,
+) {
+    const MIN_BACKOFF: Duration = Duration::from_millis(100);
+    const MAX_BACKOFF: Duration = Duration::from_secs(5);
+    let kind = work.kind().as_str();
+    let mut backoff = MIN_BACKOFF;
+    let mut failing = false;
+    loop {
+        if !flush_now.is_cancelled() {
+            if buffer.is_empty() {
+                tokio::select! {
+                    () = flush_now.cancelled() => {}
+                    () = buffer.full_enough.notified() => {}
+                    () = tokio::time::sleep(config.flush_interval) => {}
+                }
+            }
+            if buffer.len() < config.write_batch_size {
+                tokio::select! {
+                    () = flush_now.cancelled() => {}
+                    () = buffer.full_enough.notified() => {}
+                    () = tokio::time::sleep(config.flush_interval) => {}
+                }
+            }
+        }
+        let batch = buffer.take(config.write_batch_size);
+        if batch.is_empty() {
+            if flush_now.is_cancelled() {
+                return;
+            }
+            continue;
+        }
+        let n = batch.len();
+        match work.record(&batch).await {
+            Ok(()) => {
+                buffer.written(n);
+                backoff = MIN_BACKOFF;
+                let mut g = stats.lock();
+                g.stats.written += n as u64;
+                if failing {
+                    failing = false;
+                    g.stats.last_error = None;
+                    tracing::info!(target: "fleet::engine", worker = kind, "{} results are being written again", capitalized(kind));
+                }
+            }
+            Err(e) => {
+                buffer.restore(batch);
+                let pending = buffer.pending();
+                tracing::error!(
+                    target: "fleet::engine",
+                    worker = kind,
+                    error = %e,
+                    pending,
+                    "writing {n} {kind} results failed, {pending} waiting; retrying in {:?}: {e}",
+                    backoff,
+                );
+                failing = true;
+                stats.lock().stats.last_error = Some(format!("writing results failed: {e}"));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn capitalized(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(first) => first.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}

@@ -1,0 +1,448 @@
+//! Domain types: managed servers, health checks and metrics samples.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// The identity of a managed server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ServerId(pub Uuid);
+
+impl ServerId {
+    /// A fresh random id.
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl Default for ServerId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for ServerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The error for a string that names no known variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} `{value}`, expected one of: {expected}")]
+pub struct ParseEnumError {
+    kind: &'static str,
+    value: String,
+    expected: String,
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident, $kind:literal, { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            /// Every variant, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The lowercase name used on the wire and in storage.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ParseEnumError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(ParseEnumError {
+                        kind: $kind,
+                        value: s.to_owned(),
+                        expected: $name::ALL
+                            .iter()
+                            .map(|v| v.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    }),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Whether a server is under watch.
+    ServerStatus, "server status", {
+        /// Checked by both workers.
+        Active => "active",
+        /// Registered but not checked.
+        Inactive => "inactive",
+        /// Temporarily not checked.
+        Maintenance => "maintenance",
+    }
+);
+
+string_enum!(
+    /// A server's health as its last check found it.
+    HealthStatus, "health status", {
+        /// Everything the server reported is healthy.
+        Healthy => "healthy",
+        /// A non-essential service or component is unhealthy.
+        Degraded => "degraded",
+        /// The database or redis is down, or the server answered with an error.
+        Critical => "critical",
+        /// No answer arrived.
+        Unreachable => "unreachable",
+    }
+);
+
+/// A probe token: sent to the managed server, never logged, never serialized.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken(String);
+
+impl ApiToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The token itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiToken(<redacted>)")
+    }
+}
+
+/// A managed server as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ManagedServer {
+    /// Identity.
+    pub id: ServerId,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// Host name, for people and search.
+    pub hostname: Option<String>,
+    /// Base URL of the server's API: `{api_url}/health` is probed.
+    pub api_url: String,
+    /// Region label.
+    pub region: Option<String>,
+    /// Environment label (production, staging, ...).
+    pub environment: Option<String>,
+    /// Free labels.
+    pub tags: Vec<String>,
+    /// Free structured data.
+    pub metadata: serde_json::Value,
+    /// Whether the server is under watch.
+    pub status: ServerStatus,
+    /// The last check's result, `None` until the first check.
+    pub health_status: Option<HealthStatus>,
+    /// When a complete response head last arrived.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_seen_at: Option<OffsetDateTime>,
+    /// When the last health check ran.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_health_check_at: Option<OffsetDateTime>,
+    /// The last failed metrics collection's reason.
+    pub last_metrics_error: Option<String>,
+    /// When the last metrics collection failed.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_metrics_error_at: Option<OffsetDateTime>,
+}
+
+/// What a new server is registered with.
+#[derive(Clone, Debug)]
+pub struct NewServer {
+    /// Unique name.
+    pub name: String,
+    /// Base URL of the server's API.
+    pub api_url: String,
+    /// The token the probe sends.
+    pub api_token: Option<ApiToken>,
+    /// Free text.
+    pub description: Option<String>,
+    /// Host name.
+    pub hostname: Option<String>,
+    /// Region label.
+    pub region: Option<String>,
+    /// Environment label.
+    pub environment: Option<String>,
+    /// Free labels.
+    pub tags: Vec<String>,
+    /// Free structured data.
+    pub metadata: serde_json::Value,
+    /// Initial status.
+    pub status: ServerStatus,
+}
+
+impl NewServer {
+    /// An active server with nothing but a name and URL.
+    pub fn new(name: impl Into<String>, api_url: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            api_url: api_url.into(),
+            api_token: None,
+            description: None,
+            hostname: None,
+            region: None,
+            environment: None,
+            tags: Vec::new(),
+            metadata: serde_json::Value::Object(Default::default()),
+            status: ServerStatus::Active,
+        }
+    }
+
+    /// Sets the probe token.
+    pub fn with_token(mut self, token: ApiToken) -> Self {
+        self.api_token = Some(token);
+        self
+    }
+
+    /// Sets the status.
+    pub fn with_status(mut self, status: ServerStatus) -> Self {
+        self.status = status;
+        self
+    }
+}
+
+/// What a probe or collector needs to reach a server: its identity, URL and token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeTarget {
+    /// Identity.
+    pub id: ServerId,
+    /// Name, for logs.
+    pub name: String,
+    /// Base URL.
+    pub api_url: String,
+    /// The token to send, if the server has one.
+    pub token: Option<ApiToken>,
+}
+
+/// One health check's result: a row of history and the server's new current state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    /// The server checked.
+    pub server_id: ServerId,
+    /// When the check started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+    /// The resulting health.
+    pub status: HealthStatus,
+    /// From the request's start to the end of the body, when an answer came.
+    pub response_time_ms: Option<u32>,
+    /// The database component, if reported.
+    pub database_healthy: Option<bool>,
+    /// The redis component, if reported.
+    pub redis_healthy: Option<bool>,
+    /// `services.healthy`, if reported.
+    pub services_healthy: Option<bool>,
+    /// A short reason when the check failed or a component is unhealthy.
+    pub error_message: Option<String>,
+    /// The unhealthy components, when there are any.
+    pub error_details: Option<serde_json::Value>,
+    /// Whether a complete response head arrived: `last_seen_at` moves only then.
+    pub responded: bool,
+    /// Whether the check counts as successful: a complete 2xx answer with a valid report.
+    pub successful: bool,
+}
+
+/// How long a metrics sample covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    /// A single reading, as collected by the metrics worker.
+    Raw,
+    /// Aggregated over an hour.
+    Hour,
+    /// Aggregated over a day.
+    Day,
+}
+
+impl Period {
+    /// The name used in storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Raw => "raw",
+            Period::Hour => "hour",
+            Period::Day => "day",
+        }
+    }
+}
+
+impl FromStr for Period {
+    type Err = ParseEnumError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(Period::Raw),
+            "hour" => Ok(Period::Hour),
+            "day" => Ok(Period::Day),
+            _ => Err(ParseEnumError {
+                kind: "period",
+                value: s.to_owned(),
+                expected: "raw, hour, day".to_owned(),
+            }),
+        }
+    }
+}
+
+/// The values a server reports on its metrics endpoint, each optional.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricValues {
+    /// Percent of the whole machine, 0 to 100.
+    pub cpu_percent: Option<f64>,
+    /// Percent of the whole machine, 0 to 100.
+    pub memory_percent: Option<f64>,
+    /// Percent of the whole machine, 0 to 100.
+    pub disk_percent: Option<f64>,
+    /// Counter since the server started.
+    pub network_rx_bytes: Option<i64>,
+    /// Counter since the server started.
+    pub network_tx_bytes: Option<i64>,
+    /// Gauge.
+    pub active_services: Option<i64>,
+    /// Gauge.
+    pub failed_services: Option<i64>,
+    /// Gauge.
+    pub total_services: Option<i64>,
+    /// Counter since the server started.
+    pub llm_requests: Option<i64>,
+    /// Counter since the server started, in US dollars.
+    pub llm_cost_usd: Option<f64>,
+    /// Gauge.
+    pub active_users: Option<i64>,
+    /// Gauge.
+    pub total_users: Option<i64>,
+}
+
+impl MetricValues {
+    /// How many of the twelve values are present.
+    pub fn count(&self) -> u64 {
+        let floats = [self.cpu_percent, self.memory_percent, self.disk_percent, self.llm_cost_usd];
+        let ints = [
+            self.network_rx_bytes,
+            self.network_tx_bytes,
+            self.active_services,
+            self.failed_services,
+            self.total_services,
+            self.llm_requests,
+            self.active_users,
+            self.total_users,
+        ];
+        (floats.iter().filter(|v| v.is_some()).count() + ints.iter().filter(|v| v.is_some()).count())
+            as u64
+    }
+}
+
+/// One stored metrics reading.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricsSample {
+    /// The server measured.
+    pub server_id: ServerId,
+    /// When the collection started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub timestamp: OffsetDateTime,
+    /// What the sample covers.
+    pub period: Period,
+    /// The values.
+    #[serde(flatten)]
+    pub values: MetricValues,
+}
+
+/// A metrics collection that failed: kept as the server's last metrics error.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsFailure {
+    /// The server.
+    pub server_id: ServerId,
+    /// When the collection started.
+    pub timestamp: OffsetDateTime,
+    /// Why it failed.
+    pub error: String,
+}
+
+/// One metrics collection's result, as the store records it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetricsRecord {
+    /// Values to store.
+    Sample(MetricsSample),
+    /// A failure to remember.
+    Failure(MetricsFailure),
+}
+
+impl MetricsRecord {
+    /// The server this record is about.
+    pub fn server_id(&self) -> ServerId {
+        match self {
+            MetricsRecord::Sample(s) => s.server_id,
+            MetricsRecord::Failure(f) => f.server_id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_round_trip_through_their_names() {
+        for s in ServerStatus::ALL {
+            assert_eq!(s.as_str().parse::<ServerStatus>().unwrap(), *s);
+        }
+        for s in HealthStatus::ALL {
+            assert_eq!(s.as_str().parse::<HealthStatus>().unwrap(), *s);
+        }
+        let err = "sick".parse::<HealthStatus>().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "unknown health status `sick`, expected one of: healthy, degraded, critical, unreachable"
+        );
+    }
+
+    #[test]
+    fn token_debug_is_redacted() {
+        let t = ApiToken::new("s3cret");
+        assert!(!format!("{t:?}").contains("s3cret"));
+        let target = ProbeTarget {
+            id: ServerId::new(),
+            name: "a".into(),
+            api_url: "http://127.0.0.1:1".into(),
+            token: Some(t),
+        };
+        assert!(!format!("{target:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn metric_values_count_present_ones() {
+        let v = MetricValues {
+            cpu_percent: Some(1.0),
+            llm_requests: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(v.count(), 2);
+        assert_eq!(MetricValues::default().count(), 0);
+    }
+}

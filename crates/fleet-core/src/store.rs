@@ -1,0 +1,199 @@
+//! Storage: what the workers read and write, and the registry beside it.
+//!
+//! [`Store`] is all the engine needs. [`Registry`] and [`History`] are separate small traits
+//! for the registry's management and for reading history back, so that a backend offering only
+//! the workers' side can still run them.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::model::{
+    HealthCheck, HealthStatus, ManagedServer, MetricsRecord, MetricsSample, NewServer, ProbeTarget,
+    ServerId, ServerStatus,
+};
+
+/// A boxed error source.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached, or dropped the connection.
+    #[error("store unavailable: {message}")]
+    Unavailable {
+        /// What failed.
+        message: String,
+        /// The cause.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A unique name is already taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// The input was refused (a setting missing, a value out of range).
+    #[error("{0}")]
+    Invalid(String),
+    /// Any other backend failure.
+    #[error("store error: {message}")]
+    Backend {
+        /// What failed.
+        message: String,
+        /// The cause.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl StoreError {
+    /// An unavailable store, with a message and no source.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        StoreError::Unavailable { message: message.into(), source: None }
+    }
+
+    /// A backend failure, with a message and no source.
+    pub fn backend(message: impl Into<String>) -> Self {
+        StoreError::Backend { message: message.into(), source: None }
+    }
+}
+
+/// The workers' side of storage: select what to check, record what was found.
+///
+/// Results are recorded in batches: one call for many results. Recording is idempotent (a
+/// retried batch adds no duplicate) and a server's current state only moves forward in time (a
+/// late batch does not overwrite a newer state).
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Every `active` server, stalest `last_health_check_at` first, never-checked first.
+    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError>;
+
+    /// `active` servers whose health is `healthy` or `degraded`, most recent `last_seen_at`
+    /// first.
+    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError>;
+
+    /// Records a batch of health checks: history rows and each server's current state.
+    async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError>;
+
+    /// Records a batch of metrics samples and failures.
+    async fn record_metrics(&self, records: &[MetricsRecord]) -> Result<(), StoreError>;
+}
+
+/// Which servers to list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerFilter {
+    /// Only this status.
+    pub status: Option<ServerStatus>,
+    /// Only this health.
+    pub health_status: Option<HealthStatus>,
+    /// Only this region.
+    pub region: Option<String>,
+    /// Only this environment.
+    pub environment: Option<String>,
+    /// Only servers with this tag.
+    pub tag: Option<String>,
+    /// A case-insensitive substring of the name or hostname.
+    pub search: Option<String>,
+    /// At most this many (all when `None`).
+    pub limit: Option<usize>,
+    /// Skip this many first.
+    pub offset: usize,
+}
+
+/// The registry of managed servers.
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// Registers a server; a taken name is a [`StoreError::Conflict`].
+    async fn create_server(&self, new: NewServer) -> Result<ManagedServer, StoreError>;
+
+    /// One server, if it exists.
+    async fn get_server(&self, id: ServerId) -> Result<Option<ManagedServer>, StoreError>;
+
+    /// Servers matching `filter`, ordered by name.
+    async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError>;
+
+    /// Changes a server's status; false when it does not exist.
+    async fn set_server_status(&self, id: ServerId, status: ServerStatus)
+    -> Result<bool, StoreError>;
+
+    /// Removes a server and its history; false when it did not exist.
+    async fn delete_server(&self, id: ServerId) -> Result<bool, StoreError>;
+}
+
+/// A window of history to read back, newest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// From this time, inclusive.
+    pub from: Option<OffsetDateTime>,
+    /// Up to this time, exclusive.
+    pub to: Option<OffsetDateTime>,
+    /// At most this many rows.
+    pub limit: usize,
+}
+
+impl Default for HistoryQuery {
+    fn default() -> Self {
+        Self { from: None, to: None, limit: 100 }
+    }
+}
+
+/// Reading history back.
+#[async_trait]
+pub trait History: Send + Sync {
+    /// A server's health checks in the window, newest first.
+    async fn health_history(
+        &self,
+        id: ServerId,
+        query: HistoryQuery,
+    ) -> Result<Vec<HealthCheck>, StoreError>;
+
+    /// A server's metrics samples in the window, newest first.
+    async fn metrics_history(
+        &self,
+        id: ServerId,
+        query: HistoryQuery,
+    ) -> Result<Vec<MetricsSample>, StoreError>;
+}
+
+/// What a store's self-check found, e.g. a missing partition. Empty when all is well.
+pub type Findings = Vec<String>;
+
+/// A store's self-check, run by the metrics worker after each cycle (the seed's partition
+/// health check). Stores with nothing to check do not implement it.
+#[async_trait]
+pub trait StorageCheck: Send + Sync {
+    /// Checks the storage and repairs what it can, returning what it found wrong.
+    async fn check_storage(&self) -> Result<Findings, StoreError>;
+}
+
+#[async_trait]
+impl<T: Store + ?Sized> Store for Arc<T> {
+    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        (**self).health_targets().await
+    }
+    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        (**self).metrics_targets().await
+    }
+    async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError> {
+        (**self).record_health(checks).await
+    }
+    async fn record_metrics(&self, records: &[MetricsRecord]) -> Result<(), StoreError> {
+        (**self).record_metrics(records).await
+    }
+}
+
+#[async_trait]
+impl<T: Store + ?Sized> Store for &T {
+    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        (**self).health_targets().await
+    }
+    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        (**self).metrics_targets().await
+    }
+    async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError> {
+        (**self).record_health(checks).await
+    }
+    async fn record_metrics(&self, records: &[MetricsRecord]) -> Result<(), StoreError> {
+        (**self).record_metrics(records).await
+    }
+}

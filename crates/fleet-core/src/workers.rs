@@ -1,0 +1,264 @@
+//! The two workers: health checks and metrics collection, as [`Work`] for the engine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use crate::classify::classify;
+use crate::clock::Clock;
+use crate::engine::{CycleSummary, Tally, Work, Worker, WorkerConfig, WorkerKind};
+use crate::model::{
+    HealthCheck, HealthStatus, MetricsFailure, MetricsRecord, MetricsSample, Period, ProbeTarget,
+};
+use crate::probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, ProbeOutcome};
+use crate::store::{Findings, StorageCheck, Store, StoreError};
+
+/// Turns a probe's outcome into the health check that is stored.
+pub fn health_check(target: &ProbeTarget, timestamp: OffsetDateTime, outcome: ProbeOutcome) -> HealthCheck {
+    let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    match outcome {
+        ProbeOutcome::Report { answer, response_time } => {
+            let c = classify(&answer);
+            HealthCheck {
+                server_id: target.id,
+                timestamp,
+                status: c.status,
+                response_time_ms: Some(millis(response_time)),
+                database_healthy: c.database_healthy,
+                redis_healthy: c.redis_healthy,
+                services_healthy: c.services_healthy,
+                error_message: c.error_message,
+                error_details: c.error_details,
+                responded: true,
+                successful: true,
+            }
+        }
+        ProbeOutcome::Failed { failure, response_time } => HealthCheck {
+            server_id: target.id,
+            timestamp,
+            status: failure.status(),
+            response_time_ms: response_time.map(millis),
+            database_healthy: None,
+            redis_healthy: None,
+            services_healthy: None,
+            error_message: Some(failure.to_string()),
+            error_details: None,
+            responded: failure.responded(),
+            successful: false,
+        },
+    }
+}
+
+/// The health worker's work: probe every active server, stalest first.
+#[derive(Clone)]
+pub struct HealthWork {
+    store: Arc<dyn Store>,
+    probe: Arc<dyn HealthProbe>,
+}
+
+impl std::fmt::Debug for HealthWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthWork").finish_non_exhaustive()
+    }
+}
+
+impl HealthWork {
+    /// Health work reading targets from and writing results to `store`.
+    pub fn new(store: Arc<dyn Store>, probe: Arc<dyn HealthProbe>) -> Self {
+        Self { store, probe }
+    }
+
+    /// A health worker with `config`.
+    pub fn worker(self, config: WorkerConfig, clock: Arc<dyn Clock>) -> Worker<Self> {
+        Worker::new(self, config, clock)
+    }
+}
+
+#[async_trait]
+impl Work for HealthWork {
+    type Target = ProbeTarget;
+    type Output = HealthCheck;
+
+    fn kind(&self) -> WorkerKind {
+        WorkerKind::Health
+    }
+
+    async fn select(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        self.store.health_targets().await
+    }
+
+    fn name<'a>(&self, target: &'a ProbeTarget) -> &'a str {
+        &target.name
+    }
+
+    async fn run(&self, target: &ProbeTarget, started: OffsetDateTime, deadline: Instant) -> HealthCheck {
+        let outcome = self.probe.probe(target, deadline).await;
+        let check = health_check(target, started, outcome);
+        if !check.successful {
+            tracing::debug!(target: "fleet::health", server = %target.name, error = check.error_message.as_deref().unwrap_or(""), "health check of {} failed", target.name);
+        }
+        check
+    }
+
+    fn timed_out(&self, target: &ProbeTarget, started: OffsetDateTime, after: Duration) -> HealthCheck {
+        let outcome = ProbeOutcome::Failed { failure: ProbeFailure::Timeout { after }, response_time: None };
+        health_check(target, started, outcome)
+    }
+
+    fn tally(&self, output: &HealthCheck) -> Tally {
+        Tally { successful: output.successful, label: output.status.as_str(), values: 0 }
+    }
+
+    async fn record(&self, batch: &[HealthCheck]) -> Result<(), StoreError> {
+        self.store.record_health(batch).await
+    }
+
+    fn log_start(&self, targets: usize) {
+        tracing::info!(target: "fleet::health", targets, "Starting health checks for {targets} servers");
+    }
+
+    fn log_summary(&self, s: &CycleSummary) {
+        let [healthy, degraded, critical, unreachable] =
+            [HealthStatus::Healthy, HealthStatus::Degraded, HealthStatus::Critical, HealthStatus::Unreachable]
+                .map(|h| s.count(h.as_str()));
+        tracing::info!(
+            target: "fleet::health",
+            checked = s.completed,
+            seconds = s.duration.as_secs_f64(),
+            healthy, degraded, critical, unreachable,
+            "Health checks complete: {} servers checked in {:.2}s (✓{healthy} 🔶{degraded} ⚠️{critical} ❌{unreachable})",
+            s.completed,
+            s.duration.as_secs_f64(),
+        );
+        if critical + unreachable > 0 {
+            tracing::warn!(
+                target: "fleet::health",
+                critical, unreachable,
+                "Fleet health alert: {critical} critical, {unreachable} unreachable servers",
+            );
+        }
+    }
+}
+
+/// The metrics worker's work: collect from healthy and degraded servers, most recently seen
+/// first.
+#[derive(Clone)]
+pub struct MetricsWork {
+    store: Arc<dyn Store>,
+    collector: Arc<dyn MetricsCollector>,
+    storage_check: Option<Arc<dyn StorageCheck>>,
+}
+
+impl std::fmt::Debug for MetricsWork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsWork")
+            .field("storage_check", &self.storage_check.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MetricsWork {
+    /// Metrics work reading targets from and writing results to `store`.
+    pub fn new(store: Arc<dyn Store>, collector: Arc<dyn MetricsCollector>) -> Self {
+        Self { store, collector, storage_check: None }
+    }
+
+    /// Runs `check` after each cycle, as the seed's partition health check did.
+    pub fn with_storage_check(mut self, check: Arc<dyn StorageCheck>) -> Self {
+        self.storage_check = Some(check);
+        self
+    }
+
+    /// A metrics worker with `config`.
+    pub fn worker(self, config: WorkerConfig, clock: Arc<dyn Clock>) -> Worker<Self> {
+        Worker::new(self, config, clock)
+    }
+
+    fn failure(&self, target: &ProbeTarget, started: OffsetDateTime, error: CollectError) -> MetricsRecord {
+        tracing::warn!(target: "fleet::metrics", server = %target.name, error = %error, "metrics collection from {} failed: {error}", target.name);
+        MetricsRecord::Failure(MetricsFailure { server_id: target.id, timestamp: started, error: error.to_string() })
+    }
+}
+
+#[async_trait]
+impl Work for MetricsWork {
+    type Target = ProbeTarget;
+    type Output = MetricsRecord;
+
+    fn kind(&self) -> WorkerKind {
+        WorkerKind::Metrics
+    }
+
+    async fn select(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        self.store.metrics_targets().await
+    }
+
+    fn name<'a>(&self, target: &'a ProbeTarget) -> &'a str {
+        &target.name
+    }
+
+    async fn run(&self, target: &ProbeTarget, started: OffsetDateTime, deadline: Instant) -> MetricsRecord {
+        match self.collector.collect(target, deadline).await {
+            Ok(values) => MetricsRecord::Sample(MetricsSample {
+                server_id: target.id,
+                timestamp: started,
+                period: Period::Raw,
+                values,
+            }),
+            Err(e) => self.failure(target, started, e),
+        }
+    }
+
+    fn timed_out(&self, target: &ProbeTarget, started: OffsetDateTime, after: Duration) -> MetricsRecord {
+        self.failure(target, started, CollectError::Timeout { after })
+    }
+
+    fn tally(&self, output: &MetricsRecord) -> Tally {
+        match output {
+            MetricsRecord::Sample(s) => Tally { successful: true, label: "collected", values: s.values.count() },
+            MetricsRecord::Failure(_) => Tally { successful: false, label: "failed", values: 0 },
+        }
+    }
+
+    async fn record(&self, batch: &[MetricsRecord]) -> Result<(), StoreError> {
+        self.store.record_metrics(batch).await
+    }
+
+    fn log_start(&self, targets: usize) {
+        tracing::info!(target: "fleet::metrics", targets, "Starting metrics collection for {targets} servers");
+    }
+
+    fn log_summary(&self, s: &CycleSummary) {
+        tracing::info!(
+            target: "fleet::metrics",
+            collected = s.successful,
+            failed = s.failed,
+            seconds = s.duration.as_secs_f64(),
+            "Metrics collection complete: {} servers in {:.2}s (✓{} ❌{})",
+            s.completed,
+            s.duration.as_secs_f64(),
+            s.successful,
+            s.failed,
+        );
+        if s.failed > 0 {
+            tracing::warn!(target: "fleet::metrics", failed = s.failed, "Failed to collect metrics from: {}", s.failed_list());
+        }
+    }
+
+    async fn after_cycle(&self) -> Option<Result<Findings, StoreError>> {
+        let check = self.storage_check.as_ref()?;
+        let found = check.check_storage().await;
+        match &found {
+            Ok(findings) => {
+                for finding in findings {
+                    tracing::error!(target: "fleet::metrics", "{finding}");
+                }
+            }
+            Err(e) => tracing::error!(target: "fleet::metrics", error = %e, "storage check failed: {e}"),
+        }
+        Some(found)
+    }
+}
