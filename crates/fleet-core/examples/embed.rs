@@ -27,10 +27,14 @@ impl HealthProbe for TcpConnect {
                 answer: HealthAnswer::from_json(&serde_json::json!({})).expect("an object"),
                 response_time: started.elapsed(),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                ProbeOutcome::Failed { failure: ProbeFailure::ConnectionRefused, response_time: None }
-            }
-            Err(e) => ProbeOutcome::Failed { failure: ProbeFailure::Connect(e.to_string()), response_time: None },
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => ProbeOutcome::Failed {
+                failure: ProbeFailure::ConnectionRefused,
+                response_time: None,
+            },
+            Err(e) => ProbeOutcome::Failed {
+                failure: ProbeFailure::Connect(e.to_string()),
+                response_time: None,
+            },
         }
     }
 }
@@ -41,7 +45,11 @@ struct Constant;
 #[async_trait]
 impl MetricsCollector for Constant {
     async fn collect(&self, _: &ProbeTarget, _: Instant) -> Result<MetricValues, CollectError> {
-        Ok(MetricValues { total_services: Some(1), active_services: Some(1), ..Default::default() })
+        Ok(MetricValues {
+            total_services: Some(1),
+            active_services: Some(1),
+            ..Default::default()
+        })
     }
 }
 
@@ -55,11 +63,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(down);
 
     let store = Arc::new(InMemoryStore::new());
-    store.create_server(NewServer::new("up", format!("tcp://{}", up.local_addr()?))).await?;
-    store.create_server(NewServer::new("down", format!("tcp://{down_addr}"))).await?;
+    store
+        .create_server(NewServer::new("up", format!("tcp://{}", up.local_addr()?)))
+        .await?;
+    store
+        .create_server(NewServer::new("down", format!("tcp://{down_addr}")))
+        .await?;
 
     let fast = |kind| {
-        WorkerConfig::builder(kind).interval(Duration::from_secs(1)).timeout(Duration::from_millis(500)).build()
+        WorkerConfig::builder(kind)
+            .interval(Duration::from_secs(1))
+            .timeout(Duration::from_millis(500))
+            .build()
     };
     let health = HealthWork::new(store.clone(), Arc::new(TcpConnect))
         .worker(fast(WorkerKind::Health)?, Arc::new(SystemClock));

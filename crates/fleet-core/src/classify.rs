@@ -125,15 +125,16 @@ pub struct Classification {
 pub fn classify(answer: &HealthAnswer) -> Classification {
     let services = ComponentHealth::Unhealthy("unhealthy".to_owned());
     let services = (answer.services_healthy == Some(false)).then_some(("services", &services));
-    let unhealthy: Vec<(String, String)> = [("database", &answer.database), ("redis", &answer.redis)]
-        .into_iter()
-        .chain(services)
-        .chain(answer.components.iter().map(|(n, c)| (n.as_str(), c)))
-        .filter_map(|(name, c)| match c {
-            ComponentHealth::Unhealthy(status) => Some((name.to_owned(), status.clone())),
-            _ => None,
-        })
-        .collect();
+    let unhealthy: Vec<(String, String)> =
+        [("database", &answer.database), ("redis", &answer.redis)]
+            .into_iter()
+            .chain(services)
+            .chain(answer.components.iter().map(|(n, c)| (n.as_str(), c)))
+            .filter_map(|(name, c)| match c {
+                ComponentHealth::Unhealthy(status) => Some((name.to_owned(), status.clone())),
+                _ => None,
+            })
+            .collect();
 
     let core_down = matches!(answer.database, ComponentHealth::Unhealthy(_))
         || matches!(answer.redis, ComponentHealth::Unhealthy(_));
@@ -189,7 +190,12 @@ mod tests {
     use HealthStatus::*;
 
     #[track_caller]
-    fn check(report: Value, status: HealthStatus, flags: [Option<bool>; 3], details: Option<Value>) {
+    fn check(
+        report: Value,
+        status: HealthStatus,
+        flags: [Option<bool>; 3],
+        details: Option<Value>,
+    ) {
         let answer = HealthAnswer::from_json(&report).expect("an object");
         let c = classify(&answer);
         assert_eq!(c.status, status, "status of {report}");
@@ -224,7 +230,12 @@ mod tests {
     #[test]
     fn healthy_words_in_any_case() {
         for word in ["ok", "OK", "Healthy", "UP", "pass", "Pass"] {
-            check(json!({"database": word, "redis": {"status": word}}), Healthy, [T, T, U], None);
+            check(
+                json!({"database": word, "redis": {"status": word}}),
+                Healthy,
+                [T, T, U],
+                None,
+            );
         }
     }
 
@@ -260,7 +271,12 @@ mod tests {
 
     #[test]
     fn services_of_another_type_is_unknown() {
-        check(json!({"services": {"healthy": "no"}}), Healthy, [U, U, U], None);
+        check(
+            json!({"services": {"healthy": "no"}}),
+            Healthy,
+            [U, U, U],
+            None,
+        );
         check(json!({"services": true}), Healthy, [U, U, U], None);
     }
 
@@ -282,13 +298,19 @@ mod tests {
             [U, U, U],
             None,
         );
-        check(json!({"components": "nope", "extra": {"x": 1}}), Healthy, [U, U, U], None);
+        check(
+            json!({"components": "nope", "extra": {"x": 1}}),
+            Healthy,
+            [U, U, U],
+            None,
+        );
     }
 
     #[test]
     fn message_names_each_unhealthy_component() {
         let answer =
-            HealthAnswer::from_json(&json!({"database": "down", "components": {"q": "slow"}})).unwrap();
+            HealthAnswer::from_json(&json!({"database": "down", "components": {"q": "slow"}}))
+                .unwrap();
         assert_eq!(
             classify(&answer).error_message.as_deref(),
             Some("unhealthy: database (down), q (slow)")

@@ -11,8 +11,8 @@ use serde_json::json;
 use time::{Duration, OffsetDateTime};
 
 use crate::model::{
-    ApiToken, HealthCheck, HealthStatus, MetricValues, MetricsFailure, MetricsRecord, MetricsSample,
-    NewServer, Period, ServerId, ServerStatus,
+    ApiToken, HealthCheck, HealthStatus, MetricValues, MetricsFailure, MetricsRecord,
+    MetricsSample, NewServer, Period, ServerId, ServerStatus,
 };
 use crate::store::{History, HistoryQuery, Registry, ServerFilter, Store, StoreError};
 
@@ -94,8 +94,16 @@ async fn add(store: &impl ConformingStore, name: &str) -> ServerId {
 }
 
 async fn names(store: &impl ConformingStore, health: bool) -> Vec<String> {
-    let targets = if health { store.health_targets().await } else { store.metrics_targets().await };
-    targets.expect("select targets").into_iter().map(|t| t.name).collect()
+    let targets = if health {
+        store.health_targets().await
+    } else {
+        store.metrics_targets().await
+    };
+    targets
+        .expect("select targets")
+        .into_iter()
+        .map(|t| t.name)
+        .collect()
 }
 
 async fn health_targets_are_active_servers_stalest_first(store: &impl ConformingStore) {
@@ -105,8 +113,14 @@ async fn health_targets_are_active_servers_stalest_first(store: &impl Conforming
     let _never = add(store, "never").await;
     let off = add(store, "off").await;
     let maint = add(store, "maint").await;
-    store.set_server_status(off, ServerStatus::Inactive).await.unwrap();
-    store.set_server_status(maint, ServerStatus::Maintenance).await.unwrap();
+    store
+        .set_server_status(off, ServerStatus::Inactive)
+        .await
+        .unwrap();
+    store
+        .set_server_status(maint, ServerStatus::Maintenance)
+        .await
+        .unwrap();
     store
         .record_health(&[
             check_at(a, t0 + secs(20), HealthStatus::Healthy),
@@ -115,10 +129,16 @@ async fn health_targets_are_active_servers_stalest_first(store: &impl Conforming
         ])
         .await
         .unwrap();
-    assert_eq!(names(store, true).await, ["never", "b", "a"], "health targets");
+    assert_eq!(
+        names(store, true).await,
+        ["never", "b", "a"],
+        "health targets"
+    );
 }
 
-async fn metrics_targets_are_healthy_or_degraded_most_recently_seen_first(store: &impl ConformingStore) {
+async fn metrics_targets_are_healthy_or_degraded_most_recently_seen_first(
+    store: &impl ConformingStore,
+) {
     let t0 = base_time();
     let ids: Vec<ServerId> = {
         let mut v = Vec::new();
@@ -127,7 +147,10 @@ async fn metrics_targets_are_healthy_or_degraded_most_recently_seen_first(store:
         }
         v
     };
-    store.set_server_status(ids[6], ServerStatus::Inactive).await.unwrap();
+    store
+        .set_server_status(ids[6], ServerStatus::Inactive)
+        .await
+        .unwrap();
     store
         .record_health(&[
             check_at(ids[0], t0, HealthStatus::Healthy),
@@ -139,7 +162,11 @@ async fn metrics_targets_are_healthy_or_degraded_most_recently_seen_first(store:
         ])
         .await
         .unwrap();
-    assert_eq!(names(store, false).await, ["h-new", "deg", "h-old"], "metrics targets");
+    assert_eq!(
+        names(store, false).await,
+        ["h-new", "deg", "h-old"],
+        "metrics targets"
+    );
 }
 
 async fn health_batch_lands_once_with_its_values(store: &impl ConformingStore) {
@@ -155,9 +182,15 @@ async fn health_batch_lands_once_with_its_values(store: &impl ConformingStore) {
     store.record_health(&batch).await.unwrap();
     // A retried batch adds nothing.
     store.record_health(&batch).await.unwrap();
-    let ha = store.health_history(a, HistoryQuery::default()).await.unwrap();
+    let ha = store
+        .health_history(a, HistoryQuery::default())
+        .await
+        .unwrap();
     assert_eq!(ha, vec![batch[2].clone(), batch[0].clone()], "history of a");
-    let hb = store.health_history(b, HistoryQuery::default()).await.unwrap();
+    let hb = store
+        .health_history(b, HistoryQuery::default())
+        .await
+        .unwrap();
     assert_eq!(hb, vec![batch[1].clone()], "history of b");
     let sa = store.get_server(a).await.unwrap().unwrap();
     assert_eq!(sa.health_status, Some(HealthStatus::Degraded));
@@ -168,25 +201,52 @@ async fn health_batch_lands_once_with_its_values(store: &impl ConformingStore) {
 async fn state_only_moves_forward(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
-    store.record_health(&[check_at(a, t0 + secs(30), HealthStatus::Healthy)]).await.unwrap();
+    store
+        .record_health(&[check_at(a, t0 + secs(30), HealthStatus::Healthy)])
+        .await
+        .unwrap();
     // A late batch with an older check lands in history but does not rewind the state.
-    store.record_health(&[check_at(a, t0, HealthStatus::Critical)]).await.unwrap();
+    store
+        .record_health(&[check_at(a, t0, HealthStatus::Critical)])
+        .await
+        .unwrap();
     let s = store.get_server(a).await.unwrap().unwrap();
-    assert_eq!(s.health_status, Some(HealthStatus::Healthy), "state moved back in time");
+    assert_eq!(
+        s.health_status,
+        Some(HealthStatus::Healthy),
+        "state moved back in time"
+    );
     assert_eq!(s.last_health_check_at, Some(t0 + secs(30)));
     assert_eq!(s.last_seen_at, Some(t0 + secs(30)));
-    assert_eq!(store.health_history(a, HistoryQuery::default()).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .health_history(a, HistoryQuery::default())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 async fn last_seen_moves_only_on_an_answer(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
-    store.record_health(&[check_at(a, t0, HealthStatus::Healthy)]).await.unwrap();
-    store.record_health(&[check_at(a, t0 + secs(30), HealthStatus::Unreachable)]).await.unwrap();
+    store
+        .record_health(&[check_at(a, t0, HealthStatus::Healthy)])
+        .await
+        .unwrap();
+    store
+        .record_health(&[check_at(a, t0 + secs(30), HealthStatus::Unreachable)])
+        .await
+        .unwrap();
     let s = store.get_server(a).await.unwrap().unwrap();
     assert_eq!(s.health_status, Some(HealthStatus::Unreachable));
     assert_eq!(s.last_health_check_at, Some(t0 + secs(30)));
-    assert_eq!(s.last_seen_at, Some(t0), "last_seen_at moved without an answer");
+    assert_eq!(
+        s.last_seen_at,
+        Some(t0),
+        "last_seen_at moved without an answer"
+    );
 }
 
 async fn metrics_land_once_and_failures_are_kept(store: &impl ConformingStore) {
@@ -203,8 +263,14 @@ async fn metrics_land_once_and_failures_are_kept(store: &impl ConformingStore) {
     ];
     store.record_metrics(&batch).await.unwrap();
     store.record_metrics(&batch[..2]).await.unwrap();
-    let h = store.metrics_history(a, HistoryQuery::default()).await.unwrap();
-    assert_eq!(h, vec![sample_at(a, t0 + secs(60), 13.0), sample_at(a, t0, 12.5)]);
+    let h = store
+        .metrics_history(a, HistoryQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        h,
+        vec![sample_at(a, t0 + secs(60), 13.0), sample_at(a, t0, 12.5)]
+    );
     let s = store.get_server(a).await.unwrap().unwrap();
     assert_eq!(s.last_metrics_error_at, Some(t0 + secs(120)));
     assert!(s.last_metrics_error.unwrap().contains("cpu_percent = 140"));
@@ -217,15 +283,35 @@ async fn results_for_removed_servers_do_not_block_the_batch(store: &impl Conform
     assert!(store.delete_server(gone).await.unwrap());
     assert!(!store.delete_server(gone).await.unwrap());
     store
-        .record_health(&[check_at(gone, t0, HealthStatus::Healthy), check_at(a, t0, HealthStatus::Healthy)])
+        .record_health(&[
+            check_at(gone, t0, HealthStatus::Healthy),
+            check_at(a, t0, HealthStatus::Healthy),
+        ])
         .await
         .unwrap();
     store
-        .record_metrics(&[MetricsRecord::Sample(sample_at(gone, t0, 1.0)), MetricsRecord::Sample(sample_at(a, t0, 1.0))])
+        .record_metrics(&[
+            MetricsRecord::Sample(sample_at(gone, t0, 1.0)),
+            MetricsRecord::Sample(sample_at(a, t0, 1.0)),
+        ])
         .await
         .unwrap();
-    assert_eq!(store.health_history(a, HistoryQuery::default()).await.unwrap().len(), 1);
-    assert_eq!(store.metrics_history(a, HistoryQuery::default()).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .health_history(a, HistoryQuery::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        store
+            .metrics_history(a, HistoryQuery::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     assert!(store.get_server(gone).await.unwrap().is_none());
 }
 
@@ -238,39 +324,121 @@ async fn registry_refuses_duplicates_and_filters(store: &impl ConformingStore) {
     let web = store.create_server(web).await.unwrap();
     assert_eq!(web.status, ServerStatus::Active);
     assert_eq!(web.health_status, None);
-    let err = store.create_server(NewServer::new("web-1", "http://127.0.0.1:1")).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "duplicate name gave {err:?}");
+    let err = store
+        .create_server(NewServer::new("web-1", "http://127.0.0.1:1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(_)),
+        "duplicate name gave {err:?}"
+    );
     let mut db = NewServer::new("db-1", "http://127.0.0.1:5");
     db.region = Some("us".into());
     db.status = ServerStatus::Maintenance;
     store.create_server(db).await.unwrap();
 
     let list = |f: ServerFilter| async move {
-        store.list_servers(&f).await.unwrap().into_iter().map(|s| s.name).collect::<Vec<_>>()
+        store
+            .list_servers(&f)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect::<Vec<_>>()
     };
     assert_eq!(list(ServerFilter::default()).await, ["db-1", "web-1"]);
-    assert_eq!(list(ServerFilter { region: Some("eu".into()), ..Default::default() }).await, ["web-1"]);
-    assert_eq!(list(ServerFilter { status: Some(ServerStatus::Maintenance), ..Default::default() }).await, ["db-1"]);
-    assert_eq!(list(ServerFilter { tag: Some("edge".into()), ..Default::default() }).await, ["web-1"]);
-    assert_eq!(list(ServerFilter { search: Some("web-host".into()), ..Default::default() }).await, ["web-1"]);
-    assert_eq!(list(ServerFilter { environment: Some("production".into()), ..Default::default() }).await, ["web-1"]);
-    assert_eq!(list(ServerFilter { limit: Some(1), offset: 1, ..Default::default() }).await, ["web-1"]);
-    assert!(list(ServerFilter { health_status: Some(HealthStatus::Healthy), ..Default::default() }).await.is_empty());
+    assert_eq!(
+        list(ServerFilter {
+            region: Some("eu".into()),
+            ..Default::default()
+        })
+        .await,
+        ["web-1"]
+    );
+    assert_eq!(
+        list(ServerFilter {
+            status: Some(ServerStatus::Maintenance),
+            ..Default::default()
+        })
+        .await,
+        ["db-1"]
+    );
+    assert_eq!(
+        list(ServerFilter {
+            tag: Some("edge".into()),
+            ..Default::default()
+        })
+        .await,
+        ["web-1"]
+    );
+    assert_eq!(
+        list(ServerFilter {
+            search: Some("web-host".into()),
+            ..Default::default()
+        })
+        .await,
+        ["web-1"]
+    );
+    assert_eq!(
+        list(ServerFilter {
+            environment: Some("production".into()),
+            ..Default::default()
+        })
+        .await,
+        ["web-1"]
+    );
+    assert_eq!(
+        list(ServerFilter {
+            limit: Some(1),
+            offset: 1,
+            ..Default::default()
+        })
+        .await,
+        ["web-1"]
+    );
+    assert!(
+        list(ServerFilter {
+            health_status: Some(HealthStatus::Healthy),
+            ..Default::default()
+        })
+        .await
+        .is_empty()
+    );
     let got = store.get_server(web.id).await.unwrap().unwrap();
     assert_eq!(got, web);
     assert!(store.get_server(ServerId::new()).await.unwrap().is_none());
-    assert!(!store.set_server_status(ServerId::new(), ServerStatus::Active).await.unwrap());
+    assert!(
+        !store
+            .set_server_status(ServerId::new(), ServerStatus::Active)
+            .await
+            .unwrap()
+    );
 }
 
 async fn history_windows_are_newest_first(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
-    let checks: Vec<HealthCheck> = (0..5).map(|i| check_at(a, t0 + secs(i * 30), HealthStatus::Healthy)).collect();
+    let checks: Vec<HealthCheck> = (0..5)
+        .map(|i| check_at(a, t0 + secs(i * 30), HealthStatus::Healthy))
+        .collect();
     store.record_health(&checks).await.unwrap();
-    let q = HistoryQuery { from: Some(t0 + secs(30)), to: Some(t0 + secs(120)), limit: 10 };
-    let got: Vec<_> = store.health_history(a, q).await.unwrap().into_iter().map(|c| c.timestamp).collect();
+    let q = HistoryQuery {
+        from: Some(t0 + secs(30)),
+        to: Some(t0 + secs(120)),
+        limit: 10,
+    };
+    let got: Vec<_> = store
+        .health_history(a, q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.timestamp)
+        .collect();
     assert_eq!(got, [t0 + secs(90), t0 + secs(60), t0 + secs(30)]);
-    let q = HistoryQuery { limit: 2, ..Default::default() };
+    let q = HistoryQuery {
+        limit: 2,
+        ..Default::default()
+    };
     assert_eq!(store.health_history(a, q).await.unwrap().len(), 2);
 }
 
@@ -280,6 +448,9 @@ async fn tokens_reach_the_probe(store: &impl ConformingStore) {
     add(store, "plain").await;
     let targets = store.health_targets().await.unwrap();
     let by_name = |n: &str| targets.iter().find(|t| t.name == n).unwrap().token.clone();
-    assert_eq!(by_name("secret").map(|t| t.expose().to_owned()), Some("tok-123".to_owned()));
+    assert_eq!(
+        by_name("secret").map(|t| t.expose().to_owned()),
+        Some("tok-123".to_owned())
+    );
     assert_eq!(by_name("plain"), None);
 }

@@ -50,7 +50,10 @@ impl InMemoryStore {
 
     /// An empty store keeping at most `limit` history rows of each kind per server.
     pub fn with_history_limit(limit: usize) -> Self {
-        Self { state: Mutex::new(State::default()), history_limit: limit.max(1) }
+        Self {
+            state: Mutex::new(State::default()),
+            history_limit: limit.max(1),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -94,7 +97,10 @@ impl Store for InMemoryStore {
             .values()
             .filter(|e| {
                 e.server.status == ServerStatus::Active
-                    && matches!(e.server.health_status, Some(HealthStatus::Healthy | HealthStatus::Degraded))
+                    && matches!(
+                        e.server.health_status,
+                        Some(HealthStatus::Healthy | HealthStatus::Degraded)
+                    )
             })
             .collect();
         // Most recently seen first; never seen last.
@@ -105,7 +111,9 @@ impl Store for InMemoryStore {
     async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError> {
         let mut state = self.state();
         for check in checks {
-            let Some(entry) = state.servers.get_mut(&check.server_id) else { continue };
+            let Some(entry) = state.servers.get_mut(&check.server_id) else {
+                continue;
+            };
             entry.health.insert(check.timestamp, check.clone());
             trim(&mut entry.health, self.history_limit);
             let s = &mut entry.server;
@@ -123,7 +131,9 @@ impl Store for InMemoryStore {
     async fn record_metrics(&self, records: &[MetricsRecord]) -> Result<(), StoreError> {
         let mut state = self.state();
         for record in records {
-            let Some(entry) = state.servers.get_mut(&record.server_id()) else { continue };
+            let Some(entry) = state.servers.get_mut(&record.server_id()) else {
+                continue;
+            };
             match record {
                 MetricsRecord::Sample(sample) => {
                     entry.metrics.insert(sample.timestamp, sample.clone());
@@ -147,7 +157,10 @@ impl Registry for InMemoryStore {
     async fn create_server(&self, new: NewServer) -> Result<ManagedServer, StoreError> {
         let mut state = self.state();
         if state.servers.values().any(|e| e.server.name == new.name) {
-            return Err(StoreError::Conflict(format!("a server named `{}` already exists", new.name)));
+            return Err(StoreError::Conflict(format!(
+                "a server named `{}` already exists",
+                new.name
+            )));
         }
         let server = ManagedServer {
             id: ServerId::new(),
@@ -168,7 +181,12 @@ impl Registry for InMemoryStore {
         };
         state.servers.insert(
             server.id,
-            Entry { server: server.clone(), token: new.api_token, health: BTreeMap::new(), metrics: BTreeMap::new() },
+            Entry {
+                server: server.clone(),
+                token: new.api_token,
+                health: BTreeMap::new(),
+                metrics: BTreeMap::new(),
+            },
         );
         Ok(server)
     }
@@ -185,14 +203,30 @@ impl Registry for InMemoryStore {
             .values()
             .map(|e| &e.server)
             .filter(|s| filter.status.is_none_or(|v| s.status == v))
-            .filter(|s| filter.health_status.is_none_or(|v| s.health_status == Some(v)))
-            .filter(|s| filter.region.as_ref().is_none_or(|v| s.region.as_ref() == Some(v)))
-            .filter(|s| filter.environment.as_ref().is_none_or(|v| s.environment.as_ref() == Some(v)))
+            .filter(|s| {
+                filter
+                    .health_status
+                    .is_none_or(|v| s.health_status == Some(v))
+            })
+            .filter(|s| {
+                filter
+                    .region
+                    .as_ref()
+                    .is_none_or(|v| s.region.as_ref() == Some(v))
+            })
+            .filter(|s| {
+                filter
+                    .environment
+                    .as_ref()
+                    .is_none_or(|v| s.environment.as_ref() == Some(v))
+            })
             .filter(|s| filter.tag.as_ref().is_none_or(|v| s.tags.contains(v)))
             .filter(|s| {
                 search.as_ref().is_none_or(|q| {
                     s.name.to_lowercase().contains(q)
-                        || s.hostname.as_ref().is_some_and(|h| h.to_lowercase().contains(q))
+                        || s.hostname
+                            .as_ref()
+                            .is_some_and(|h| h.to_lowercase().contains(q))
                 })
             })
             .collect();
@@ -205,7 +239,11 @@ impl Registry for InMemoryStore {
             .collect())
     }
 
-    async fn set_server_status(&self, id: ServerId, status: ServerStatus) -> Result<bool, StoreError> {
+    async fn set_server_status(
+        &self,
+        id: ServerId,
+        status: ServerStatus,
+    ) -> Result<bool, StoreError> {
         Ok(match self.state().servers.get_mut(&id) {
             Some(e) => {
                 e.server.status = status;
@@ -231,12 +269,30 @@ fn window<V: Clone>(map: &BTreeMap<OffsetDateTime, V>, q: HistoryQuery) -> Vec<V
 
 #[async_trait]
 impl History for InMemoryStore {
-    async fn health_history(&self, id: ServerId, query: HistoryQuery) -> Result<Vec<HealthCheck>, StoreError> {
-        Ok(self.state().servers.get(&id).map(|e| window(&e.health, query)).unwrap_or_default())
+    async fn health_history(
+        &self,
+        id: ServerId,
+        query: HistoryQuery,
+    ) -> Result<Vec<HealthCheck>, StoreError> {
+        Ok(self
+            .state()
+            .servers
+            .get(&id)
+            .map(|e| window(&e.health, query))
+            .unwrap_or_default())
     }
 
-    async fn metrics_history(&self, id: ServerId, query: HistoryQuery) -> Result<Vec<MetricsSample>, StoreError> {
-        Ok(self.state().servers.get(&id).map(|e| window(&e.metrics, query)).unwrap_or_default())
+    async fn metrics_history(
+        &self,
+        id: ServerId,
+        query: HistoryQuery,
+    ) -> Result<Vec<MetricsSample>, StoreError> {
+        Ok(self
+            .state()
+            .servers
+            .get(&id)
+            .map(|e| window(&e.metrics, query))
+            .unwrap_or_default())
     }
 }
 
@@ -252,13 +308,31 @@ mod tests {
     #[tokio::test]
     async fn history_is_capped_per_server() {
         let store = InMemoryStore::with_history_limit(3);
-        let s = store.create_server(NewServer::new("a", "http://127.0.0.1:1")).await.unwrap();
+        let s = store
+            .create_server(NewServer::new("a", "http://127.0.0.1:1"))
+            .await
+            .unwrap();
         let t0 = OffsetDateTime::UNIX_EPOCH;
         let checks: Vec<HealthCheck> = (0..5)
-            .map(|i| crate::conformance::check_at(s.id, t0 + time::Duration::seconds(i), HealthStatus::Healthy))
+            .map(|i| {
+                crate::conformance::check_at(
+                    s.id,
+                    t0 + time::Duration::seconds(i),
+                    HealthStatus::Healthy,
+                )
+            })
             .collect();
         store.record_health(&checks).await.unwrap();
-        let h = store.health_history(s.id, HistoryQuery::default()).await.unwrap();
-        assert_eq!(h.iter().map(|c| c.timestamp).collect::<Vec<_>>(), (2..5).rev().map(|i| t0 + time::Duration::seconds(i)).collect::<Vec<_>>());
+        let h = store
+            .health_history(s.id, HistoryQuery::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            h.iter().map(|c| c.timestamp).collect::<Vec<_>>(),
+            (2..5)
+                .rev()
+                .map(|i| t0 + time::Duration::seconds(i))
+                .collect::<Vec<_>>()
+        );
     }
 }

@@ -342,7 +342,12 @@ pub struct MetricValues {
 impl MetricValues {
     /// How many of the twelve values are present.
     pub fn count(&self) -> u64 {
-        let floats = [self.cpu_percent, self.memory_percent, self.disk_percent, self.llm_cost_usd];
+        let floats = [
+            self.cpu_percent,
+            self.memory_percent,
+            self.disk_percent,
+            self.llm_cost_usd,
+        ];
         let ints = [
             self.network_rx_bytes,
             self.network_tx_bytes,
@@ -353,8 +358,8 @@ impl MetricValues {
             self.active_users,
             self.total_users,
         ];
-        (floats.iter().filter(|v| v.is_some()).count() + ints.iter().filter(|v| v.is_some()).count())
-            as u64
+        (floats.iter().filter(|v| v.is_some()).count()
+            + ints.iter().filter(|v| v.is_some()).count()) as u64
     }
 }
 

@@ -100,9 +100,9 @@ pub(crate) fn fmt_secs(d: Duration) -> String {
 }
 
 fn fmt_bytes(n: u64) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
         format!("{} MiB", n >> 20)
-    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
         format!("{} KiB", n >> 10)
     } else {
         format!("{n} bytes")
@@ -171,8 +171,11 @@ pub enum CollectError {
 #[async_trait]
 pub trait MetricsCollector: Send + Sync {
     /// Collects from `target`, finishing by `deadline`.
-    async fn collect(&self, target: &ProbeTarget, deadline: Instant)
-    -> Result<MetricValues, CollectError>;
+    async fn collect(
+        &self,
+        target: &ProbeTarget,
+        deadline: Instant,
+    ) -> Result<MetricValues, CollectError>;
 }
 
 #[async_trait]
@@ -218,14 +221,22 @@ mod tests {
     #[test]
     fn failure_messages_are_the_stored_error_messages() {
         let cases = [
-            (ProbeFailure::ConnectionRefused, "connection refused", HealthStatus::Unreachable),
             (
-                ProbeFailure::Timeout { after: Duration::from_secs(10) },
+                ProbeFailure::ConnectionRefused,
+                "connection refused",
+                HealthStatus::Unreachable,
+            ),
+            (
+                ProbeFailure::Timeout {
+                    after: Duration::from_secs(10),
+                },
                 "timeout after 10s",
                 HealthStatus::Unreachable,
             ),
             (
-                ProbeFailure::Timeout { after: Duration::from_millis(1500) },
+                ProbeFailure::Timeout {
+                    after: Duration::from_millis(1500),
+                },
                 "timeout after 1.5s",
                 HealthStatus::Unreachable,
             ),
@@ -239,9 +250,21 @@ mod tests {
                 "HTTP 301 (redirects are not followed)",
                 HealthStatus::Critical,
             ),
-            (ProbeFailure::TokenRejected { code: 401 }, "HTTP 401: token rejected", HealthStatus::Critical),
-            (ProbeFailure::Http { code: 503 }, "HTTP 503", HealthStatus::Critical),
-            (ProbeFailure::Http { code: 429 }, "HTTP 429 rate limited", HealthStatus::Critical),
+            (
+                ProbeFailure::TokenRejected { code: 401 },
+                "HTTP 401: token rejected",
+                HealthStatus::Critical,
+            ),
+            (
+                ProbeFailure::Http { code: 503 },
+                "HTTP 503",
+                HealthStatus::Critical,
+            ),
+            (
+                ProbeFailure::Http { code: 429 },
+                "HTTP 429 rate limited",
+                HealthStatus::Critical,
+            ),
         ];
         for (failure, message, status) in cases {
             assert_eq!(failure.to_string(), message);

@@ -49,12 +49,18 @@ pub enum StoreError {
 impl StoreError {
     /// An unavailable store, with a message and no source.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        StoreError::Unavailable { message: message.into(), source: None }
+        StoreError::Unavailable {
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// A backend failure, with a message and no source.
     pub fn backend(message: impl Into<String>) -> Self {
-        StoreError::Backend { message: message.into(), source: None }
+        StoreError::Backend {
+            message: message.into(),
+            source: None,
+        }
     }
 }
 
@@ -113,8 +119,11 @@ pub trait Registry: Send + Sync {
     async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError>;
 
     /// Changes a server's status; false when it does not exist.
-    async fn set_server_status(&self, id: ServerId, status: ServerStatus)
-    -> Result<bool, StoreError>;
+    async fn set_server_status(
+        &self,
+        id: ServerId,
+        status: ServerStatus,
+    ) -> Result<bool, StoreError>;
 
     /// Removes a server and its history; false when it did not exist.
     async fn delete_server(&self, id: ServerId) -> Result<bool, StoreError>;
@@ -133,7 +142,11 @@ pub struct HistoryQuery {
 
 impl Default for HistoryQuery {
     fn default() -> Self {
-        Self { from: None, to: None, limit: 100 }
+        Self {
+            from: None,
+            to: None,
+            limit: 100,
+        }
     }
 }
 

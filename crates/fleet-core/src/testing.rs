@@ -39,7 +39,12 @@ pub fn report(status: &str) -> HealthAnswer {
     } else {
         ComponentHealth::Unhealthy(status.to_owned())
     };
-    HealthAnswer { database: c.clone(), redis: c, services_healthy: Some(true), components: Vec::new() }
+    HealthAnswer {
+        database: c.clone(),
+        redis: c,
+        services_healthy: Some(true),
+        components: Vec::new(),
+    }
 }
 
 /// A report of a healthy server.
@@ -82,7 +87,11 @@ struct Fake<T, E> {
 
 impl<T: Clone + Send + Sync, E: Clone + Send + Sync> Fake<T, E> {
     fn new(default: Script<T, E>) -> Self {
-        Self { default, scripts: Mutex::default(), record: Mutex::default() }
+        Self {
+            default,
+            scripts: Mutex::default(),
+            record: Mutex::default(),
+        }
     }
 
     fn record(&self) -> MutexGuard<'_, Recorder> {
@@ -90,17 +99,26 @@ impl<T: Clone + Send + Sync, E: Clone + Send + Sync> Fake<T, E> {
     }
 
     fn set(&self, name: &str, script: Script<T, E>) {
-        self.scripts.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned(), script);
+        self.scripts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), script);
     }
 
     async fn answer(&self, name: &str) -> Result<T, E> {
         let script = {
             let scripts = self.scripts.lock().unwrap_or_else(|e| e.into_inner());
-            scripts.get(name).cloned().unwrap_or_else(|| self.default.clone())
+            scripts
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| self.default.clone())
         };
         {
             let mut r = self.record();
-            r.calls.push(Call { name: name.to_owned(), at: Instant::now() });
+            r.calls.push(Call {
+                name: name.to_owned(),
+                at: Instant::now(),
+            });
             let open = r.open.entry(name.to_owned()).or_default();
             *open += 1;
             let open = *open;
@@ -144,12 +162,22 @@ macro_rules! recorder_methods {
 
         /// The names of every call so far, in start order.
         pub fn call_names(&self) -> Vec<String> {
-            self.fake.record().calls.iter().map(|c| c.name.clone()).collect()
+            self.fake
+                .record()
+                .calls
+                .iter()
+                .map(|c| c.name.clone())
+                .collect()
         }
 
         /// Calls of the target `name` so far.
         pub fn calls_of(&self, name: &str) -> usize {
-            self.fake.record().calls.iter().filter(|c| c.name == name).count()
+            self.fake
+                .record()
+                .calls
+                .iter()
+                .filter(|c| c.name == name)
+                .count()
         }
 
         /// The most calls open at once for any single target.
@@ -179,7 +207,10 @@ pub struct ScriptedProbe {
 impl ScriptedProbe {
     /// A probe answering `default` for every target without a script of its own.
     pub fn new(default: Script<HealthAnswer, ProbeFailure>) -> Self {
-        Self { fake: Fake::new(default), response_time: Duration::from_millis(5) }
+        Self {
+            fake: Fake::new(default),
+            response_time: Duration::from_millis(5),
+        }
     }
 
     /// Scripts the answer for the target `name`.
@@ -201,7 +232,10 @@ impl HealthProbe for ScriptedProbe {
             },
             Err(failure) => {
                 let response_time = failure.responded().then(|| started.elapsed());
-                ProbeOutcome::Failed { failure, response_time }
+                ProbeOutcome::Failed {
+                    failure,
+                    response_time,
+                }
             }
         }
     }
@@ -216,7 +250,9 @@ pub struct ScriptedCollector {
 impl ScriptedCollector {
     /// A collector answering `default` for every target without a script of its own.
     pub fn new(default: Script<MetricValues, CollectError>) -> Self {
-        Self { fake: Fake::new(default) }
+        Self {
+            fake: Fake::new(default),
+        }
     }
 
     /// Scripts the answer for the target `name`.
@@ -229,7 +265,11 @@ impl ScriptedCollector {
 
 #[async_trait]
 impl MetricsCollector for ScriptedCollector {
-    async fn collect(&self, target: &ProbeTarget, _deadline: Instant) -> Result<MetricValues, CollectError> {
+    async fn collect(
+        &self,
+        target: &ProbeTarget,
+        _deadline: Instant,
+    ) -> Result<MetricValues, CollectError> {
         self.fake.answer(&target.name).await
     }
 }
@@ -249,7 +289,10 @@ pub struct FailingStore {
 impl FailingStore {
     /// Wraps `inner`, not failing.
     pub fn new(inner: Arc<InMemoryStore>) -> Self {
-        Self { inner, ..Default::default() }
+        Self {
+            inner,
+            ..Default::default()
+        }
     }
 
     /// Turns failing writes on or off.
@@ -274,7 +317,10 @@ impl FailingStore {
 
     /// The size of every write call that succeeded.
     pub fn batch_sizes(&self) -> Vec<usize> {
-        self.batch_sizes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.batch_sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn write(&self, n: usize) -> Result<(), StoreError> {
@@ -283,7 +329,10 @@ impl FailingStore {
             self.failed_writes.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::unavailable("connection refused (scripted)"));
         }
-        self.batch_sizes.lock().unwrap_or_else(|e| e.into_inner()).push(n);
+        self.batch_sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(n);
         Ok(())
     }
 
@@ -356,7 +405,10 @@ pub struct TokioClock {
 impl TokioClock {
     /// A clock showing `base` now.
     pub fn new(base: OffsetDateTime) -> Self {
-        Self { base, start: Instant::now() }
+        Self {
+            base,
+            start: Instant::now(),
+        }
     }
 }
 

@@ -17,10 +17,17 @@ use crate::probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, Pr
 use crate::store::{Findings, StorageCheck, Store, StoreError};
 
 /// Turns a probe's outcome into the health check that is stored.
-pub fn health_check(target: &ProbeTarget, timestamp: OffsetDateTime, outcome: ProbeOutcome) -> HealthCheck {
+pub fn health_check(
+    target: &ProbeTarget,
+    timestamp: OffsetDateTime,
+    outcome: ProbeOutcome,
+) -> HealthCheck {
     let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
     match outcome {
-        ProbeOutcome::Report { answer, response_time } => {
+        ProbeOutcome::Report {
+            answer,
+            response_time,
+        } => {
             let c = classify(&answer);
             HealthCheck {
                 server_id: target.id,
@@ -36,7 +43,10 @@ pub fn health_check(target: &ProbeTarget, timestamp: OffsetDateTime, outcome: Pr
                 successful: true,
             }
         }
-        ProbeOutcome::Failed { failure, response_time } => HealthCheck {
+        ProbeOutcome::Failed {
+            failure,
+            response_time,
+        } => HealthCheck {
             server_id: target.id,
             timestamp,
             status: failure.status(),
@@ -94,7 +104,12 @@ impl Work for HealthWork {
         &target.name
     }
 
-    async fn run(&self, target: &ProbeTarget, started: OffsetDateTime, deadline: Instant) -> HealthCheck {
+    async fn run(
+        &self,
+        target: &ProbeTarget,
+        started: OffsetDateTime,
+        deadline: Instant,
+    ) -> HealthCheck {
         let outcome = self.probe.probe(target, deadline).await;
         let check = health_check(target, started, outcome);
         if !check.successful {
@@ -103,13 +118,25 @@ impl Work for HealthWork {
         check
     }
 
-    fn timed_out(&self, target: &ProbeTarget, started: OffsetDateTime, after: Duration) -> HealthCheck {
-        let outcome = ProbeOutcome::Failed { failure: ProbeFailure::Timeout { after }, response_time: None };
+    fn timed_out(
+        &self,
+        target: &ProbeTarget,
+        started: OffsetDateTime,
+        after: Duration,
+    ) -> HealthCheck {
+        let outcome = ProbeOutcome::Failed {
+            failure: ProbeFailure::Timeout { after },
+            response_time: None,
+        };
         health_check(target, started, outcome)
     }
 
     fn tally(&self, output: &HealthCheck) -> Tally {
-        Tally { successful: output.successful, label: output.status.as_str(), values: 0 }
+        Tally {
+            successful: output.successful,
+            label: output.status.as_str(),
+            values: 0,
+        }
     }
 
     async fn record(&self, batch: &[HealthCheck]) -> Result<(), StoreError> {
@@ -121,9 +148,13 @@ impl Work for HealthWork {
     }
 
     fn log_summary(&self, s: &CycleSummary) {
-        let [healthy, degraded, critical, unreachable] =
-            [HealthStatus::Healthy, HealthStatus::Degraded, HealthStatus::Critical, HealthStatus::Unreachable]
-                .map(|h| s.count(h.as_str()));
+        let [healthy, degraded, critical, unreachable] = [
+            HealthStatus::Healthy,
+            HealthStatus::Degraded,
+            HealthStatus::Critical,
+            HealthStatus::Unreachable,
+        ]
+        .map(|h| s.count(h.as_str()));
         tracing::info!(
             target: "fleet::health",
             checked = s.completed,
@@ -163,7 +194,11 @@ impl std::fmt::Debug for MetricsWork {
 impl MetricsWork {
     /// Metrics work reading targets from and writing results to `store`.
     pub fn new(store: Arc<dyn Store>, collector: Arc<dyn MetricsCollector>) -> Self {
-        Self { store, collector, storage_check: None }
+        Self {
+            store,
+            collector,
+            storage_check: None,
+        }
     }
 
     /// Runs `check` after each cycle, as the seed's partition health check did.
@@ -177,9 +212,18 @@ impl MetricsWork {
         Worker::new(self, config, clock)
     }
 
-    fn failure(&self, target: &ProbeTarget, started: OffsetDateTime, error: CollectError) -> MetricsRecord {
+    fn failure(
+        &self,
+        target: &ProbeTarget,
+        started: OffsetDateTime,
+        error: CollectError,
+    ) -> MetricsRecord {
         tracing::warn!(target: "fleet::metrics", server = %target.name, error = %error, "metrics collection from {} failed: {error}", target.name);
-        MetricsRecord::Failure(MetricsFailure { server_id: target.id, timestamp: started, error: error.to_string() })
+        MetricsRecord::Failure(MetricsFailure {
+            server_id: target.id,
+            timestamp: started,
+            error: error.to_string(),
+        })
     }
 }
 
@@ -200,7 +244,12 @@ impl Work for MetricsWork {
         &target.name
     }
 
-    async fn run(&self, target: &ProbeTarget, started: OffsetDateTime, deadline: Instant) -> MetricsRecord {
+    async fn run(
+        &self,
+        target: &ProbeTarget,
+        started: OffsetDateTime,
+        deadline: Instant,
+    ) -> MetricsRecord {
         match self.collector.collect(target, deadline).await {
             Ok(values) => MetricsRecord::Sample(MetricsSample {
                 server_id: target.id,
@@ -212,14 +261,27 @@ impl Work for MetricsWork {
         }
     }
 
-    fn timed_out(&self, target: &ProbeTarget, started: OffsetDateTime, after: Duration) -> MetricsRecord {
+    fn timed_out(
+        &self,
+        target: &ProbeTarget,
+        started: OffsetDateTime,
+        after: Duration,
+    ) -> MetricsRecord {
         self.failure(target, started, CollectError::Timeout { after })
     }
 
     fn tally(&self, output: &MetricsRecord) -> Tally {
         match output {
-            MetricsRecord::Sample(s) => Tally { successful: true, label: "collected", values: s.values.count() },
-            MetricsRecord::Failure(_) => Tally { successful: false, label: "failed", values: 0 },
+            MetricsRecord::Sample(s) => Tally {
+                successful: true,
+                label: "collected",
+                values: s.values.count(),
+            },
+            MetricsRecord::Failure(_) => Tally {
+                successful: false,
+                label: "failed",
+                values: 0,
+            },
         }
     }
 
@@ -257,7 +319,9 @@ impl Work for MetricsWork {
                     tracing::error!(target: "fleet::metrics", "{finding}");
                 }
             }
-            Err(e) => tracing::error!(target: "fleet::metrics", error = %e, "storage check failed: {e}"),
+            Err(e) => {
+                tracing::error!(target: "fleet::metrics", error = %e, "storage check failed: {e}")
+            }
         }
         Some(found)
     }

@@ -72,7 +72,9 @@ impl WorkerConfig {
 
     /// A builder starting from the defaults for `kind`.
     pub fn builder(kind: WorkerKind) -> WorkerConfigBuilder {
-        WorkerConfigBuilder { config: Self::defaults(kind) }
+        WorkerConfigBuilder {
+            config: Self::defaults(kind),
+        }
     }
 }
 
@@ -161,15 +163,24 @@ mod tests {
     fn refused(builder: WorkerConfigBuilder, setting: &str, message: &str) {
         let err = builder.build().unwrap_err();
         assert_eq!(err.setting, setting);
-        assert_eq!(err.to_string(), format!("invalid setting {setting}: {message}"));
+        assert_eq!(
+            err.to_string(),
+            format!("invalid setting {setting}: {message}")
+        );
     }
 
     #[test]
     fn defaults_are_the_seeds() {
         let h = WorkerConfig::builder(WorkerKind::Health).build().unwrap();
-        assert_eq!((h.interval, h.batch_size, h.batch_delay), (Duration::from_secs(30), 10, Duration::from_millis(500)));
+        assert_eq!(
+            (h.interval, h.batch_size, h.batch_delay),
+            (Duration::from_secs(30), 10, Duration::from_millis(500))
+        );
         let m = WorkerConfig::builder(WorkerKind::Metrics).build().unwrap();
-        assert_eq!((m.interval, m.batch_size, m.batch_delay), (Duration::from_secs(60), 5, Duration::from_secs(1)));
+        assert_eq!(
+            (m.interval, m.batch_size, m.batch_delay),
+            (Duration::from_secs(60), 5, Duration::from_secs(1))
+        );
         assert_eq!(m.timeout, Duration::from_secs(10));
         assert_eq!(m.result_buffer, 100_000);
     }
@@ -177,18 +188,38 @@ mod tests {
     #[test]
     fn invalid_settings_are_refused_by_name() {
         let b = || WorkerConfig::builder(WorkerKind::Health);
-        refused(b().interval(Duration::ZERO), "interval", "must be greater than 0");
+        refused(
+            b().interval(Duration::ZERO),
+            "interval",
+            "must be greater than 0",
+        );
         refused(b().batch_size(0), "batch_size", "must be at least 1");
         refused(b().max_in_flight(0), "max_in_flight", "must be at least 1");
         refused(b().result_buffer(0), "result_buffer", "must be at least 1");
-        refused(b().write_batch_size(0), "write_batch_size", "must be at least 1");
-        refused(b().timeout(Duration::ZERO), "timeout", "must be greater than 0");
+        refused(
+            b().write_batch_size(0),
+            "write_batch_size",
+            "must be at least 1",
+        );
+        refused(
+            b().timeout(Duration::ZERO),
+            "timeout",
+            "must be greater than 0",
+        );
         refused(
             b().timeout(Duration::from_secs(30)),
             "timeout",
             "30s must be shorter than the interval (30s)",
         );
-        refused(b().shutdown_grace(Duration::ZERO), "shutdown_grace", "must be greater than 0");
-        refused(b().flush_interval(Duration::ZERO), "flush_interval", "must be greater than 0");
+        refused(
+            b().shutdown_grace(Duration::ZERO),
+            "shutdown_grace",
+            "must be greater than 0",
+        );
+        refused(
+            b().flush_interval(Duration::ZERO),
+            "flush_interval",
+            "must be greater than 0",
+        );
     }
 }

@@ -45,12 +45,20 @@ pub trait Work: Send + Sync + 'static {
     fn name<'a>(&self, target: &'a Self::Target) -> &'a str;
 
     /// Runs one check, started at `started`, which must finish by `deadline`.
-    async fn run(&self, target: &Self::Target, started: OffsetDateTime, deadline: Instant)
-    -> Self::Output;
+    async fn run(
+        &self,
+        target: &Self::Target,
+        started: OffsetDateTime,
+        deadline: Instant,
+    ) -> Self::Output;
 
     /// The result of a check that the engine cut off at its deadline.
-    fn timed_out(&self, target: &Self::Target, started: OffsetDateTime, after: Duration)
-    -> Self::Output;
+    fn timed_out(
+        &self,
+        target: &Self::Target,
+        started: OffsetDateTime,
+        after: Duration,
+    ) -> Self::Output;
 
     /// How a result counts in the statistics.
     fn tally(&self, output: &Self::Output) -> Tally;
@@ -120,14 +128,23 @@ where
 {
     /// A worker for `work` with `config`, taking timestamps from `clock`.
     pub fn new(work: W, config: WorkerConfig, clock: Arc<dyn Clock>) -> Self {
-        let buffer = Arc::new(ResultBuffer::new(config.result_buffer, config.write_batch_size));
+        let buffer = Arc::new(ResultBuffer::new(
+            config.result_buffer,
+            config.write_batch_size,
+        ));
         let stats = StatsHandle::new(work.kind().as_str(), buffer.clone());
         {
             let mut g = stats.lock();
             g.stats.interval_seconds = config.interval.as_secs_f64();
             g.stats.batch_delay_seconds = config.batch_delay.as_secs_f64();
         }
-        Self { work: Arc::new(work), config, clock, buffer, stats }
+        Self {
+            work: Arc::new(work),
+            config,
+            clock,
+            buffer,
+            stats,
+        }
     }
 
     /// The worker's statistics, readable while it runs.
@@ -193,7 +210,8 @@ where
                 next = now;
             } else {
                 tick += 1;
-                next = anchor + Duration::from_nanos((interval.as_nanos() * u128::from(tick)) as u64);
+                next =
+                    anchor + Duration::from_nanos((interval.as_nanos() * u128::from(tick)) as u64);
             }
         };
 
@@ -221,7 +239,10 @@ where
         }
         self.stats.lock().stats.running = false;
         tracing::info!(target: "fleet::engine", worker = kind, cancelled_checks, lost, "{} worker stopped", capitalized(kind));
-        ShutdownReport { cancelled_checks, lost_results: lost }
+        ShutdownReport {
+            cancelled_checks,
+            lost_results: lost,
+        }
     }
 
     /// The delay between batch starts for `targets` targets: the configured one, shortened
@@ -281,7 +302,10 @@ where
         }
         {
             let mut g = self.stats.lock();
-            g.cycle = CycleSummary { targets: total, ..Default::default() };
+            g.cycle = CycleSummary {
+                targets: total,
+                ..Default::default()
+            };
             g.stats.last_cycle_targets = total as u64;
             g.stats.batch_delay_seconds = delay.as_secs_f64();
         }
@@ -336,8 +360,10 @@ where
         if let Some(stop_at) = stop_at {
             // Checks get most of the grace period; the rest is kept for the final flush.
             let drain_until = stop_at + self.config.shutdown_grace.mul_f64(0.8);
-            let _ = timeout_at(drain_until, async { while running.join_next().await.is_some() {} })
-                .await;
+            let _ = timeout_at(drain_until, async {
+                while running.join_next().await.is_some() {}
+            })
+            .await;
             let cut = running.len() as u64;
             running.shutdown().await;
             if cut > 0 {

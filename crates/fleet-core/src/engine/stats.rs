@@ -135,17 +135,25 @@ pub struct StatsHandle {
 
 impl std::fmt::Debug for StatsHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StatsHandle").field("stats", &self.snapshot()).finish()
+        f.debug_struct("StatsHandle")
+            .field("stats", &self.snapshot())
+            .finish()
     }
 }
 
 impl StatsHandle {
     pub(crate) fn new(worker: &'static str, buffer: Arc<dyn BufferCounts>) -> Self {
         let inner = Inner {
-            stats: WorkerStats { worker, ..Default::default() },
+            stats: WorkerStats {
+                worker,
+                ..Default::default()
+            },
             cycle: CycleSummary::default(),
         };
-        Self { inner: Arc::new(Mutex::new(inner)), buffer }
+        Self {
+            inner: Arc::new(Mutex::new(inner)),
+            buffer,
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -201,8 +209,16 @@ mod tests {
         }
         let h = StatsHandle::new("health", Arc::new(NoBuffer));
         assert_eq!(h.snapshot().success_rate, 0.0);
-        let ok = Tally { successful: true, label: "healthy", values: 0 };
-        let bad = Tally { successful: false, label: "unreachable", values: 0 };
+        let ok = Tally {
+            successful: true,
+            label: "healthy",
+            values: 0,
+        };
+        let bad = Tally {
+            successful: false,
+            label: "unreachable",
+            values: 0,
+        };
         h.record(ok, "a");
         h.record(ok, "b");
         h.record(bad, "c");

@@ -1,0 +1,638 @@
+//! Engine behaviour on the fakes, in paused tokio time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_core::testing::{
+    FailingStore, Script, ScriptedCollector, ScriptedProbe, TokioClock, degraded, healthy, report,
+};
+use fleet_core::{
+    CancellationToken, CollectError, HealthStatus, HealthWork, History, HistoryQuery,
+    InMemoryStore, MetricValues, MetricsWork, NewServer, ProbeFailure, Registry, ServerId,
+    ShutdownReport, Store, WorkerConfig, WorkerConfigBuilder, WorkerHandle, WorkerKind,
+    WorkerStats,
+};
+use time::macros::datetime;
+use tokio::time::{Instant, sleep};
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+struct Rig {
+    memory: Arc<InMemoryStore>,
+    store: Arc<FailingStore>,
+    probe: Arc<ScriptedProbe>,
+    collector: Arc<ScriptedCollector>,
+    ids: Vec<ServerId>,
+    cancel: CancellationToken,
+    t0: Instant,
+}
+
+fn name(i: usize) -> String {
+    format!("s{i:03}")
+}
+
+impl Rig {
+    async fn new(servers: usize) -> Self {
+        let memory = Arc::new(InMemoryStore::new());
+        let mut ids = Vec::new();
+        for i in 0..servers {
+            ids.push(
+                memory
+                    .create_server(NewServer::new(name(i), "http://127.0.0.1:9"))
+                    .await
+                    .unwrap()
+                    .id,
+            );
+        }
+        Self {
+            store: Arc::new(FailingStore::new(memory.clone())),
+            memory,
+            probe: Arc::new(ScriptedProbe::new(healthy())),
+            collector: Arc::new(ScriptedCollector::new(Script::Ok(MetricValues {
+                cpu_percent: Some(10.0),
+                llm_requests: Some(1),
+                ..Default::default()
+            }))),
+            ids,
+            cancel: CancellationToken::new(),
+            t0: Instant::now(),
+        }
+    }
+
+    fn clock() -> Arc<TokioClock> {
+        Arc::new(TokioClock::new(datetime!(2026-11-28 06:00:00 UTC)))
+    }
+
+    fn health(&mut self, config: WorkerConfigBuilder) -> WorkerHandle {
+        let work = HealthWork::new(self.store.clone(), self.probe.clone());
+        self.t0 = Instant::now();
+        work.worker(config.build().unwrap(), Self::clock())
+            .spawn(self.cancel.clone())
+    }
+
+    fn metrics(&mut self, config: WorkerConfigBuilder) -> WorkerHandle {
+        let work = MetricsWork::new(self.store.clone(), self.collector.clone());
+        self.t0 = Instant::now();
+        work.worker(config.build().unwrap(), Self::clock())
+            .spawn(self.cancel.clone())
+    }
+
+    /// Start times of the probe's calls, relative to the worker's start, in milliseconds.
+    fn probe_starts(&self) -> Vec<u128> {
+        self.probe
+            .calls()
+            .iter()
+            .map(|c| (c.at - self.t0).as_millis())
+            .collect()
+    }
+
+    async fn stop(&self, handle: WorkerHandle) -> (ShutdownReport, WorkerStats) {
+        self.cancel.cancel();
+        let stats = handle.stats().clone();
+        let report = handle.stopped().await;
+        (report, stats.snapshot())
+    }
+
+    async fn history_len(&self) -> usize {
+        let mut n = 0;
+        for id in &self.ids {
+            n += self
+                .memory
+                .health_history(
+                    *id,
+                    HistoryQuery {
+                        limit: 10_000,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap()
+                .len();
+        }
+        n
+    }
+}
+
+fn health() -> WorkerConfigBuilder {
+    WorkerConfig::builder(WorkerKind::Health)
+}
+
+/// Sleeps in paused time until `cond` holds, at most `limit`.
+async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < end, "condition not met within {limit:?}");
+        sleep(ms(10)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn batches_start_together_and_delay_apart() {
+    let mut rig = Rig::new(25).await;
+    let h = rig.health(health().batch_size(10).batch_delay(ms(500)));
+    wait_until(5 * SEC, || h.stats().snapshot().cycles == 1).await;
+    let starts = rig.probe_starts();
+    assert_eq!(starts, [vec![0; 10], vec![500; 10], vec![1000; 5]].concat());
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_server_does_not_delay_the_next_batch() {
+    let mut rig = Rig::new(20).await;
+    for i in 0..10 {
+        rig.probe.set(&name(i), Script::Never);
+    }
+    // The other ten were checked before, so the ten never-checked hung ones go first.
+    let seen: Vec<_> = rig.ids[10..]
+        .iter()
+        .map(|id| {
+            fleet_core::conformance::check_at(
+                *id,
+                fleet_core::conformance::base_time(),
+                HealthStatus::Healthy,
+            )
+        })
+        .collect();
+    rig.memory.record_health(&seen).await.unwrap();
+    let h = rig.health(
+        health()
+            .batch_size(10)
+            .batch_delay(ms(500))
+            .timeout(5 * SEC),
+    );
+    wait_until(10 * SEC, || h.stats().snapshot().cycles == 1).await;
+    assert_eq!(rig.probe_starts(), [vec![0; 10], vec![500; 10]].concat());
+    let s = h.stats().snapshot();
+    // The ten hung checks end at their deadline; the cycle takes the deadline, not 10 of them.
+    assert_eq!(s.last_duration_seconds, Some(5.0));
+    assert_eq!(s.by_status.get("unreachable"), Some(&10));
+    assert_eq!(s.by_status.get("healthy"), Some(&10));
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_in_flight_holds_across_batches() {
+    let mut rig = Rig::new(30).await;
+    rig.probe.set("s000", Script::Never);
+    let rig_probe = rig.probe.clone();
+    let _ = rig_probe;
+    for i in 0..30 {
+        rig.probe
+            .set(&name(i), Script::Slow(2 * SEC, Box::new(healthy())));
+    }
+    let h = rig.health(
+        health()
+            .batch_size(10)
+            .batch_delay(ms(100))
+            .max_in_flight(4),
+    );
+    wait_until(60 * SEC, || h.stats().snapshot().cycles == 1).await;
+    assert_eq!(rig.probe.max_open(), 4);
+    assert_eq!(h.stats().snapshot().performed, 30);
+    // 30 checks of 2 s, 4 at a time: 8 waves.
+    assert_eq!(h.stats().snapshot().last_duration_seconds, Some(16.0));
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn deadlines_fire_and_are_recorded_as_timeouts() {
+    let mut rig = Rig::new(2).await;
+    rig.probe.set("s000", Script::Never);
+    rig.probe
+        .set("s001", Script::Slow(3 * SEC, Box::new(healthy())));
+    let h = rig.health(health().timeout(2 * SEC));
+    wait_until(10 * SEC, || h.stats().snapshot().written == 2).await;
+    for id in &rig.ids {
+        let checks = rig
+            .memory
+            .health_history(*id, HistoryQuery::default())
+            .await
+            .unwrap();
+        assert_eq!(checks.len(), 1);
+        assert_eq!(checks[0].status, HealthStatus::Unreachable);
+        assert_eq!(checks[0].error_message.as_deref(), Some("timeout after 2s"));
+        assert!(!checks[0].successful && !checks[0].responded);
+    }
+    assert_eq!(h.stats().snapshot().last_duration_seconds, Some(2.0));
+    assert_eq!(rig.probe.open(), 0, "timed-out probes were dropped");
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cycles_keep_a_start_to_start_cadence() {
+    let mut rig = Rig::new(1).await;
+    rig.probe
+        .set("s000", Script::Slow(3 * SEC, Box::new(healthy())));
+    let h = rig.health(health().interval(10 * SEC).timeout(5 * SEC));
+    wait_until(35 * SEC, || h.stats().snapshot().cycles == 4).await;
+    assert_eq!(rig.probe_starts(), [0, 10_000, 20_000, 30_000]);
+    assert_eq!(h.stats().snapshot().overruns, 0);
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overrunning_cycle_counts_missed_ticks_and_never_overlaps() {
+    let mut rig = Rig::new(25).await;
+    // 25 batches of one, 1 s apart and held fixed: a cycle takes 24 s plus the last check
+    // (1 s), in a 10 s interval.
+    for i in 0..25 {
+        rig.probe
+            .set(&name(i), Script::Slow(SEC, Box::new(healthy())));
+    }
+    let h = rig.health(
+        health()
+            .interval(10 * SEC)
+            .timeout(5 * SEC)
+            .batch_size(1)
+            .batch_delay(SEC)
+            .fixed_batch_delay(true),
+    );
+    wait_until(80 * SEC, || h.stats().snapshot().cycles == 3).await;
+    let s = h.stats().snapshot();
+    // Cycle 1 ran 0..25 s: ticks at 10 and 20 fell during it. Cycle 2 started at once at 25 s
+    // and ran to 50 s: ticks at 30, 40 and 50. Cycle 3 ran 50..75 s: ticks at 60 and 70.
+    assert_eq!(s.overruns, 7);
+    assert_eq!(
+        rig.probe.max_open_per_target(),
+        1,
+        "a server was checked twice at once"
+    );
+    let starts = rig.probe_starts();
+    assert_eq!(starts[0], 0);
+    assert_eq!(
+        starts[25], 25_000,
+        "the late cycle starts when the previous one ends"
+    );
+    assert_eq!(starts[50], 50_000, "missed ticks were queued");
+    assert_eq!(starts[74], 74_000);
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn batch_delay_is_shortened_for_large_fleets_unless_fixed() {
+    let mut rig = Rig::new(1000).await;
+    let h = rig.health(health().batch_size(10).batch_delay(ms(500)));
+    wait_until(20 * SEC, || h.stats().snapshot().cycles == 1).await;
+    // 100 batches within a third of 30 s: 99 gaps of 101.01 ms.
+    let last = *rig.probe_starts().last().unwrap();
+    assert!(last <= 10_000, "last batch started at {last} ms");
+    assert!(last >= 9_900, "last batch started at {last} ms");
+    let s = h.stats().snapshot();
+    assert!(
+        (s.batch_delay_seconds - 10.0 / 99.0).abs() < 1e-6,
+        "{}",
+        s.batch_delay_seconds
+    );
+    rig.stop(h).await;
+
+    let mut rig = Rig::new(100).await;
+    let h = rig.health(
+        health()
+            .batch_size(10)
+            .batch_delay(2 * SEC)
+            .fixed_batch_delay(true)
+            .interval(60 * SEC),
+    );
+    wait_until(30 * SEC, || h.stats().snapshot().cycles == 1).await;
+    assert_eq!(*rig.probe_starts().last().unwrap(), 18_000);
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_targets_go_stalest_first() {
+    let mut rig = Rig::new(3).await;
+    let h = rig.health(
+        health()
+            .interval(10 * SEC)
+            .batch_size(1)
+            .batch_delay(SEC)
+            .timeout(2 * SEC),
+    );
+    wait_until(5 * SEC, || h.stats().snapshot().cycles == 1).await;
+    let first: Vec<String> = rig.probe.call_names();
+    // A new server joins: never checked, so it goes first next cycle; the rest keep the
+    // order of their last checks.
+    rig.memory
+        .create_server(NewServer::new("new", "http://127.0.0.1:9"))
+        .await
+        .unwrap();
+    wait_until(15 * SEC, || h.stats().snapshot().cycles == 2).await;
+    let second: Vec<String> = rig.probe.call_names()[3..].to_vec();
+    assert_eq!(second, [vec!["new".to_owned()], first].concat());
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_come_from_healthy_and_degraded_servers_most_recently_seen_first() {
+    let mut rig = Rig::new(5).await;
+    rig.probe.set("s001", degraded());
+    rig.probe.set("s002", Script::Ok(report("down")));
+    rig.probe
+        .set("s003", Script::Err(ProbeFailure::ConnectionRefused));
+    // s000 and s004 are healthy; s004 answers 2 s later, so it was seen most recently.
+    rig.probe
+        .set("s000", Script::Slow(ms(100), Box::new(healthy())));
+    let h = rig.health(
+        health()
+            .interval(10 * SEC)
+            .batch_size(1)
+            .batch_delay(SEC)
+            .fixed_batch_delay(true)
+            .timeout(2 * SEC),
+    );
+    wait_until(10 * SEC, || h.stats().snapshot().written == 5).await;
+    let order: Vec<String> = rig
+        .store
+        .metrics_targets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    let seen: Vec<String> = rig
+        .probe
+        .call_names()
+        .into_iter()
+        .filter(|n| ["s000", "s001", "s004"].contains(&n.as_str()))
+        .rev()
+        .collect();
+    assert_eq!(order, seen);
+    rig.stop(h).await;
+
+    let cancel = CancellationToken::new();
+    rig.cancel = cancel;
+    let m = rig.metrics(
+        WorkerConfig::builder(WorkerKind::Metrics)
+            .batch_size(1)
+            .batch_delay(SEC)
+            .fixed_batch_delay(true),
+    );
+    wait_until(10 * SEC, || m.stats().snapshot().cycles == 1).await;
+    assert_eq!(rig.collector.call_names(), order);
+    let s = m.stats().snapshot();
+    assert_eq!((s.performed, s.successful, s.values_collected), (3, 3, 6));
+    rig.stop(m).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn statistics_count_answers_not_attempts() {
+    let mut rig = Rig::new(8).await;
+    rig.probe.set("s000", degraded());
+    rig.probe.set("s001", Script::Ok(report("down")));
+    rig.probe
+        .set("s002", Script::Err(ProbeFailure::ConnectionRefused));
+    rig.probe
+        .set("s003", Script::Err(ProbeFailure::Http { code: 503 }));
+    rig.probe.set(
+        "s004",
+        Script::Err(ProbeFailure::Invalid(
+            "expected a JSON object, got null".into(),
+        )),
+    );
+    let h = rig.health(health().interval(10 * SEC).timeout(2 * SEC));
+    wait_until(25 * SEC, || h.stats().snapshot().cycles == 3).await;
+    let s = h.stats().snapshot();
+    assert_eq!(s.performed, 24);
+    // healthy x3, degraded, and critical-by-report succeed; refused, 503 and invalid fail.
+    assert_eq!(s.successful, 15);
+    assert_eq!(s.failed, 9);
+    assert_eq!(s.success_rate, 62.5);
+    assert_eq!(s.by_status.get("healthy"), Some(&9));
+    assert_eq!(s.by_status.get("degraded"), Some(&3));
+    assert_eq!(s.by_status.get("critical"), Some(&9));
+    assert_eq!(s.by_status.get("unreachable"), Some(&3));
+    assert_eq!(s.interval_seconds, 10.0);
+    assert_eq!(s.last_run, Some(datetime!(2026-11-28 06:00:20 UTC)));
+    assert!(s.running);
+    let (_, s) = rig.stop(h).await;
+    assert!(!s.running);
+}
+
+#[tokio::test(start_paused = true)]
+async fn metrics_failures_are_counted_and_kept() {
+    let mut rig = Rig::new(2).await;
+    rig.store
+        .record_health(
+            &rig.ids
+                .iter()
+                .map(|id| {
+                    fleet_core::conformance::check_at(
+                        *id,
+                        fleet_core::conformance::base_time(),
+                        HealthStatus::Healthy,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    rig.collector.set(
+        "s001",
+        Script::Err(CollectError::Field {
+            field: "cpu_percent",
+            value: "140".into(),
+            reason: "is out of range 0..=100",
+        }),
+    );
+    let m = rig.metrics(WorkerConfig::builder(WorkerKind::Metrics));
+    wait_until(10 * SEC, || m.stats().snapshot().written == 2).await;
+    let s = m.stats().snapshot();
+    assert_eq!((s.successful, s.failed), (1, 1));
+    let server = rig.memory.get_server(rig.ids[1]).await.unwrap().unwrap();
+    assert_eq!(
+        server.last_metrics_error.as_deref(),
+        Some("metrics response field cpu_percent = 140 is out of range 0..=100")
+    );
+    rig.stop(m).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn results_wait_while_the_store_fails_and_are_written_after() {
+    let mut rig = Rig::new(10).await;
+    rig.store.fail_writes(true);
+    let h = rig.health(health().interval(10 * SEC).timeout(2 * SEC));
+    wait_until(35 * SEC, || h.stats().snapshot().cycles == 3).await;
+    let s = h.stats().snapshot();
+    assert_eq!(s.pending, 30);
+    assert_eq!(s.written, 0);
+    assert!(
+        s.last_error
+            .as_deref()
+            .unwrap()
+            .contains("writing results failed")
+    );
+    assert!(rig.store.failed_writes() > 1, "writes were retried");
+    assert_eq!(rig.history_len().await, 0);
+    rig.store.fail_writes(false);
+    wait_until(10 * SEC, || h.stats().snapshot().pending == 0).await;
+    let s = h.stats().snapshot();
+    assert_eq!((s.written, s.dropped), (30, 0));
+    assert_eq!(s.last_error, None);
+    assert_eq!(rig.history_len().await, 30);
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_buffer_drops_the_oldest_and_counts_them() {
+    let mut rig = Rig::new(10).await;
+    rig.store.fail_writes(true);
+    let h = rig.health(
+        health()
+            .interval(10 * SEC)
+            .timeout(2 * SEC)
+            .result_buffer(25),
+    );
+    wait_until(35 * SEC, || h.stats().snapshot().cycles == 3).await;
+    let s = h.stats().snapshot();
+    assert_eq!((s.performed, s.pending, s.dropped), (30, 25, 5));
+    rig.store.fail_writes(false);
+    wait_until(10 * SEC, || h.stats().snapshot().pending == 0).await;
+    // The five dropped were the oldest: the first cycle's first five.
+    let kept = rig.history_len().await;
+    assert_eq!(kept, 25);
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn results_are_written_in_batches_not_one_by_one() {
+    let mut rig = Rig::new(250).await;
+    let h = rig.health(
+        health()
+            .batch_size(250)
+            .write_batch_size(100)
+            .timeout(2 * SEC),
+    );
+    wait_until(5 * SEC, || h.stats().snapshot().written == 250).await;
+    let sizes = rig.store.batch_sizes();
+    assert_eq!(sizes.iter().sum::<usize>(), 250);
+    assert!(
+        sizes.len() <= 4,
+        "{} store calls for 250 results: {sizes:?}",
+        sizes.len()
+    );
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_in_flight_checks_and_flushes_every_result() {
+    let mut rig = Rig::new(20).await;
+    for i in 0..10 {
+        rig.probe
+            .set(&name(i), Script::Slow(3 * SEC, Box::new(healthy())));
+    }
+    for i in 10..20 {
+        rig.probe.set(&name(i), Script::Never);
+    }
+    let h = rig.health(
+        health()
+            .batch_size(20)
+            .timeout(9 * SEC)
+            .shutdown_grace(5 * SEC),
+    );
+    sleep(SEC).await;
+    assert_eq!(h.stats().snapshot().in_flight, 20);
+    let stopped_at = Instant::now();
+    let (report, s) = rig.stop(h).await;
+    // The slow ten finish within the grace period and are stored; the hung ten are cut.
+    assert_eq!(
+        report,
+        ShutdownReport {
+            cancelled_checks: 10,
+            lost_results: 0
+        }
+    );
+    assert!(
+        stopped_at.elapsed() <= 5 * SEC,
+        "stop took {:?}",
+        stopped_at.elapsed()
+    );
+    assert_eq!(s.in_flight, 0);
+    assert_eq!(s.pending, 0);
+    assert_eq!(rig.history_len().await, 10);
+    assert_eq!(rig.probe.open(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_with_the_store_down_returns_on_time_and_counts_the_loss() {
+    let mut rig = Rig::new(10).await;
+    rig.store.fail_writes(true);
+    let h = rig.health(health().timeout(2 * SEC).shutdown_grace(3 * SEC));
+    wait_until(5 * SEC, || h.stats().snapshot().performed == 10).await;
+    let stopped_at = Instant::now();
+    let (report, s) = rig.stop(h).await;
+    assert!(
+        stopped_at.elapsed() <= 3 * SEC,
+        "stop took {:?}",
+        stopped_at.elapsed()
+    );
+    assert_eq!(report.lost_results, 10);
+    assert_eq!(s.dropped, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_selection_skips_the_cycle_and_keeps_the_schedule() {
+    let mut rig = Rig::new(3).await;
+    rig.store.fail_selects(true);
+    let h = rig.health(health().interval(10 * SEC).timeout(2 * SEC));
+    sleep(SEC).await;
+    let s = h.stats().snapshot();
+    assert_eq!(s.cycles, 0);
+    assert!(
+        s.last_error
+            .as_deref()
+            .unwrap()
+            .contains("selecting targets failed")
+    );
+    rig.store.fail_selects(false);
+    wait_until(15 * SEC, || h.stats().snapshot().cycles == 1).await;
+    assert_eq!(rig.probe_starts(), [10_000; 3]);
+    rig.stop(h).await;
+}
+
+mockall::mock! {
+    Store {}
+    #[async_trait::async_trait]
+    impl Store for Store {
+        async fn health_targets(&self) -> Result<Vec<fleet_core::ProbeTarget>, fleet_core::StoreError>;
+        async fn metrics_targets(&self) -> Result<Vec<fleet_core::ProbeTarget>, fleet_core::StoreError>;
+        async fn record_health(&self, checks: &[fleet_core::HealthCheck]) -> Result<(), fleet_core::StoreError>;
+        async fn record_metrics(&self, records: &[fleet_core::MetricsRecord]) -> Result<(), fleet_core::StoreError>;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_cycle_makes_one_selection_and_one_write_for_its_batch() {
+    let targets: Vec<fleet_core::ProbeTarget> = (0..50)
+        .map(|i| fleet_core::ProbeTarget {
+            id: ServerId::new(),
+            name: name(i),
+            api_url: "http://127.0.0.1:9".into(),
+            token: None,
+        })
+        .collect();
+    let mut store = MockStore::new();
+    store
+        .expect_health_targets()
+        .times(1)
+        .returning(move || Ok(targets.clone()));
+    store
+        .expect_record_health()
+        .times(1)
+        .withf(|checks| checks.len() == 50)
+        .returning(|_| Ok(()));
+    store.expect_metrics_targets().never();
+    store.expect_record_metrics().never();
+    let probe = Arc::new(ScriptedProbe::new(healthy()));
+    let cancel = CancellationToken::new();
+    let work = HealthWork::new(Arc::new(store), probe);
+    let h = work
+        .worker(health().batch_size(50).build().unwrap(), Rig::clock())
+        .spawn(cancel.clone());
+    wait_until(5 * SEC, || h.stats().snapshot().written == 50).await;
+    cancel.cancel();
+    h.stopped().await;
+}
