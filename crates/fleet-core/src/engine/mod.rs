@@ -276,11 +276,12 @@ where
             () = cancel.cancelled() => return Some((Instant::now(), 0)),
             selected = self.work.select() => selected,
         };
+        const SELECT_FAILED: &str = "selecting targets failed";
         let targets = match selected {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(target: "fleet::engine", worker = kind.as_str(), error = %e, "{} cycle skipped: selecting targets failed: {e}", capitalized(kind.as_str()));
-                self.stats.lock().stats.last_error = Some(format!("selecting targets failed: {e}"));
+                self.stats.lock().stats.last_error = Some(format!("{SELECT_FAILED}: {e}"));
                 return None;
             }
         };
@@ -307,6 +308,13 @@ where
                 ..Default::default()
             };
             g.stats.last_cycle_targets = total as u64;
+            if g.stats
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(SELECT_FAILED))
+            {
+                g.stats.last_error = None;
+            }
             g.stats.batch_delay_seconds = delay.as_secs_f64();
         }
         self.work.log_start(total);

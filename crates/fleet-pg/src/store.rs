@@ -1,0 +1,789 @@
+//! [`PgStore`]: the core traits on a deadpool-postgres pool.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Object, Pool};
+use fleet_core::{
+    ApiToken, Clock, Findings, HealthCheck, HealthStatus, History, HistoryQuery, ManagedServer,
+    MetricValues, MetricsRecord, MetricsSample, NewServer, Period, ProbeTarget, Registry,
+    ServerFilter, ServerId, ServerStatus, StorageCheck, Store, StoreError,
+};
+use time::OffsetDateTime;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{GenericClient, Row};
+use uuid::Uuid;
+
+use crate::crypto::{CryptoError, TokenVault};
+use crate::partitions::{PARTITIONED, PartitionPolicy, YearMonth};
+
+/// The advisory lock that serializes partition maintenance across processes.
+const PARTITION_LOCK: i64 = 0x666c_6565_7470_6172; // "fleetpar"
+
+/// Fleet's PostgreSQL store.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    vault: Arc<TokenVault>,
+    clock: Arc<dyn Clock>,
+    policy: PartitionPolicy,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("policy", &self.policy)
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+pub(crate) fn db_error(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        let state = db.code();
+        if *state == SqlState::UNIQUE_VIOLATION {
+            return StoreError::Conflict(db.message().to_owned());
+        }
+        let transient = [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::QUERY_CANCELED,
+        ];
+        if transient.contains(state) {
+            return StoreError::Unavailable {
+                message: db.message().to_owned(),
+                source: Some(Box::new(e)),
+            };
+        }
+        return StoreError::Backend {
+            message: db.message().to_owned(),
+            source: Some(Box::new(e)),
+        };
+    }
+    StoreError::Unavailable {
+        message: e.to_string(),
+        source: Some(Box::new(e)),
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_error(e),
+        other => StoreError::Unavailable {
+            message: format!("no database connection: {other}"),
+            source: None,
+        },
+    }
+}
+
+fn crypto_error(e: CryptoError) -> StoreError {
+    StoreError::Invalid(e.to_string())
+}
+
+fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        d.code() == &SqlState::CHECK_VIOLATION && d.message().contains("no partition")
+    })
+}
+
+const SERVER_COLUMNS: &str = "id, name, description, hostname, api_url, region, environment, tags, metadata, status, \
+     health_status, last_seen_at, last_health_check_at, last_metrics_error, last_metrics_error_at";
+
+fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
+    let bad =
+        |what: &str, v: &str| StoreError::backend(format!("managed_servers.{what} holds `{v}`"));
+    let status: String = row.get("status");
+    let health: Option<String> = row.get("health_status");
+    let tags: serde_json::Value = row.get("tags");
+    Ok(ManagedServer {
+        id: ServerId(row.get("id")),
+        name: row.get("name"),
+        description: row.get("description"),
+        hostname: row.get("hostname"),
+        api_url: row.get("api_url"),
+        region: row.get("region"),
+        environment: row.get("environment"),
+        tags: serde_json::from_value(tags)
+            .map_err(|e| StoreError::backend(format!("managed_servers.tags: {e}")))?,
+        metadata: row.get("metadata"),
+        status: status.parse().map_err(|_| bad("status", &status))?,
+        health_status: match health {
+            Some(h) => Some(h.parse().map_err(|_| bad("health_status", &h))?),
+            None => None,
+        },
+        last_seen_at: row.get("last_seen_at"),
+        last_health_check_at: row.get("last_health_check_at"),
+        last_metrics_error: row.get("last_metrics_error"),
+        last_metrics_error_at: row.get("last_metrics_error_at"),
+    })
+}
+
+impl PgStore {
+    /// A store on `pool`, sealing tokens with `vault` and timing maintenance by `clock`.
+    /// Run [`crate::migrate`] first.
+    pub fn new(
+        pool: Pool,
+        vault: TokenVault,
+        clock: Arc<dyn Clock>,
+        policy: PartitionPolicy,
+    ) -> Self {
+        Self {
+            pool,
+            vault: Arc::new(vault),
+            clock,
+            policy,
+        }
+    }
+
+    /// The pool, for callers that need a connection of their own.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    /// Whether the database answers a trivial query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client()
+            .await?
+            .simple_query("SELECT 1")
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    fn target(&self, row: &Row) -> ProbeTarget {
+        let id = ServerId(row.get(0));
+        let name: String = row.get(1);
+        let sealed: Option<Vec<u8>> = row.get(3);
+        let key_id: Option<String> = row.get(4);
+        let token = match (sealed, key_id) {
+            (Some(sealed), Some(key_id)) => match self.vault.open(id, &sealed, &key_id) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(target: "fleet::pg", server = %name, error = %e, "cannot open the probe token of {name}: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        ProbeTarget {
+            id,
+            name,
+            api_url: row.get(2),
+            token,
+        }
+    }
+
+    async fn targets(&self, sql: &str) -> Result<Vec<ProbeTarget>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(db_error)?;
+        let rows = client.query(&stmt, &[]).await.map_err(db_error)?;
+        Ok(rows.iter().map(|r| self.target(r)).collect())
+    }
+
+    /// Runs a batch write; when a row has no partition, makes the partitions of the batch's
+    /// months and runs it once more, so no row is lost to a missing partition.
+    async fn write_with_partitions(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        months: BTreeSet<YearMonth>,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(db_error)?;
+        match client.execute(&stmt, params).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_missing_partition(&e) => {
+                tracing::warn!(target: "fleet::pg", "a batch had no partition for its rows: creating {months:?}");
+                drop(client);
+                self.create_partitions(&months).await?;
+                let client = self.client().await?;
+                client.execute(&stmt, params).await.map_err(db_error)?;
+                Ok(())
+            }
+            Err(e) => Err(db_error(e)),
+        }
+    }
+
+    /// Creates the partitions of `months` for both tables, under the advisory lock.
+    async fn create_partitions(
+        &self,
+        months: &BTreeSet<YearMonth>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
+            .await
+            .map_err(db_error)?;
+        let mut created = Vec::new();
+        for month in months {
+            for table in PARTITIONED {
+                let name = month.partition(table);
+                let exists: bool = tx
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                    .await
+                    .map_err(db_error)?
+                    .get(0);
+                if !exists {
+                    tx.batch_execute(&month.create_sql(table))
+                        .await
+                        .map_err(db_error)?;
+                    created.push(name);
+                }
+            }
+        }
+        tx.commit().await.map_err(db_error)?;
+        if !created.is_empty() {
+            tracing::info!(target: "fleet::pg", "created partitions {}", created.join(", "));
+        }
+        Ok(created)
+    }
+
+    /// Makes the current month's partitions and the next `premake_months` for both tables.
+    /// Idempotent and safe to run from several processes at once. Returns what it created.
+    pub async fn ensure_partitions(&self) -> Result<Vec<String>, StoreError> {
+        let now = YearMonth::of(self.clock.now());
+        let months = (0..=self.policy.premake_months as i32)
+            .map(|i| now.plus(i))
+            .collect();
+        self.create_partitions(&months).await
+    }
+
+    /// Drops whole partitions older than the retention ages; never the current month.
+    /// Returns what it dropped.
+    pub async fn drop_expired_partitions(&self) -> Result<Vec<String>, StoreError> {
+        let now = YearMonth::of(self.clock.now());
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
+            .await
+            .map_err(db_error)?;
+        let mut dropped = Vec::new();
+        for (table, keep) in [
+            (PARTITIONED[0], self.policy.health_retention_months),
+            (PARTITIONED[1], self.policy.metrics_retention_months),
+        ] {
+            if keep == 0 {
+                continue;
+            }
+            let oldest_kept = now.plus(-(keep as i32));
+            let rows = tx
+                .query(
+                    "SELECT c.relname::text FROM pg_inherits i \
+                     JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent \
+                     WHERE p.relname = $1",
+                    &[&table],
+                )
+                .await
+                .map_err(db_error)?;
+            for row in rows {
+                let name: String = row.get(0);
+                if let Some(month) = YearMonth::from_partition(table, &name)
+                    && month < oldest_kept
+                {
+                    tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                        .await
+                        .map_err(db_error)?;
+                    dropped.push(name);
+                }
+            }
+        }
+        tx.commit().await.map_err(db_error)?;
+        if !dropped.is_empty() {
+            tracing::info!(target: "fleet::pg", "dropped expired partitions {}", dropped.join(", "));
+        }
+        Ok(dropped)
+    }
+
+    /// Partition maintenance as the server schedules it (at start, then hourly): premake,
+    /// then retention.
+    pub async fn maintain(&self) -> Result<(), StoreError> {
+        self.ensure_partitions().await?;
+        self.drop_expired_partitions().await?;
+        Ok(())
+    }
+
+    /// Changes a server's probe token.
+    pub async fn set_token(&self, id: ServerId, token: &ApiToken) -> Result<bool, StoreError> {
+        let (sealed, key_id) = self.vault.seal(id, token).map_err(crypto_error)?;
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE managed_servers SET api_token_sealed = $2, api_token_key_id = $3, updated_at = now() WHERE id = $1",
+                &[&id.0, &sealed, &key_id],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n == 1)
+    }
+}
+
+const HEALTH_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers \
+     WHERE status = 'active' ORDER BY last_health_check_at ASC NULLS FIRST, id";
+
+const METRICS_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers \
+     WHERE status = 'active' AND health_status IN ('healthy', 'degraded') \
+     ORDER BY last_seen_at DESC NULLS LAST, id";
+
+/// One round trip for a whole batch: history rows (skipping servers that no longer exist and
+/// rows already stored) and each server's current state, moved only forward in time.
+const RECORD_HEALTH: &str = "\
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::int4[], $5::bool[], $6::bool[],
+                         $7::bool[], $8::bool[], $9::text[], $10::jsonb[])
+        AS u(server_id, ts, status, response_time_ms, database_healthy, redis_healthy, services_healthy,
+             successful, error_message, error_details)
+), inserted AS (
+    INSERT INTO server_health_checks (server_id, timestamp, status, response_time_ms, database_healthy,
+                                      redis_healthy, services_healthy, successful, error_message, error_details)
+    SELECT i.server_id, i.ts, i.status, i.response_time_ms, i.database_healthy, i.redis_healthy,
+           i.services_healthy, i.successful, i.error_message, i.error_details
+    FROM input i JOIN managed_servers m ON m.id = i.server_id
+    ON CONFLICT DO NOTHING
+), latest AS (
+    SELECT DISTINCT ON (server_id) server_id, ts, status FROM input ORDER BY server_id, ts DESC
+), seen AS (
+    SELECT server_id, max(ts) FILTER (WHERE status <> 'unreachable') AS seen_at FROM input GROUP BY server_id
+)
+UPDATE managed_servers m SET
+    health_status = CASE WHEN m.last_health_check_at IS NULL OR m.last_health_check_at <= l.ts
+                         THEN l.status ELSE m.health_status END,
+    last_health_check_at = GREATEST(m.last_health_check_at, l.ts),
+    last_seen_at = GREATEST(m.last_seen_at, s.seen_at)
+FROM latest l JOIN seen s USING (server_id)
+WHERE m.id = l.server_id";
+
+const RECORD_METRICS: &str = "\
+WITH samples AS (
+    SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::float8[], $5::float8[], $6::float8[],
+                         $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::float8[],
+                         $14::int8[], $15::int8[])
+        AS u(server_id, ts, period, cpu_percent, memory_percent, disk_percent, network_rx_bytes, network_tx_bytes,
+             active_services, failed_services, total_services, llm_requests, llm_cost_usd, active_users, total_users)
+), inserted AS (
+    INSERT INTO server_metrics_aggregated (server_id, timestamp, period, cpu_percent, memory_percent, disk_percent,
+        network_rx_bytes, network_tx_bytes, active_services, failed_services, total_services, llm_requests,
+        llm_cost_usd, active_users, total_users)
+    SELECT s.server_id, s.ts, s.period, s.cpu_percent, s.memory_percent, s.disk_percent, s.network_rx_bytes,
+           s.network_tx_bytes, s.active_services, s.failed_services, s.total_services, s.llm_requests,
+           s.llm_cost_usd, s.active_users, s.total_users
+    FROM samples s JOIN managed_servers m ON m.id = s.server_id
+    ON CONFLICT DO NOTHING
+), failures AS (
+    SELECT DISTINCT ON (server_id) server_id, ts, error
+    FROM unnest($16::uuid[], $17::timestamptz[], $18::text[]) AS f(server_id, ts, error)
+    ORDER BY server_id, ts DESC
+)
+UPDATE managed_servers m SET last_metrics_error = f.error, last_metrics_error_at = f.ts
+FROM failures f
+WHERE m.id = f.server_id AND (m.last_metrics_error_at IS NULL OR m.last_metrics_error_at <= f.ts)";
+
+#[async_trait]
+impl Store for PgStore {
+    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        self.targets(HEALTH_TARGETS).await
+    }
+
+    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+        self.targets(METRICS_TARGETS).await
+    }
+
+    async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError> {
+        if checks.is_empty() {
+            return Ok(());
+        }
+        let n = checks.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut ts = Vec::with_capacity(n);
+        let mut status = Vec::with_capacity(n);
+        let mut rt = Vec::with_capacity(n);
+        let mut db = Vec::with_capacity(n);
+        let mut redis = Vec::with_capacity(n);
+        let mut svc = Vec::with_capacity(n);
+        let mut ok = Vec::with_capacity(n);
+        let mut msg = Vec::with_capacity(n);
+        let mut details = Vec::with_capacity(n);
+        let mut months = BTreeSet::new();
+        for c in checks {
+            ids.push(c.server_id.0);
+            ts.push(c.timestamp);
+            status.push(c.status.as_str());
+            rt.push(
+                c.response_time_ms
+                    .map(|v| i32::try_from(v).unwrap_or(i32::MAX)),
+            );
+            db.push(c.database_healthy);
+            redis.push(c.redis_healthy);
+            svc.push(c.services_healthy);
+            ok.push(c.successful);
+            msg.push(c.error_message.as_deref());
+            details.push(c.error_details.as_ref());
+            months.insert(YearMonth::of(c.timestamp));
+        }
+        let params: [&(dyn ToSql + Sync); 10] = [
+            &ids, &ts, &status, &rt, &db, &redis, &svc, &ok, &msg, &details,
+        ];
+        self.write_with_partitions(RECORD_HEALTH, &params, months)
+            .await
+    }
+
+    async fn record_metrics(&self, records: &[MetricsRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        #[derive(Default)]
+        struct Cols<'a> {
+            ids: Vec<Uuid>,
+            ts: Vec<OffsetDateTime>,
+            period: Vec<&'static str>,
+            f: [Vec<Option<f64>>; 4],
+            i: [Vec<Option<i64>>; 8],
+            fail_ids: Vec<Uuid>,
+            fail_ts: Vec<OffsetDateTime>,
+            fail_err: Vec<&'a str>,
+        }
+        let mut c = Cols::default();
+        let mut months = BTreeSet::new();
+        for r in records {
+            match r {
+                MetricsRecord::Sample(s) => {
+                    let v = &s.values;
+                    c.ids.push(s.server_id.0);
+                    c.ts.push(s.timestamp);
+                    c.period.push(s.period.as_str());
+                    for (col, val) in c.f.iter_mut().zip([
+                        v.cpu_percent,
+                        v.memory_percent,
+                        v.disk_percent,
+                        v.llm_cost_usd,
+                    ]) {
+                        col.push(val);
+                    }
+                    let ints = [
+                        v.network_rx_bytes,
+                        v.network_tx_bytes,
+                        v.active_services,
+                        v.failed_services,
+                        v.total_services,
+                        v.llm_requests,
+                        v.active_users,
+                        v.total_users,
+                    ];
+                    for (col, val) in c.i.iter_mut().zip(ints) {
+                        col.push(val);
+                    }
+                    months.insert(YearMonth::of(s.timestamp));
+                }
+                MetricsRecord::Failure(f) => {
+                    c.fail_ids.push(f.server_id.0);
+                    c.fail_ts.push(f.timestamp);
+                    c.fail_err.push(&f.error);
+                }
+            }
+        }
+        let [cpu, mem, disk, cost] = &c.f;
+        let [
+            rx,
+            tx,
+            active_s,
+            failed_s,
+            total_s,
+            llm_req,
+            active_u,
+            total_u,
+        ] = &c.i;
+        let params: [&(dyn ToSql + Sync); 18] = [
+            &c.ids,
+            &c.ts,
+            &c.period,
+            cpu,
+            mem,
+            disk,
+            rx,
+            tx,
+            active_s,
+            failed_s,
+            total_s,
+            llm_req,
+            cost,
+            active_u,
+            total_u,
+            &c.fail_ids,
+            &c.fail_ts,
+            &c.fail_err,
+        ];
+        self.write_with_partitions(RECORD_METRICS, &params, months)
+            .await
+    }
+}
+
+#[async_trait]
+impl Registry for PgStore {
+    async fn create_server(&self, new: NewServer) -> Result<ManagedServer, StoreError> {
+        let id = ServerId::new();
+        let sealed = match &new.api_token {
+            Some(token) => Some(self.vault.seal(id, token).map_err(crypto_error)?),
+            None => None,
+        };
+        let (sealed, key_id) = sealed.unzip();
+        let tags = serde_json::to_value(&new.tags).expect("strings serialize");
+        let client = self.client().await?;
+        let sql = format!(
+            "INSERT INTO managed_servers (id, name, description, hostname, api_url, api_token_sealed, \
+             api_token_key_id, region, environment, tags, metadata, status) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {SERVER_COLUMNS}"
+        );
+        let row = client
+            .query_one(
+                &sql,
+                &[
+                    &id.0,
+                    &new.name,
+                    &new.description,
+                    &new.hostname,
+                    &new.api_url,
+                    &sealed,
+                    &key_id,
+                    &new.region,
+                    &new.environment,
+                    &tags,
+                    &new.metadata,
+                    &new.status.as_str(),
+                ],
+            )
+            .await
+            .map_err(|e| match db_error(e) {
+                StoreError::Conflict(_) => {
+                    StoreError::Conflict(format!("a server named `{}` already exists", new.name))
+                }
+                other => other,
+            })?;
+        server_from_row(&row)
+    }
+
+    async fn get_server(&self, id: ServerId) -> Result<Option<ManagedServer>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT {SERVER_COLUMNS} FROM managed_servers WHERE id = $1");
+        let row = client.query_opt(&sql, &[&id.0]).await.map_err(db_error)?;
+        row.as_ref().map(server_from_row).transpose()
+    }
+
+    async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError> {
+        let mut clauses: Vec<String> = Vec::new();
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+        let mut add = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
+            params.push(value);
+            clauses.push(clause.replace('?', &format!("${}", params.len())));
+        };
+        if let Some(v) = filter.status {
+            add("status = ?", Box::new(v.as_str()));
+        }
+        if let Some(v) = filter.health_status {
+            add("health_status = ?", Box::new(v.as_str()));
+        }
+        if let Some(v) = &filter.region {
+            add("region = ?", Box::new(v.clone()));
+        }
+        if let Some(v) = &filter.environment {
+            add("environment = ?", Box::new(v.clone()));
+        }
+        if let Some(v) = &filter.tag {
+            add("tags @> jsonb_build_array(?::text)", Box::new(v.clone()));
+        }
+        if let Some(q) = &filter.search {
+            let escaped = q
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            add(
+                "(name ILIKE ? OR hostname ILIKE ?)",
+                Box::new(format!("%{escaped}%")),
+            );
+        }
+        let mut sql = format!("SELECT {SERVER_COLUMNS} FROM managed_servers");
+        if !clauses.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&clauses.join(" AND "));
+        }
+        sql.push_str(" ORDER BY name");
+        if let Some(limit) = filter.limit {
+            sql.push_str(&format!(" LIMIT {}", limit.min(i64::MAX as usize)));
+        }
+        if filter.offset > 0 {
+            sql.push_str(&format!(" OFFSET {}", filter.offset));
+        }
+        let client = self.client().await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+        let rows = client.query(&sql, &refs).await.map_err(db_error)?;
+        rows.iter().map(server_from_row).collect()
+    }
+
+    async fn set_server_status(
+        &self,
+        id: ServerId,
+        status: ServerStatus,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE managed_servers SET status = $2, updated_at = now() WHERE id = $1",
+                &[&id.0, &status.as_str()],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n == 1)
+    }
+
+    async fn delete_server(&self, id: ServerId) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let n = tx
+            .execute("DELETE FROM managed_servers WHERE id = $1", &[&id.0])
+            .await
+            .map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM server_health_checks WHERE server_id = $1",
+            &[&id.0],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM server_metrics_aggregated WHERE server_id = $1",
+            &[&id.0],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(n == 1)
+    }
+}
+
+fn health_from_row(row: &Row) -> Result<HealthCheck, StoreError> {
+    let status: String = row.get("status");
+    let status: HealthStatus = status.parse().map_err(|_| {
+        StoreError::backend(format!("server_health_checks.status holds `{status}`"))
+    })?;
+    let rt: Option<i32> = row.get("response_time_ms");
+    Ok(HealthCheck {
+        server_id: ServerId(row.get("server_id")),
+        timestamp: row.get("timestamp"),
+        status,
+        response_time_ms: rt.map(|v| v.max(0) as u32),
+        database_healthy: row.get("database_healthy"),
+        redis_healthy: row.get("redis_healthy"),
+        services_healthy: row.get("services_healthy"),
+        error_message: row.get("error_message"),
+        error_details: row.get("error_details"),
+        responded: status != HealthStatus::Unreachable,
+        successful: row.get("successful"),
+    })
+}
+
+fn sample_from_row(row: &Row) -> Result<MetricsSample, StoreError> {
+    let period: String = row.get("period");
+    Ok(MetricsSample {
+        server_id: ServerId(row.get("server_id")),
+        timestamp: row.get("timestamp"),
+        period: period.parse::<Period>().map_err(|_| {
+            StoreError::backend(format!("server_metrics_aggregated.period holds `{period}`"))
+        })?,
+        values: MetricValues {
+            cpu_percent: row.get("cpu_percent"),
+            memory_percent: row.get("memory_percent"),
+            disk_percent: row.get("disk_percent"),
+            network_rx_bytes: row.get("network_rx_bytes"),
+            network_tx_bytes: row.get("network_tx_bytes"),
+            active_services: row.get("active_services"),
+            failed_services: row.get("failed_services"),
+            total_services: row.get("total_services"),
+            llm_requests: row.get("llm_requests"),
+            llm_cost_usd: row.get("llm_cost_usd"),
+            active_users: row.get("active_users"),
+            total_users: row.get("total_users"),
+        },
+    })
+}
+
+async fn window<C: GenericClient>(
+    client: &C,
+    table: &str,
+    id: ServerId,
+    q: HistoryQuery,
+) -> Result<Vec<Row>, StoreError> {
+    let sql = format!(
+        "SELECT * FROM {table} WHERE server_id = $1 AND ($2::timestamptz IS NULL OR timestamp >= $2) \
+         AND ($3::timestamptz IS NULL OR timestamp < $3) ORDER BY timestamp DESC LIMIT $4"
+    );
+    let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+    client
+        .query(&sql, &[&id.0, &q.from, &q.to, &limit])
+        .await
+        .map_err(db_error)
+}
+
+#[async_trait]
+impl History for PgStore {
+    async fn health_history(
+        &self,
+        id: ServerId,
+        query: HistoryQuery,
+    ) -> Result<Vec<HealthCheck>, StoreError> {
+        let client = self.client().await?;
+        window(&**client, "server_health_checks", id, query)
+            .await?
+            .iter()
+            .map(health_from_row)
+            .collect()
+    }
+
+    async fn metrics_history(
+        &self,
+        id: ServerId,
+        query: HistoryQuery,
+    ) -> Result<Vec<MetricsSample>, StoreError> {
+        let client = self.client().await?;
+        window(&**client, "server_metrics_aggregated", id, query)
+            .await?
+            .iter()
+            .map(sample_from_row)
+            .collect()
+    }
+}
+
+/// The seed's partition health check: the current month's partition of each table must exist.
+/// A missing one is reported (`PARTITION MISSING: … does not exist!`) and then made, so no row
+/// is lost to it.
+#[async_trait]
+impl StorageCheck for PgStore {
+    async fn check_storage(&self) -> Result<Findings, StoreError> {
+        let month = YearMonth::of(self.clock.now());
+        let client = self.client().await?;
+        let mut findings = Vec::new();
+        for table in PARTITIONED {
+            let name = month.partition(table);
+            let exists: bool = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                .await
+                .map_err(db_error)?
+                .get(0);
+            if !exists {
+                findings.push(format!("PARTITION MISSING: {name} does not exist!"));
+            }
+        }
+        drop(client);
+        if !findings.is_empty() {
+            self.create_partitions(&BTreeSet::from([month])).await?;
+        }
+        Ok(findings)
+    }
+}

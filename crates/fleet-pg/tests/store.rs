@@ -1,0 +1,497 @@
+//! PgStore against a real PostgreSQL: each test in a database of its own.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_core::conformance::{base_time, check_at, sample_at};
+use fleet_core::testing::{ManualClock, ScriptedProbe, healthy};
+use fleet_core::{
+    ApiToken, CancellationToken, HealthStatus, HealthWork, History, HistoryQuery, MetricsRecord,
+    NewServer, Registry, StorageCheck, Store, StoreError, SystemClock, WorkerConfig, WorkerKind,
+};
+use fleet_pg::testing::{PrivateCluster, TestDb};
+use fleet_pg::{PartitionPolicy, PgSettings, PgStore, TokenVault, migrate};
+use time::macros::datetime;
+
+fn clock_at(at: time::OffsetDateTime) -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(at))
+}
+
+async fn partitions(store: &PgStore) -> Vec<String> {
+    let client = store.pool().get().await.unwrap();
+    client
+        .query(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname IN ('server_health_checks', 'server_metrics_aggregated') \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn passes_the_conformance_suite() {
+    let dbs = Mutex::new(Vec::new());
+    fleet_core::conformance::run_all(|| async {
+        let db = TestDb::create().await;
+        let store = db.store(Arc::new(SystemClock)).await;
+        dbs.lock().unwrap().push(db);
+        store
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn migrations_apply_once() {
+    let db = TestDb::create().await;
+    let pool = db.settings.pool().unwrap();
+    assert_eq!(migrate(&pool).await.unwrap(), ["V1__initial"]);
+    assert!(migrate(&pool).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn tokens_are_sealed_at_rest_and_refused_without_a_key() {
+    let db = TestDb::create().await;
+    let store = db.store(Arc::new(SystemClock)).await;
+    let server = store
+        .create_server(
+            NewServer::new("a", "http://127.0.0.1:9")
+                .with_token(ApiToken::new("very-secret-token")),
+        )
+        .await
+        .unwrap();
+    let client = store.pool().get().await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT api_token_sealed, api_token_key_id FROM managed_servers WHERE id = $1",
+            &[&server.id.0],
+        )
+        .await
+        .unwrap();
+    let sealed: Vec<u8> = row.get(0);
+    assert!(
+        !sealed.windows(17).any(|w| w == b"very-secret-token"),
+        "token stored in the clear"
+    );
+    let key_id: String = row.get(1);
+    assert_eq!(key_id.len(), 12);
+    let targets = store.health_targets().await.unwrap();
+    assert_eq!(
+        targets[0].token.as_ref().unwrap().expose(),
+        "very-secret-token"
+    );
+
+    // Rotation: a new token is sealed afresh.
+    assert!(
+        store
+            .set_token(server.id, &ApiToken::new("rotated"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.health_targets().await.unwrap()[0]
+            .token
+            .as_ref()
+            .unwrap()
+            .expose(),
+        "rotated"
+    );
+
+    let keyless = PgStore::new(
+        store.pool().clone(),
+        TokenVault::new(None),
+        Arc::new(SystemClock),
+        PartitionPolicy::default(),
+    );
+    let err = keyless
+        .create_server(NewServer::new("b", "http://127.0.0.1:9").with_token(ApiToken::new("t")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.contains("FLEET_SECRET_KEY")),
+        "{err}"
+    );
+    assert!(keyless.get_server(server.id).await.unwrap().is_some());
+    assert_eq!(
+        keyless
+            .list_servers(&Default::default())
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "nothing stored for b"
+    );
+    // Without the key the token cannot be opened: the target has none, and nothing panics.
+    assert!(keyless.health_targets().await.unwrap()[0].token.is_none());
+}
+
+#[tokio::test]
+async fn partitions_are_premade_and_expire_by_retention() {
+    let db = TestDb::create().await;
+    let clock = clock_at(datetime!(2026-11-15 12:00 UTC));
+    let store = db.store(clock.clone()).await;
+    let made = store.ensure_partitions().await.unwrap();
+    assert_eq!(made.len(), 8);
+    assert!(
+        store.ensure_partitions().await.unwrap().is_empty(),
+        "premaking is idempotent"
+    );
+    let names = partitions(&store).await;
+    for m in ["2026_11", "2026_12", "2027_01", "2027_02"] {
+        assert!(
+            names.contains(&format!("server_health_checks_{m}")),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&format!("server_metrics_aggregated_{m}")),
+            "{names:?}"
+        );
+    }
+
+    // Five months later, health keeps 3 months back and metrics 13.
+    clock.set(datetime!(2027-04-02 00:00 UTC));
+    store.ensure_partitions().await.unwrap();
+    let dropped = store.drop_expired_partitions().await.unwrap();
+    assert_eq!(
+        dropped,
+        [
+            "server_health_checks_2026_11",
+            "server_health_checks_2026_12"
+        ]
+    );
+    let names = partitions(&store).await;
+    assert!(names.contains(&"server_health_checks_2027_01".to_owned()));
+    assert!(names.contains(&"server_metrics_aggregated_2026_11".to_owned()));
+
+    // 0 keeps forever; the current month is never dropped.
+    let keep = PgStore::new(
+        store.pool().clone(),
+        TokenVault::new(None),
+        clock.clone(),
+        PartitionPolicy {
+            premake_months: 0,
+            health_retention_months: 0,
+            metrics_retention_months: 1,
+        },
+    );
+    let dropped = keep.drop_expired_partitions().await.unwrap();
+    assert!(
+        dropped
+            .iter()
+            .all(|n| n.starts_with("server_metrics_aggregated_")),
+        "{dropped:?}"
+    );
+    assert!(
+        partitions(&keep)
+            .await
+            .contains(&"server_metrics_aggregated_2027_04".to_owned())
+    );
+    let left = partitions(&keep).await;
+    assert!(
+        !left.contains(&"server_metrics_aggregated_2027_02".to_owned()),
+        "{left:?}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_maintenance_is_safe() {
+    let db = TestDb::create().await;
+    let store = db.store(clock_at(datetime!(2026-11-15 12:00 UTC))).await;
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let s = store.clone();
+            tokio::spawn(async move { s.maintain().await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(partitions(&store).await.len(), 8);
+}
+
+#[tokio::test]
+async fn a_missing_partition_is_reported_recreated_and_loses_no_row() {
+    let db = TestDb::create().await;
+    let clock = clock_at(datetime!(2026-02-10 08:00 UTC));
+    let store = db.store(clock.clone()).await;
+    store.ensure_partitions().await.unwrap();
+    let a = store
+        .create_server(NewServer::new("a", "http://127.0.0.1:9"))
+        .await
+        .unwrap()
+        .id;
+    let client = store.pool().get().await.unwrap();
+    client
+        .batch_execute(
+            "DROP TABLE server_metrics_aggregated_2026_02; DROP TABLE server_health_checks_2026_02",
+        )
+        .await
+        .unwrap();
+    drop(client);
+
+    // Writes still land: the store makes the partition and retries.
+    let t = datetime!(2026-02-10 08:00 UTC);
+    store
+        .record_health(&[check_at(a, t, HealthStatus::Healthy)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .health_history(a, HistoryQuery::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let client = store.pool().get().await.unwrap();
+    client
+        .batch_execute("DROP TABLE server_metrics_aggregated_2026_02")
+        .await
+        .unwrap();
+    drop(client);
+    let findings = store.check_storage().await.unwrap();
+    assert_eq!(
+        findings,
+        ["PARTITION MISSING: server_metrics_aggregated_2026_02 does not exist!"]
+    );
+    assert!(
+        store.check_storage().await.unwrap().is_empty(),
+        "the check repairs what it finds"
+    );
+    store
+        .record_metrics(&[MetricsRecord::Sample(sample_at(a, t, 5.0))])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .metrics_history(a, HistoryQuery::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_batch_straddling_a_month_boundary_lands_in_both_months() {
+    let db = TestDb::create().await;
+    // The clock says March; nothing for April is made yet.
+    let store = db.store(clock_at(datetime!(2026-03-31 23:59 UTC))).await;
+    store.ensure_partitions().await.unwrap();
+    let client = store.pool().get().await.unwrap();
+    client
+        .batch_execute("DROP TABLE server_health_checks_2026_04")
+        .await
+        .unwrap();
+    drop(client);
+    let a = store
+        .create_server(NewServer::new("a", "http://127.0.0.1:9"))
+        .await
+        .unwrap()
+        .id;
+    let before = datetime!(2026-03-31 23:59:59.5 UTC);
+    let after = datetime!(2026-04-01 00:00:00.5 UTC);
+    store
+        .record_health(&[
+            check_at(a, before, HealthStatus::Healthy),
+            check_at(a, after, HealthStatus::Critical),
+        ])
+        .await
+        .unwrap();
+    let client = store.pool().get().await.unwrap();
+    let count = |p: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(&format!("SELECT count(*) FROM {p}"), &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count("server_health_checks_2026_03").await, 1);
+    assert_eq!(count("server_health_checks_2026_04").await, 1);
+    let s = store.get_server(a).await.unwrap().unwrap();
+    assert_eq!(s.health_status, Some(HealthStatus::Critical));
+    assert_eq!(s.last_health_check_at, Some(after));
+}
+
+#[tokio::test]
+async fn a_large_batch_is_one_statement_and_lands_exactly_once() {
+    let db = TestDb::create().await;
+    let store = db.store(Arc::new(SystemClock)).await;
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        ids.push(
+            store
+                .create_server(NewServer::new(format!("s{i}"), "http://127.0.0.1:9"))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let t0 = base_time();
+    let batch: Vec<_> = ids
+        .iter()
+        .flat_map(|id| {
+            (0..4).map(move |k| {
+                check_at(
+                    *id,
+                    t0 + time::Duration::seconds(30 * k),
+                    HealthStatus::Degraded,
+                )
+            })
+        })
+        .collect();
+    store.record_health(&batch).await.unwrap();
+    store.record_health(&batch[..600]).await.unwrap();
+    let client = store.pool().get().await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM server_health_checks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1200);
+    let stale: i64 = client
+        .query_one(
+            "SELECT count(*) FROM managed_servers WHERE last_health_check_at <> $1",
+            &[&(t0 + time::Duration::seconds(90))],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stale, 0);
+}
+
+#[tokio::test]
+async fn selections_use_their_indexes() {
+    let db = TestDb::create().await;
+    let store = db.store(Arc::new(SystemClock)).await;
+    let client = store.pool().get().await.unwrap();
+    // A realistic registry: 20,000 servers, most active, a few in maintenance.
+    client
+        .batch_execute(
+            "INSERT INTO managed_servers (id, name, api_url, status, health_status, last_seen_at, last_health_check_at)
+             SELECT gen_random_uuid(), 's' || g, 'http://127.0.0.1:9',
+                    CASE WHEN g % 50 = 0 THEN 'maintenance' ELSE 'active' END,
+                    CASE WHEN g % 10 = 0 THEN 'critical' ELSE 'healthy' END,
+                    now() - (g || ' seconds')::interval, now() - (g || ' seconds')::interval
+             FROM generate_series(1, 20000) g;
+             ANALYZE managed_servers;",
+        )
+        .await
+        .unwrap();
+    for (sql, index) in [
+        (
+            "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers \
+             WHERE status = 'active' ORDER BY last_health_check_at ASC NULLS FIRST, id",
+            "managed_servers_health_due",
+        ),
+        (
+            "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers \
+             WHERE status = 'active' AND health_status IN ('healthy', 'degraded') \
+             ORDER BY last_seen_at DESC NULLS LAST, id",
+            "managed_servers_metrics_due",
+        ),
+    ] {
+        let plan: Vec<String> = client
+            .query(&format!("EXPLAIN {sql}"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains(index),
+            "selection does not use {index}:\n{plan}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_buffers_through_a_database_restart_then_writes_everything() {
+    let cluster = PrivateCluster::start();
+    let db = TestDb::create_on(&cluster.url()).await;
+    let pool = PgSettings {
+        pool_size: 4,
+        ..db.settings.clone()
+    }
+    .pool()
+    .unwrap();
+    migrate(&pool).await.unwrap();
+    let store = Arc::new(PgStore::new(
+        pool,
+        TokenVault::new(None),
+        Arc::new(SystemClock),
+        PartitionPolicy::default(),
+    ));
+    store.ensure_partitions().await.unwrap();
+    for i in 0..20 {
+        store
+            .create_server(NewServer::new(format!("s{i}"), "http://127.0.0.1:9"))
+            .await
+            .unwrap();
+    }
+    let probe = Arc::new(ScriptedProbe::new(healthy()));
+    let config = WorkerConfig::builder(WorkerKind::Health)
+        .interval(Duration::from_millis(300))
+        .timeout(Duration::from_millis(200))
+        .flush_interval(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let health = HealthWork::new(store.clone(), probe.clone())
+        .worker(config, Arc::new(SystemClock))
+        .spawn(cancel.clone());
+
+    let wait = |what: &'static str, cond: &dyn Fn(&fleet_core::WorkerStats) -> bool| {
+        let stats = health.stats().clone();
+        let ok = (0..500).any(|_| {
+            if cond(&stats.snapshot()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            false
+        });
+        assert!(ok, "{what}: {:?}", stats.snapshot());
+    };
+    tokio::task::block_in_place(|| wait("first writes", &|s| s.written >= 20));
+    tokio::task::block_in_place(|| cluster.stop());
+    // Probing goes on while the database is down; results wait in the buffer. Cycles whose
+    // selection fails are skipped, so count the results of the cycle that was running.
+    let before = health.stats().snapshot();
+    tokio::task::block_in_place(|| wait("a failed write", &|s| s.last_error.is_some()));
+    tokio::task::block_in_place(|| cluster.start_again());
+    tokio::task::block_in_place(|| {
+        wait("buffer drained", &|s| {
+            s.pending == 0 && s.last_error.is_none() && s.cycles > before.cycles + 1
+        })
+    });
+    cancel.cancel();
+    let stats = health.stats().clone();
+    let report = health.stopped().await;
+    assert_eq!(report.lost_results, 0);
+    let s = stats.snapshot();
+    assert_eq!((s.pending, s.dropped), (0, 0));
+    assert_eq!(
+        health_stats_total(&store).await,
+        s.performed as i64,
+        "every completed check is stored exactly once"
+    );
+    assert_eq!(s.written, s.performed);
+}
+
+async fn health_stats_total(store: &PgStore) -> i64 {
+    let client = store.pool().get().await.unwrap();
+    client
+        .query_one("SELECT count(*) FROM server_health_checks", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
