@@ -1,0 +1,389 @@
+//! Fleet's HTTP adapters: a [`HealthProbe`] and a [`MetricsCollector`] on one reqwest client.
+//!
+//! Both send `GET` with the server's bearer token and a `User-Agent` naming Fleet, follow no
+//! redirect, read at most [`HttpConfig::body_limit`] bytes of body (after decompression) and
+//! finish by the engine's deadline, which covers the whole exchange including the body. Every
+//! failure becomes a typed [`ProbeFailure`] whose message is the short `error_message` stored
+//! with the result; no token ever appears in one.
+//!
+//! [`wire`] holds the wire format, shared with the simulated fleet.
+
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fleet_core::{
+    CollectError, HealthAnswer, HealthProbe, MetricValues, MetricsCollector, ProbeFailure,
+    ProbeOutcome, ProbeTarget,
+};
+use reqwest::dns::Resolve;
+use tokio::time::{Instant, timeout_at};
+
+pub use reqwest::Certificate;
+
+/// The `User-Agent` sent with every request.
+pub const USER_AGENT: &str = concat!("fleet/", env!("CARGO_PKG_VERSION"));
+
+/// Client settings. Plain data with documented defaults.
+#[derive(Clone)]
+pub struct HttpConfig {
+    /// Most body bytes read, after decompression. Default 1 MiB.
+    pub body_limit: u64,
+    /// Longest wait for a TCP (and TLS) connection. Default 5 s; the check's deadline still
+    /// bounds it.
+    pub connect_timeout: Duration,
+    /// Idle connections kept per server for reuse. Default 1; 0 closes each after use.
+    pub idle_per_host: usize,
+    /// How long an idle connection is kept. Default 90 s.
+    pub idle_timeout: Duration,
+    /// Extra CA certificates to trust beside the built-in roots.
+    pub extra_roots: Vec<Certificate>,
+    /// A resolver to use instead of the system's (tests use one that never leaves the machine).
+    pub resolver: Option<Arc<dyn Resolve>>,
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("body_limit", &self.body_limit)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_per_host", &self.idle_per_host)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("extra_roots", &self.extra_roots.len())
+            .field("resolver", &self.resolver.is_some())
+            .finish()
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 1 << 20,
+            connect_timeout: Duration::from_secs(5),
+            idle_per_host: 1,
+            idle_timeout: Duration::from_secs(90),
+            extra_roots: Vec::new(),
+            resolver: None,
+        }
+    }
+}
+
+/// The client could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct BuildError(#[from] reqwest::Error);
+
+/// One HTTP client and what both adapters share.
+#[derive(Clone, Debug)]
+struct Client {
+    http: reqwest::Client,
+    body_limit: u64,
+}
+
+/// A complete 2xx (or other) answer: its status, body and the time from the request's start to
+/// the end of the body.
+struct Exchange {
+    status: u16,
+    body: Vec<u8>,
+    elapsed: Duration,
+}
+
+impl Client {
+    fn new(config: &HttpConfig) -> Result<Self, BuildError> {
+        let mut b = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.connect_timeout)
+            .pool_max_idle_per_host(config.idle_per_host)
+            .pool_idle_timeout(config.idle_timeout)
+            .tcp_nodelay(true)
+            .https_only(false)
+            .no_proxy();
+        for root in &config.extra_roots {
+            b = b.add_root_certificate(root.clone());
+        }
+        if let Some(resolver) = &config.resolver {
+            b = b.dns_resolver(Arc::new(DynResolver(resolver.clone())));
+        }
+        Ok(Self {
+            http: b.build()?,
+            body_limit: config.body_limit,
+        })
+    }
+
+    /// GETs `path` under the target's URL, by `deadline`.
+    async fn get(
+        &self,
+        target: &ProbeTarget,
+        path: &str,
+        deadline: Instant,
+    ) -> Result<Exchange, (ProbeFailure, Option<Duration>)> {
+        let started = Instant::now();
+        let timeout = || ProbeFailure::Timeout {
+            after: round_ms(deadline.saturating_duration_since(started)),
+        };
+        let url = format!("{}{path}", target.api_url.trim_end_matches('/'));
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| (ProbeFailure::Connect(format!("invalid api_url: {e}")), None))?;
+        let mut request = self
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(token) = &target.token {
+            request = request.bearer_auth(token.expose());
+        }
+        let mut response = match timeout_at(deadline, request.send()).await {
+            Err(_) => return Err((timeout(), None)),
+            Ok(Err(e)) => return Err((send_failure(&e), None)),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status().as_u16();
+        let body_timeout = || {
+            ProbeFailure::Body(format!(
+                "timeout after {}",
+                fmt_secs(round_ms(deadline.saturating_duration_since(started)))
+            ))
+        };
+        let mut body = Vec::new();
+        loop {
+            match timeout_at(deadline, response.chunk()).await {
+                Err(_) => return Err((body_timeout(), Some(started.elapsed()))),
+                Ok(Err(e)) => {
+                    return Err((ProbeFailure::Body(body_error(&e)), Some(started.elapsed())));
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(chunk))) => {
+                    if body.len() as u64 + chunk.len() as u64 > self.body_limit {
+                        return Err((
+                            ProbeFailure::BodyTooLarge {
+                                limit: self.body_limit,
+                            },
+                            Some(started.elapsed()),
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+            }
+        }
+        Ok(Exchange {
+            status,
+            body,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis((d.as_secs_f64() * 1000.0).round() as u64)
+}
+
+fn fmt_secs(d: Duration) -> String {
+    ProbeFailure::Timeout { after: d }
+        .to_string()
+        .trim_start_matches("timeout after ")
+        .to_owned()
+}
+
+/// Walks an error's sources for an I/O error kind or a telling message.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+fn send_failure(e: &reqwest::Error) -> ProbeFailure {
+    for cause in causes(e) {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return ProbeFailure::ConnectionRefused,
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe => {
+                    return ProbeFailure::ConnectionReset;
+                }
+                _ => {}
+            }
+        }
+        let text = cause.to_string();
+        if text.contains("dns error") || text.contains("failed to lookup address") {
+            return ProbeFailure::Dns(last_cause(e));
+        }
+        let lower = text.to_ascii_lowercase();
+        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+            return ProbeFailure::Tls(last_cause(e));
+        }
+        if text.contains("connection closed before message completed")
+            || text.contains("IncompleteMessage")
+        {
+            return ProbeFailure::ConnectionReset;
+        }
+    }
+    ProbeFailure::Connect(last_cause(e))
+}
+
+fn last_cause(e: &reqwest::Error) -> String {
+    let last = causes(e).last().map(|c| c.to_string()).unwrap_or_default();
+    cut(&last, 200)
+}
+
+fn body_error(e: &reqwest::Error) -> String {
+    let mut text = last_cause(e);
+    if text.is_empty() {
+        text = "connection closed".into();
+    }
+    text
+}
+
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+/// The failure for a non-2xx status.
+fn status_failure(status: u16) -> Option<ProbeFailure> {
+    match status {
+        200..=299 => None,
+        300..=399 => Some(ProbeFailure::Redirect { code: status }),
+        401 | 403 => Some(ProbeFailure::TokenRejected { code: status }),
+        _ => Some(ProbeFailure::Http { code: status }),
+    }
+}
+
+/// The HTTP health probe: `GET {api_url}/health`.
+#[derive(Clone, Debug)]
+pub struct HttpProbe {
+    client: Client,
+}
+
+impl HttpProbe {
+    /// A probe with its own client.
+    pub fn new(config: &HttpConfig) -> Result<Self, BuildError> {
+        Ok(Self {
+            client: Client::new(config)?,
+        })
+    }
+}
+
+/// Reads a health report from a 2xx body.
+pub fn parse_health(body: &[u8]) -> Result<HealthAnswer, ProbeFailure> {
+    let invalid = |m: String| ProbeFailure::Invalid(cut(&m, 200));
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(invalid("empty body".into()));
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("not JSON ({e})")))?;
+    HealthAnswer::from_json(&value).map_err(|e| invalid(e.to_string()))
+}
+
+#[async_trait]
+impl HealthProbe for HttpProbe {
+    async fn probe(&self, target: &ProbeTarget, deadline: Instant) -> ProbeOutcome {
+        match self.client.get(target, wire::HEALTH_PATH, deadline).await {
+            Err((failure, response_time)) => ProbeOutcome::Failed {
+                failure,
+                response_time,
+            },
+            Ok(x) => {
+                let parsed = match status_failure(x.status) {
+                    Some(f) => Err(f),
+                    None => parse_health(&x.body),
+                };
+                match parsed {
+                    Ok(answer) => ProbeOutcome::Report {
+                        answer,
+                        response_time: x.elapsed,
+                    },
+                    Err(failure) => ProbeOutcome::Failed {
+                        failure,
+                        response_time: Some(x.elapsed),
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// The HTTP metrics collector: `GET {api_url}/api/v1/metrics/current`.
+#[derive(Clone, Debug)]
+pub struct HttpCollector {
+    client: Client,
+}
+
+impl HttpCollector {
+    /// A collector with its own client.
+    pub fn new(config: &HttpConfig) -> Result<Self, BuildError> {
+        Ok(Self {
+            client: Client::new(config)?,
+        })
+    }
+}
+
+#[async_trait]
+impl MetricsCollector for HttpCollector {
+    async fn collect(
+        &self,
+        target: &ProbeTarget,
+        deadline: Instant,
+    ) -> Result<MetricValues, CollectError> {
+        let x = self
+            .client
+            .get(target, wire::METRICS_PATH, deadline)
+            .await
+            .map_err(|(f, _)| match f {
+                ProbeFailure::Timeout { after } => CollectError::Timeout { after },
+                other => CollectError::Transport(other.to_string()),
+            })?;
+        if let Some(f) = status_failure(x.status) {
+            return Err(CollectError::Transport(f.to_string()));
+        }
+        wire::parse_metrics(&x.body)
+    }
+}
+
+/// Lets a `dyn Resolve` be handed to reqwest, which wants a sized resolver.
+struct DynResolver(Arc<dyn Resolve>);
+
+impl Resolve for DynResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        self.0.resolve(name)
+    }
+}
+
+/// A resolver that answers from a fixed table and fails every other name, so tests never ask
+/// the system's resolver (which would send a query off the machine).
+#[derive(Clone, Debug, Default)]
+pub struct StaticResolver {
+    names: Arc<std::collections::HashMap<String, SocketAddr>>,
+}
+
+impl StaticResolver {
+    /// A resolver knowing `names`.
+    pub fn new(names: impl IntoIterator<Item = (String, SocketAddr)>) -> Self {
+        Self {
+            names: Arc::new(names.into_iter().collect()),
+        }
+    }
+}
+
+/// The name is not in a [`StaticResolver`]'s table.
+#[derive(Debug, thiserror::Error)]
+#[error("dns error: no such host {0}")]
+pub struct NoSuchHost(String);
+
+impl Resolve for StaticResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let found = self.names.get(name.as_str()).copied();
+        let name = name.as_str().to_owned();
+        Box::pin(async move {
+            match found {
+                Some(addr) => Ok(Box::new(std::iter::once(addr)) as reqwest::dns::Addrs),
+                None => Err(Box::new(NoSuchHost(name)) as Box<dyn std::error::Error + Send + Sync>),
+            }
+        })
+    }
+}
