@@ -91,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
         bail!("--spread must be at least 1");
     }
     if args.count > args.per_process && !args.child {
-        return run_parent(&args);
+        return run_parent(&args).await;
     }
     let addresses = (1..=args.spread)
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
@@ -189,7 +189,7 @@ async fn wait_for_stop(duration: u64, child: bool) {
 }
 
 /// Starts one child process per `per_process` servers, merges their manifests and waits.
-fn run_parent(args: &Args) -> anyhow::Result<()> {
+async fn run_parent(args: &Args) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the fleet-sim binary")?;
     let dir = std::env::temp_dir().join(format!("fleet-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -265,10 +265,7 @@ fn run_parent(args: &Args) -> anyhow::Result<()> {
         children.len()
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(wait_for_stop(args.duration, args.child));
+    wait_for_stop(args.duration, args.child).await;
     for (mut child, _) in children {
         drop(child.stdin.take());
         let _ = child.wait();
