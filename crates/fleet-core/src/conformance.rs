@@ -11,14 +11,16 @@ use serde_json::json;
 use time::{Duration, OffsetDateTime};
 
 use crate::model::{
-    ApiToken, HealthCheck, HealthStatus, MetricValues, MetricsFailure, MetricsRecord,
-    MetricsSample, NewServer, Period, ServerId, ServerStatus,
+    ApiToken, GroupFields, HealthCheck, HealthStatus, MetricValues, MetricsFailure, MetricsRecord,
+    MetricsSample, NewServer, Period, Role, ServerId, ServerStatus, ServerUpdate,
 };
-use crate::store::{History, HistoryQuery, Registry, ServerFilter, Store, StoreError};
+use crate::store::{
+    AdminTokens, Groups, History, HistoryQuery, Registry, ServerFilter, Store, StoreError,
+};
 
-/// A store the suite can drive: the workers' side, the registry and history.
-pub trait ConformingStore: Store + Registry + History {}
-impl<T: Store + Registry + History> ConformingStore for T {}
+/// A store the suite can drive: the workers' side, the registry, groups, tokens and history.
+pub trait ConformingStore: Store + Registry + History + Groups + AdminTokens {}
+impl<T: Store + Registry + History + Groups + AdminTokens> ConformingStore for T {}
 
 /// A fixed, whole-second base time (2026-03-31 23:59:00 UTC), so stores with microsecond
 /// precision compare equal.
@@ -83,6 +85,10 @@ where
     registry_refuses_duplicates_and_filters(&make().await).await;
     history_windows_are_newest_first(&make().await).await;
     tokens_reach_the_probe(&make().await).await;
+    servers_can_be_changed(&make().await).await;
+    groups_hold_members_and_filter_servers(&make().await).await;
+    admin_tokens_are_found_by_hash_until_revoked(&make().await).await;
+    llm_usage_is_the_counters_increase_with_restarts(&make().await).await;
 }
 
 async fn add(store: &impl ConformingStore, name: &str) -> ServerId {
@@ -453,4 +459,197 @@ async fn tokens_reach_the_probe(store: &impl ConformingStore) {
         Some("tok-123".to_owned())
     );
     assert_eq!(by_name("plain"), None);
+}
+
+async fn servers_can_be_changed(store: &impl ConformingStore) {
+    let a = add(store, "a").await;
+    add(store, "b").await;
+    let update = ServerUpdate {
+        api_url: Some("https://127.0.0.1:8443".into()),
+        api_token: Some(ApiToken::new("new-token")),
+        region: Some(Some("eu".into())),
+        tags: Some(vec!["x".into()]),
+        metadata: Some(json!({"rack": 4})),
+        status: Some(ServerStatus::Maintenance),
+        ..Default::default()
+    };
+    let s = store.update_server(a, update).await.unwrap().unwrap();
+    assert_eq!(s.api_url, "https://127.0.0.1:8443");
+    assert_eq!(s.region.as_deref(), Some("eu"));
+    assert_eq!(s.tags, ["x"]);
+    assert_eq!(s.metadata, json!({"rack": 4}));
+    assert_eq!(s.status, ServerStatus::Maintenance);
+    assert_eq!(store.get_server(a).await.unwrap().unwrap(), s);
+    let clear = ServerUpdate {
+        region: Some(None),
+        status: Some(ServerStatus::Active),
+        ..Default::default()
+    };
+    let s = store.update_server(a, clear).await.unwrap().unwrap();
+    assert_eq!(s.region, None);
+    let targets = store.health_targets().await.unwrap();
+    let t = targets.iter().find(|t| t.id == a).unwrap();
+    assert_eq!(
+        t.token.as_ref().map(|t| t.expose().to_owned()),
+        Some("new-token".to_owned())
+    );
+    let taken = ServerUpdate {
+        name: Some("b".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        store.update_server(a, taken).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let same = ServerUpdate {
+        name: Some("a".into()),
+        ..Default::default()
+    };
+    assert!(
+        store.update_server(a, same).await.unwrap().is_some(),
+        "renaming to its own name"
+    );
+    assert!(
+        store
+            .update_server(ServerId::new(), ServerUpdate::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn groups_hold_members_and_filter_servers(store: &impl ConformingStore) {
+    let a = add(store, "a").await;
+    let b = add(store, "b").await;
+    let fields = GroupFields {
+        name: Some("edge".into()),
+        color: Some(Some("#ff0000".into())),
+        regions: Some(vec!["eu".into()]),
+        ..Default::default()
+    };
+    let g = store.create_group(fields.clone()).await.unwrap();
+    assert_eq!(
+        (g.name.as_str(), g.color.as_deref()),
+        ("edge", Some("#ff0000"))
+    );
+    assert!(matches!(
+        store.create_group(fields).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(store.add_member(g.id, a).await.unwrap());
+    assert!(
+        store.add_member(g.id, a).await.unwrap(),
+        "adding twice is fine"
+    );
+    assert!(!store.add_member(g.id, ServerId::new()).await.unwrap());
+    let listed = store
+        .list_servers(&ServerFilter {
+            group: Some(g.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed.iter().map(|s| s.id).collect::<Vec<_>>(), [a]);
+    assert_eq!(store.get_group(g.id).await.unwrap().unwrap().members, [a]);
+    let renamed = GroupFields {
+        name: Some("core".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        store
+            .update_group(g.id, renamed)
+            .await
+            .unwrap()
+            .unwrap()
+            .name,
+        "core"
+    );
+    assert!(store.add_member(g.id, b).await.unwrap());
+    assert!(store.remove_member(g.id, a).await.unwrap());
+    assert!(!store.remove_member(g.id, a).await.unwrap());
+    assert!(store.delete_server(b).await.unwrap());
+    assert!(
+        store
+            .get_group(g.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .members
+            .is_empty(),
+        "a deleted server leaves its groups"
+    );
+    assert_eq!(store.list_groups().await.unwrap().len(), 1);
+    assert!(store.delete_group(g.id).await.unwrap());
+    assert!(!store.delete_group(g.id).await.unwrap());
+    assert!(
+        store.get_server(a).await.unwrap().is_some(),
+        "deleting a group keeps its servers"
+    );
+}
+
+async fn admin_tokens_are_found_by_hash_until_revoked(store: &impl ConformingStore) {
+    let hash = [7u8; 32];
+    let t = store.insert_token("ops", Role::Admin, hash).await.unwrap();
+    assert_eq!(
+        (t.name.as_str(), t.role, t.revoked_at),
+        ("ops", Role::Admin, None)
+    );
+    assert!(matches!(
+        store.insert_token("ops", Role::Viewer, [8u8; 32]).await,
+        Err(StoreError::Conflict(_))
+    ));
+    store
+        .insert_token("read", Role::Viewer, [9u8; 32])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.find_token(hash).await.unwrap().map(|t| t.role),
+        Some(Role::Admin)
+    );
+    assert!(store.find_token([1u8; 32]).await.unwrap().is_none());
+    assert!(store.revoke_token("ops").await.unwrap());
+    assert!(!store.revoke_token("ops").await.unwrap());
+    assert!(
+        store.find_token(hash).await.unwrap().is_none(),
+        "a revoked token still works"
+    );
+    let all = store.list_tokens().await.unwrap();
+    assert_eq!(
+        all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["ops", "read"]
+    );
+    assert!(all[0].revoked_at.is_some());
+}
+
+async fn llm_usage_is_the_counters_increase_with_restarts(store: &impl ConformingStore) {
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let b = add(store, "b").await;
+    let sample = |id, at: i64, requests: i64, cost: f64| {
+        let mut s = sample_at(id, t0 + secs(at), 1.0);
+        s.values.llm_requests = Some(requests);
+        s.values.llm_cost_usd = Some(cost);
+        MetricsRecord::Sample(s)
+    };
+    store
+        .record_metrics(&[
+            sample(a, 0, 100, 1.0),
+            sample(a, 60, 150, 1.5),
+            // a restarted: its counters began again from zero.
+            sample(a, 120, 20, 0.25),
+            sample(a, 180, 30, 0.5),
+            // Outside the window.
+            sample(a, 600, 1000, 50.0),
+            sample(b, 60, 5, 0.0),
+        ])
+        .await
+        .unwrap();
+    let usage = store.llm_usage(t0, t0 + secs(300)).await.unwrap();
+    assert_eq!(usage.len(), 1, "b has one sample in the window: {usage:?}");
+    assert_eq!(usage[0].server_id, a);
+    assert_eq!(usage[0].requests, 50 + 20 + 10);
+    assert!(
+        (usage[0].cost_usd - (0.5 + 0.25 + 0.25)).abs() < 1e-9,
+        "{usage:?}"
+    );
 }

@@ -106,14 +106,15 @@ pub use engine::{
 };
 pub use memory::InMemoryStore;
 pub use model::{
-    ApiToken, HealthCheck, HealthStatus, ManagedServer, MetricValues, MetricsFailure,
-    MetricsRecord, MetricsSample, NewServer, ParseEnumError, Period, ProbeTarget, ServerId,
-    ServerStatus,
+    ApiToken, GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer,
+    MetricValues, MetricsFailure, MetricsRecord, MetricsSample, NewServer, ParseEnumError, Period,
+    ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate, TokenRecord,
+    counter_increase,
 };
 pub use probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, ProbeOutcome};
 pub use store::{
-    BoxError, Findings, History, HistoryQuery, Registry, ServerFilter, StorageCheck, Store,
-    StoreError,
+    AdminTokens, BoxError, Findings, Groups, History, HistoryQuery, Registry, ServerFilter,
+    StorageCheck, Store, StoreError,
 };
 pub use workers::{HealthWork, MetricsWork, health_check};
 

@@ -8,10 +8,13 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::model::{
-    ApiToken, HealthCheck, HealthStatus, ManagedServer, MetricsRecord, MetricsSample, NewServer,
-    ProbeTarget, ServerId, ServerStatus,
+    ApiToken, GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer,
+    MetricsRecord, MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId,
+    ServerStatus, ServerUpdate, TokenRecord, counter_increase,
 };
-use crate::store::{History, HistoryQuery, Registry, ServerFilter, Store, StoreError};
+use crate::store::{
+    AdminTokens, Groups, History, HistoryQuery, Registry, ServerFilter, Store, StoreError,
+};
 
 /// Keeps the registry and a bounded history in memory.
 ///
@@ -26,6 +29,20 @@ pub struct InMemoryStore {
 #[derive(Debug, Default)]
 struct State {
     servers: HashMap<ServerId, Entry>,
+    groups: HashMap<GroupId, ServerGroup>,
+    tokens: Vec<(TokenRecord, [u8; 32])>,
+}
+
+impl State {
+    fn name_taken(&self, name: &str, except: Option<ServerId>) -> bool {
+        self.servers
+            .values()
+            .any(|e| e.server.name == name && Some(e.server.id) != except)
+    }
+}
+
+fn conflict(name: &str) -> StoreError {
+    StoreError::Conflict(format!("a server named `{name}` already exists"))
 }
 
 #[derive(Debug)]
@@ -198,6 +215,16 @@ impl Registry for InMemoryStore {
     async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError> {
         let state = self.state();
         let search = filter.search.as_ref().map(|s| s.to_lowercase());
+        let members = match filter.group {
+            Some(g) => Some(
+                state
+                    .groups
+                    .get(&g)
+                    .map(|g| g.members.clone())
+                    .unwrap_or_default(),
+            ),
+            None => None,
+        };
         let mut found: Vec<&ManagedServer> = state
             .servers
             .values()
@@ -221,6 +248,7 @@ impl Registry for InMemoryStore {
                     .is_none_or(|v| s.environment.as_ref() == Some(v))
             })
             .filter(|s| filter.tag.as_ref().is_none_or(|v| s.tags.contains(v)))
+            .filter(|s| members.as_ref().is_none_or(|m| m.contains(&s.id)))
             .filter(|s| {
                 search.as_ref().is_none_or(|q| {
                     s.name.to_lowercase().contains(q)
@@ -254,7 +282,224 @@ impl Registry for InMemoryStore {
     }
 
     async fn delete_server(&self, id: ServerId) -> Result<bool, StoreError> {
-        Ok(self.state().servers.remove(&id).is_some())
+        let mut state = self.state();
+        for g in state.groups.values_mut() {
+            g.members.retain(|m| *m != id);
+        }
+        Ok(state.servers.remove(&id).is_some())
+    }
+
+    async fn update_server(
+        &self,
+        id: ServerId,
+        u: ServerUpdate,
+    ) -> Result<Option<ManagedServer>, StoreError> {
+        let mut state = self.state();
+        if let Some(name) = &u.name
+            && state.name_taken(name, Some(id))
+        {
+            return Err(conflict(name));
+        }
+        let Some(entry) = state.servers.get_mut(&id) else {
+            return Ok(None);
+        };
+        let s = &mut entry.server;
+        if let Some(v) = u.name {
+            s.name = v;
+        }
+        if let Some(v) = u.api_url {
+            s.api_url = v;
+        }
+        if let Some(v) = u.description {
+            s.description = v;
+        }
+        if let Some(v) = u.hostname {
+            s.hostname = v;
+        }
+        if let Some(v) = u.region {
+            s.region = v;
+        }
+        if let Some(v) = u.environment {
+            s.environment = v;
+        }
+        if let Some(v) = u.tags {
+            s.tags = v;
+        }
+        if let Some(v) = u.metadata {
+            s.metadata = v;
+        }
+        if let Some(v) = u.status {
+            s.status = v;
+        }
+        if let Some(t) = u.api_token {
+            entry.token = Some(t);
+        }
+        Ok(Some(entry.server.clone()))
+    }
+}
+
+fn apply(g: &mut ServerGroup, f: GroupFields) {
+    if let Some(v) = f.name {
+        g.name = v;
+    }
+    if let Some(v) = f.description {
+        g.description = v;
+    }
+    if let Some(v) = f.color {
+        g.color = v;
+    }
+    if let Some(v) = f.tags {
+        g.tags = v;
+    }
+    if let Some(v) = f.regions {
+        g.regions = v;
+    }
+    if let Some(v) = f.environments {
+        g.environments = v;
+    }
+}
+
+fn group_conflict(name: &str) -> StoreError {
+    StoreError::Conflict(format!("a group named `{name}` already exists"))
+}
+
+#[async_trait]
+impl Groups for InMemoryStore {
+    async fn create_group(&self, fields: GroupFields) -> Result<ServerGroup, StoreError> {
+        let Some(name) = fields.name.clone() else {
+            return Err(StoreError::Invalid("a group needs a name".into()));
+        };
+        let mut state = self.state();
+        if state.groups.values().any(|g| g.name == name) {
+            return Err(group_conflict(&name));
+        }
+        let mut g = ServerGroup {
+            id: GroupId(uuid::Uuid::new_v4()),
+            name,
+            description: None,
+            color: None,
+            tags: Vec::new(),
+            regions: Vec::new(),
+            environments: Vec::new(),
+            members: Vec::new(),
+        };
+        apply(&mut g, fields);
+        state.groups.insert(g.id, g.clone());
+        Ok(g)
+    }
+
+    async fn list_groups(&self) -> Result<Vec<ServerGroup>, StoreError> {
+        let mut all: Vec<ServerGroup> = self.state().groups.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    async fn get_group(&self, id: GroupId) -> Result<Option<ServerGroup>, StoreError> {
+        Ok(self.state().groups.get(&id).cloned())
+    }
+
+    async fn update_group(
+        &self,
+        id: GroupId,
+        fields: GroupFields,
+    ) -> Result<Option<ServerGroup>, StoreError> {
+        let mut state = self.state();
+        if let Some(name) = &fields.name
+            && state.groups.values().any(|g| &g.name == name && g.id != id)
+        {
+            return Err(group_conflict(name));
+        }
+        let Some(g) = state.groups.get_mut(&id) else {
+            return Ok(None);
+        };
+        apply(g, fields);
+        Ok(Some(g.clone()))
+    }
+
+    async fn delete_group(&self, id: GroupId) -> Result<bool, StoreError> {
+        Ok(self.state().groups.remove(&id).is_some())
+    }
+
+    async fn add_member(&self, group: GroupId, server: ServerId) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        if !state.servers.contains_key(&server) {
+            return Ok(false);
+        }
+        let Some(g) = state.groups.get_mut(&group) else {
+            return Ok(false);
+        };
+        if !g.members.contains(&server) {
+            g.members.push(server);
+            g.members.sort();
+        }
+        Ok(true)
+    }
+
+    async fn remove_member(&self, group: GroupId, server: ServerId) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        let Some(g) = state.groups.get_mut(&group) else {
+            return Ok(false);
+        };
+        let before = g.members.len();
+        g.members.retain(|m| *m != server);
+        Ok(g.members.len() < before)
+    }
+}
+
+#[async_trait]
+impl AdminTokens for InMemoryStore {
+    async fn insert_token(
+        &self,
+        name: &str,
+        role: Role,
+        sha256: [u8; 32],
+    ) -> Result<TokenRecord, StoreError> {
+        let mut state = self.state();
+        if state.tokens.iter().any(|(t, _)| t.name == name) {
+            return Err(StoreError::Conflict(format!(
+                "a token named `{name}` already exists"
+            )));
+        }
+        let record = TokenRecord {
+            id: uuid::Uuid::new_v4(),
+            name: name.to_owned(),
+            role,
+            created_at: OffsetDateTime::now_utc(),
+            revoked_at: None,
+        };
+        state.tokens.push((record.clone(), sha256));
+        Ok(record)
+    }
+
+    async fn find_token(&self, sha256: [u8; 32]) -> Result<Option<TokenRecord>, StoreError> {
+        Ok(self
+            .state()
+            .tokens
+            .iter()
+            .find(|(t, h)| *h == sha256 && t.revoked_at.is_none())
+            .map(|(t, _)| t.clone()))
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let mut all: Vec<TokenRecord> =
+            self.state().tokens.iter().map(|(t, _)| t.clone()).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(all)
+    }
+
+    async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        match state
+            .tokens
+            .iter_mut()
+            .find(|(t, _)| t.name == name && t.revoked_at.is_none())
+        {
+            Some((t, _)) => {
+                t.revoked_at = Some(OffsetDateTime::now_utc());
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
 
@@ -293,6 +538,36 @@ impl History for InMemoryStore {
             .get(&id)
             .map(|e| window(&e.metrics, query))
             .unwrap_or_default())
+    }
+
+    async fn llm_usage(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<LlmUsage>, StoreError> {
+        let state = self.state();
+        let mut out: Vec<LlmUsage> = state
+            .servers
+            .values()
+            .filter_map(|e| {
+                let in_window: Vec<&MetricsSample> =
+                    e.metrics.range(from..to).map(|(_, s)| s).collect();
+                if in_window.len() < 2 {
+                    return None;
+                }
+                Some(LlmUsage {
+                    server_id: e.server.id,
+                    requests: counter_increase(
+                        in_window.iter().filter_map(|s| s.values.llm_requests),
+                    ),
+                    cost_usd: counter_increase(
+                        in_window.iter().filter_map(|s| s.values.llm_cost_usd),
+                    ),
+                })
+            })
+            .collect();
+        out.sort_by_key(|u| u.server_id);
+        Ok(out)
     }
 }
 

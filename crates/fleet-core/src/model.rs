@@ -408,6 +408,135 @@ impl MetricsRecord {
     }
 }
 
+/// Changes to a registered server; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct ServerUpdate {
+    /// A new unique name.
+    pub name: Option<String>,
+    /// A new base URL.
+    pub api_url: Option<String>,
+    /// A new probe token (rotates it).
+    pub api_token: Option<ApiToken>,
+    /// New free text (`Some(None)` clears it).
+    pub description: Option<Option<String>>,
+    /// New host name (`Some(None)` clears it).
+    pub hostname: Option<Option<String>>,
+    /// New region (`Some(None)` clears it).
+    pub region: Option<Option<String>>,
+    /// New environment (`Some(None)` clears it).
+    pub environment: Option<Option<String>>,
+    /// New labels.
+    pub tags: Option<Vec<String>>,
+    /// New structured data.
+    pub metadata: Option<serde_json::Value>,
+    /// New status.
+    pub status: Option<ServerStatus>,
+}
+
+/// The identity of a server group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GroupId(pub Uuid);
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A named set of servers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServerGroup {
+    /// Identity.
+    pub id: GroupId,
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// A display colour, e.g. `#3b82f6`.
+    pub color: Option<String>,
+    /// Labels.
+    pub tags: Vec<String>,
+    /// Regions it covers.
+    pub regions: Vec<String>,
+    /// Environments it covers.
+    pub environments: Vec<String>,
+    /// Its members.
+    pub members: Vec<ServerId>,
+}
+
+/// A group's fields, for creating one or (each `Some`) changing one.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupFields {
+    /// Unique name (required when creating).
+    pub name: Option<String>,
+    /// Free text.
+    pub description: Option<Option<String>>,
+    /// Display colour.
+    pub color: Option<Option<String>>,
+    /// Labels.
+    pub tags: Option<Vec<String>>,
+    /// Regions.
+    pub regions: Option<Vec<String>>,
+    /// Environments.
+    pub environments: Option<Vec<String>>,
+}
+
+string_enum!(
+    /// What an admin API token may do.
+    Role, "role", {
+        /// Everything.
+        Admin => "admin",
+        /// Read only.
+        Viewer => "viewer",
+    }
+);
+
+/// An admin API token as stored: never the token, only its SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TokenRecord {
+    /// Identity.
+    pub id: Uuid,
+    /// Unique name, to list and revoke it by.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// When it was made.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When it was revoked, if it was.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// A server's LLM use over a window: the increase of its counters, resets handled.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LlmUsage {
+    /// The server.
+    pub server_id: ServerId,
+    /// Requests made in the window.
+    pub requests: i64,
+    /// Dollars spent in the window.
+    pub cost_usd: f64,
+}
+
+/// The increase of a counter over `samples` (in time order), as Prometheus's `increase()`
+/// counts it: a drop means the counter restarted from zero, so the new value is all increase.
+pub fn counter_increase<T>(samples: impl IntoIterator<Item = T>) -> T
+where
+    T: Copy + PartialOrd + std::ops::Sub<Output = T> + std::ops::Add<Output = T> + Default,
+{
+    let mut total = T::default();
+    let mut last: Option<T> = None;
+    for v in samples {
+        if let Some(prev) = last {
+            total = total + if v >= prev { v - prev } else { v };
+        }
+        last = Some(v);
+    }
+    total
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,6 +567,15 @@ mod tests {
             token: Some(t),
         };
         assert!(!format!("{target:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn counter_increase_handles_restarts() {
+        assert_eq!(counter_increase([10, 15, 20]), 10);
+        assert_eq!(counter_increase([10, 15, 3, 8]), 5 + 3 + 5);
+        assert_eq!(counter_increase::<i64>([]), 0);
+        assert_eq!(counter_increase([7]), 0);
+        assert_eq!(counter_increase([1.5, 2.0, 0.25]), 0.75);
     }
 
     #[test]

@@ -10,8 +10,9 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::model::{
-    HealthCheck, HealthStatus, ManagedServer, MetricsRecord, MetricsSample, NewServer, ProbeTarget,
-    ServerId, ServerStatus,
+    GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer, MetricsRecord,
+    MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate,
+    TokenRecord,
 };
 
 /// A boxed error source.
@@ -100,6 +101,8 @@ pub struct ServerFilter {
     pub tag: Option<String>,
     /// A case-insensitive substring of the name or hostname.
     pub search: Option<String>,
+    /// Only members of this group.
+    pub group: Option<GroupId>,
     /// At most this many (all when `None`).
     pub limit: Option<usize>,
     /// Skip this many first.
@@ -127,6 +130,63 @@ pub trait Registry: Send + Sync {
 
     /// Removes a server and its history; false when it did not exist.
     async fn delete_server(&self, id: ServerId) -> Result<bool, StoreError>;
+
+    /// Changes a server; `None` when it does not exist, a taken name is a conflict.
+    async fn update_server(
+        &self,
+        id: ServerId,
+        update: ServerUpdate,
+    ) -> Result<Option<ManagedServer>, StoreError>;
+}
+
+/// Server groups.
+#[async_trait]
+pub trait Groups: Send + Sync {
+    /// Makes a group; `fields.name` is required, a taken name is a conflict.
+    async fn create_group(&self, fields: GroupFields) -> Result<ServerGroup, StoreError>;
+
+    /// Every group, by name.
+    async fn list_groups(&self) -> Result<Vec<ServerGroup>, StoreError>;
+
+    /// One group.
+    async fn get_group(&self, id: GroupId) -> Result<Option<ServerGroup>, StoreError>;
+
+    /// Changes a group; `None` when it does not exist.
+    async fn update_group(
+        &self,
+        id: GroupId,
+        fields: GroupFields,
+    ) -> Result<Option<ServerGroup>, StoreError>;
+
+    /// Removes a group (not its servers); false when it did not exist.
+    async fn delete_group(&self, id: GroupId) -> Result<bool, StoreError>;
+
+    /// Adds a server to a group; false when either does not exist.
+    async fn add_member(&self, group: GroupId, server: ServerId) -> Result<bool, StoreError>;
+
+    /// Removes a server from a group; false when it was not a member.
+    async fn remove_member(&self, group: GroupId, server: ServerId) -> Result<bool, StoreError>;
+}
+
+/// Admin API tokens, kept only as SHA-256 hashes.
+#[async_trait]
+pub trait AdminTokens: Send + Sync {
+    /// Records a token by its hash; a taken name is a conflict.
+    async fn insert_token(
+        &self,
+        name: &str,
+        role: Role,
+        sha256: [u8; 32],
+    ) -> Result<TokenRecord, StoreError>;
+
+    /// The live (unrevoked) token with this hash.
+    async fn find_token(&self, sha256: [u8; 32]) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Every token, revoked ones too, by name.
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+
+    /// Revokes the token named `name`; false when there is no live one.
+    async fn revoke_token(&self, name: &str) -> Result<bool, StoreError>;
 }
 
 /// A window of history to read back, newest first.
@@ -166,6 +226,15 @@ pub trait History: Send + Sync {
         id: ServerId,
         query: HistoryQuery,
     ) -> Result<Vec<MetricsSample>, StoreError>;
+
+    /// Every server's LLM use in `[from, to)`: the increase of its counters, resets handled
+    /// as Prometheus's `increase()` does. Servers without two samples in the window are left
+    /// out.
+    async fn llm_usage(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<LlmUsage>, StoreError>;
 }
 
 /// What a store's self-check found, e.g. a missing partition. Empty when all is well.

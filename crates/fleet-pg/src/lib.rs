@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+mod admin;
 mod crypto;
 mod migrate;
 mod partitions;

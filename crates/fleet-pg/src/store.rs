@@ -6,9 +6,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use fleet_core::{
-    ApiToken, Clock, Findings, HealthCheck, HealthStatus, History, HistoryQuery, ManagedServer,
-    MetricValues, MetricsRecord, MetricsSample, NewServer, Period, ProbeTarget, Registry,
-    ServerFilter, ServerId, ServerStatus, StorageCheck, Store, StoreError,
+    ApiToken, Clock, Findings, HealthCheck, HealthStatus, History, HistoryQuery, LlmUsage,
+    ManagedServer, MetricValues, MetricsRecord, MetricsSample, NewServer, Period, ProbeTarget,
+    Registry, ServerFilter, ServerId, ServerStatus, ServerUpdate, StorageCheck, Store, StoreError,
 };
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
@@ -92,10 +92,10 @@ fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-const SERVER_COLUMNS: &str = "id, name, description, hostname, api_url, region, environment, tags, metadata, status, \
+pub(crate) const SERVER_COLUMNS: &str = "id, name, description, hostname, api_url, region, environment, tags, metadata, status, \
      health_status, last_seen_at, last_health_check_at, last_metrics_error, last_metrics_error_at";
 
-fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
+pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
     let bad =
         |what: &str, v: &str| StoreError::backend(format!("managed_servers.{what} holds `{v}`"));
     let status: String = row.get("status");
@@ -146,7 +146,7 @@ impl PgStore {
         &self.pool
     }
 
-    async fn client(&self) -> Result<Object, StoreError> {
+    pub(crate) async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(pool_error)
     }
 
@@ -599,6 +599,12 @@ impl Registry for PgStore {
         if let Some(v) = &filter.tag {
             add("tags @> jsonb_build_array(?::text)", Box::new(v.clone()));
         }
+        if let Some(g) = filter.group {
+            add(
+                "id IN (SELECT server_id FROM server_group_members WHERE group_id = ?)",
+                Box::new(g.0),
+            );
+        }
         if let Some(q) = &filter.search {
             let escaped = q
                 .replace('\\', "\\\\")
@@ -665,6 +671,18 @@ impl Registry for PgStore {
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
         Ok(n == 1)
+    }
+
+    async fn update_server(
+        &self,
+        id: ServerId,
+        update: ServerUpdate,
+    ) -> Result<Option<ManagedServer>, StoreError> {
+        let sealed = match &update.api_token {
+            Some(token) => Some(self.vault.seal(id, token).map_err(crypto_error)?),
+            None => None,
+        };
+        self.update_server_row(id, update, sealed).await
     }
 }
 
@@ -757,6 +775,14 @@ impl History for PgStore {
             .iter()
             .map(sample_from_row)
             .collect()
+    }
+
+    async fn llm_usage(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<LlmUsage>, StoreError> {
+        self.usage(from, to).await
     }
 }
 

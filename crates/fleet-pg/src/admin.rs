@@ -1,0 +1,367 @@
+//! Groups, admin tokens, server updates and LLM usage on PostgreSQL.
+
+use async_trait::async_trait;
+use fleet_core::{
+    AdminTokens, GroupFields, GroupId, Groups, LlmUsage, ManagedServer, Role, ServerGroup,
+    ServerId, ServerUpdate, StoreError, TokenRecord,
+};
+use time::OffsetDateTime;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use crate::store::{PgStore, db_error};
+
+fn json_list(v: &[String]) -> serde_json::Value {
+    serde_json::Value::Array(v.iter().cloned().map(serde_json::Value::String).collect())
+}
+
+fn list_from(v: serde_json::Value) -> Vec<String> {
+    match v {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .filter_map(|i| i.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn conflict_as(what: &str, name: &str) -> impl Fn(StoreError) -> StoreError {
+    let message = format!("a {what} named `{name}` already exists");
+    move |e| match e {
+        StoreError::Conflict(_) => StoreError::Conflict(message.clone()),
+        other => other,
+    }
+}
+
+const GROUP_SELECT: &str = "SELECT g.id, g.name, g.description, g.color, g.tags, g.regions, g.environments, \
+     COALESCE(array_agg(m.server_id ORDER BY m.server_id) FILTER (WHERE m.server_id IS NOT NULL), '{}') AS members \
+     FROM server_groups g LEFT JOIN server_group_members m ON m.group_id = g.id";
+
+fn group_from_row(row: &Row) -> ServerGroup {
+    let members: Vec<Uuid> = row.get("members");
+    ServerGroup {
+        id: GroupId(row.get("id")),
+        name: row.get("name"),
+        description: row.get("description"),
+        color: row.get("color"),
+        tags: list_from(row.get("tags")),
+        regions: list_from(row.get("regions")),
+        environments: list_from(row.get("environments")),
+        members: members.into_iter().map(ServerId).collect(),
+    }
+}
+
+impl PgStore {
+    pub(crate) async fn update_server_row(
+        &self,
+        id: ServerId,
+        u: ServerUpdate,
+        sealed: Option<(Vec<u8>, String)>,
+    ) -> Result<Option<ManagedServer>, StoreError> {
+        let mut sets: Vec<String> = Vec::new();
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = vec![Box::new(id.0)];
+        let mut set = |column: &str, value: Box<dyn ToSql + Sync + Send>| {
+            params.push(value);
+            sets.push(format!("{column} = ${}", params.len()));
+        };
+        let name = u.name.clone();
+        if let Some(v) = u.name {
+            set("name", Box::new(v));
+        }
+        if let Some(v) = u.api_url {
+            set("api_url", Box::new(v));
+        }
+        if let Some(v) = u.description {
+            set("description", Box::new(v));
+        }
+        if let Some(v) = u.hostname {
+            set("hostname", Box::new(v));
+        }
+        if let Some(v) = u.region {
+            set("region", Box::new(v));
+        }
+        if let Some(v) = u.environment {
+            set("environment", Box::new(v));
+        }
+        if let Some(v) = u.tags {
+            set("tags", Box::new(json_list(&v)));
+        }
+        if let Some(v) = u.metadata {
+            set("metadata", Box::new(v));
+        }
+        if let Some(v) = u.status {
+            set("status", Box::new(v.as_str().to_owned()));
+        }
+        if let Some((bytes, key_id)) = sealed {
+            set("api_token_sealed", Box::new(bytes));
+            set("api_token_key_id", Box::new(key_id));
+        }
+        sets.push("updated_at = now()".into());
+        let sql = format!(
+            "UPDATE managed_servers SET {} WHERE id = $1 RETURNING {}",
+            sets.join(", "),
+            crate::store::SERVER_COLUMNS
+        );
+        let client = self.client().await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+        let row = client
+            .query_opt(&sql, &refs)
+            .await
+            .map_err(db_error)
+            .map_err(|e| match (&e, &name) {
+                (StoreError::Conflict(_), Some(n)) => {
+                    StoreError::Conflict(format!("a server named `{n}` already exists"))
+                }
+                _ => e,
+            })?;
+        row.as_ref().map(crate::store::server_from_row).transpose()
+    }
+
+    pub(crate) async fn usage(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<LlmUsage>, StoreError> {
+        // increase() per server: sum of positive steps, and after a drop (a restart) the new
+        // value itself.
+        let sql = "
+            WITH w AS (
+                SELECT server_id, timestamp, llm_requests, llm_cost_usd,
+                       lag(llm_requests) OVER (PARTITION BY server_id ORDER BY timestamp) AS prev_req,
+                       lag(llm_cost_usd) OVER (PARTITION BY server_id ORDER BY timestamp) AS prev_cost,
+                       count(*) OVER (PARTITION BY server_id) AS n
+                FROM server_metrics_aggregated
+                WHERE timestamp >= $1 AND timestamp < $2
+            )
+            SELECT server_id,
+                   COALESCE(sum(CASE WHEN prev_req IS NULL OR llm_requests IS NULL THEN 0
+                                     WHEN llm_requests >= prev_req THEN llm_requests - prev_req
+                                     ELSE llm_requests END), 0)::int8 AS requests,
+                   COALESCE(sum(CASE WHEN prev_cost IS NULL OR llm_cost_usd IS NULL THEN 0
+                                     WHEN llm_cost_usd >= prev_cost THEN llm_cost_usd - prev_cost
+                                     ELSE llm_cost_usd END), 0)::float8 AS cost
+            FROM w WHERE n >= 2
+            GROUP BY server_id ORDER BY server_id";
+        let client = self.client().await?;
+        let rows = client.query(sql, &[&from, &to]).await.map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| LlmUsage {
+                server_id: ServerId(r.get(0)),
+                requests: r.get(1),
+                cost_usd: r.get(2),
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Groups for PgStore {
+    async fn create_group(&self, f: GroupFields) -> Result<ServerGroup, StoreError> {
+        let Some(name) = f.name.clone() else {
+            return Err(StoreError::Invalid("a group needs a name".into()));
+        };
+        let id = Uuid::new_v4();
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO server_groups (id, name, description, color, tags, regions, environments) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &id,
+                    &name,
+                    &f.description.flatten(),
+                    &f.color.flatten(),
+                    &json_list(&f.tags.unwrap_or_default()),
+                    &json_list(&f.regions.unwrap_or_default()),
+                    &json_list(&f.environments.unwrap_or_default()),
+                ],
+            )
+            .await
+            .map_err(db_error)
+            .map_err(conflict_as("group", &name))?;
+        drop(client);
+        self.get_group(GroupId(id))
+            .await?
+            .ok_or_else(|| StoreError::backend("a created group vanished"))
+    }
+
+    async fn list_groups(&self) -> Result<Vec<ServerGroup>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("{GROUP_SELECT} GROUP BY g.id ORDER BY g.name"),
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows.iter().map(group_from_row).collect())
+    }
+
+    async fn get_group(&self, id: GroupId) -> Result<Option<ServerGroup>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("{GROUP_SELECT} WHERE g.id = $1 GROUP BY g.id"),
+                &[&id.0],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.as_ref().map(group_from_row))
+    }
+
+    async fn update_group(
+        &self,
+        id: GroupId,
+        f: GroupFields,
+    ) -> Result<Option<ServerGroup>, StoreError> {
+        let name = f.name.clone();
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE server_groups SET
+                    name = COALESCE($2, name),
+                    description = CASE WHEN $3 THEN $4 ELSE description END,
+                    color = CASE WHEN $5 THEN $6 ELSE color END,
+                    tags = COALESCE($7, tags),
+                    regions = COALESCE($8, regions),
+                    environments = COALESCE($9, environments),
+                    updated_at = now()
+                 WHERE id = $1",
+                &[
+                    &id.0,
+                    &f.name,
+                    &f.description.is_some(),
+                    &f.description.clone().flatten(),
+                    &f.color.is_some(),
+                    &f.color.clone().flatten(),
+                    &f.tags.as_deref().map(json_list),
+                    &f.regions.as_deref().map(json_list),
+                    &f.environments.as_deref().map(json_list),
+                ],
+            )
+            .await
+            .map_err(db_error)
+            .map_err(conflict_as("group", name.as_deref().unwrap_or("")))?;
+        drop(client);
+        if n == 0 {
+            return Ok(None);
+        }
+        self.get_group(id).await
+    }
+
+    async fn delete_group(&self, id: GroupId) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute("DELETE FROM server_groups WHERE id = $1", &[&id.0])
+            .await
+            .map_err(db_error)?;
+        Ok(n == 1)
+    }
+
+    async fn add_member(&self, group: GroupId, server: ServerId) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "WITH ok AS (
+                    SELECT EXISTS (SELECT 1 FROM server_groups WHERE id = $1)
+                       AND EXISTS (SELECT 1 FROM managed_servers WHERE id = $2) AS present
+                 ), ins AS (
+                    INSERT INTO server_group_members (group_id, server_id)
+                    SELECT $1, $2 FROM ok WHERE ok.present
+                    ON CONFLICT DO NOTHING
+                 )
+                 SELECT present FROM ok",
+                &[&group.0, &server.0],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.get(0))
+    }
+
+    async fn remove_member(&self, group: GroupId, server: ServerId) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "DELETE FROM server_group_members WHERE group_id = $1 AND server_id = $2",
+                &[&group.0, &server.0],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n == 1)
+    }
+}
+
+fn token_from_row(row: &Row) -> Result<TokenRecord, StoreError> {
+    let role: String = row.get("role");
+    Ok(TokenRecord {
+        id: row.get("id"),
+        name: row.get("name"),
+        role: role
+            .parse()
+            .map_err(|_| StoreError::backend(format!("api_tokens.role holds `{role}`")))?,
+        created_at: row.get("created_at"),
+        revoked_at: row.get("revoked_at"),
+    })
+}
+
+#[async_trait]
+impl AdminTokens for PgStore {
+    async fn insert_token(
+        &self,
+        name: &str,
+        role: Role,
+        sha256: [u8; 32],
+    ) -> Result<TokenRecord, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "INSERT INTO api_tokens (id, name, role, token_sha256) VALUES ($1, $2, $3, $4) \
+                 RETURNING id, name, role, created_at, revoked_at",
+                &[&Uuid::new_v4(), &name, &role.as_str(), &sha256.as_slice()],
+            )
+            .await
+            .map_err(db_error)
+            .map_err(conflict_as("token", name))?;
+        token_from_row(&row)
+    }
+
+    async fn find_token(&self, sha256: [u8; 32]) -> Result<Option<TokenRecord>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, name, role, created_at, revoked_at FROM api_tokens \
+                 WHERE token_sha256 = $1 AND revoked_at IS NULL",
+                &[&sha256.as_slice()],
+            )
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, name, role, created_at, revoked_at FROM api_tokens ORDER BY name",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE api_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
+                &[&name],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(n == 1)
+    }
+}
