@@ -215,16 +215,13 @@ impl Registry for InMemoryStore {
     async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError> {
         let state = self.state();
         let search = filter.search.as_ref().map(|s| s.to_lowercase());
-        let members = match filter.group {
-            Some(g) => Some(
-                state
-                    .groups
-                    .get(&g)
-                    .map(|g| g.members.clone())
-                    .unwrap_or_default(),
-            ),
-            None => None,
-        };
+        let members = filter.group.map(|g| {
+            state
+                .groups
+                .get(&g)
+                .map(|g| g.members.clone())
+                .unwrap_or_default()
+        });
         let mut found: Vec<&ManagedServer> = state
             .servers
             .values()
