@@ -459,6 +459,12 @@ async fn tokens_reach_the_probe(store: &impl ConformingStore) {
         Some("tok-123".to_owned())
     );
     assert_eq!(by_name("plain"), None);
+    let secret = targets.iter().find(|t| t.name == "secret").unwrap();
+    assert_eq!(
+        store.probe_target(secret.id).await.unwrap().as_ref(),
+        Some(secret)
+    );
+    assert_eq!(store.probe_target(ServerId::new()).await.unwrap(), None);
 }
 
 async fn servers_can_be_changed(store: &impl ConformingStore) {

@@ -113,7 +113,7 @@ pub use model::{
 };
 pub use probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, ProbeOutcome};
 pub use store::{
-    AdminTokens, BoxError, Findings, Groups, History, HistoryQuery, Registry, ServerFilter,
+    AdminTokens, BoxError, Findings, Groups, History, HistoryQuery, Ping, Registry, ServerFilter,
     StorageCheck, Store, StoreError,
 };
 pub use workers::{HealthWork, MetricsWork, health_check};

@@ -13,7 +13,7 @@ use crate::model::{
     ServerStatus, ServerUpdate, TokenRecord, counter_increase,
 };
 use crate::store::{
-    AdminTokens, Groups, History, HistoryQuery, Registry, ServerFilter, Store, StoreError,
+    AdminTokens, Groups, History, HistoryQuery, Ping, Registry, ServerFilter, Store, StoreError,
 };
 
 /// Keeps the registry and a bounded history in memory.
@@ -212,6 +212,10 @@ impl Registry for InMemoryStore {
         Ok(self.state().servers.get(&id).map(|e| e.server.clone()))
     }
 
+    async fn probe_target(&self, id: ServerId) -> Result<Option<ProbeTarget>, StoreError> {
+        Ok(self.state().servers.get(&id).map(target))
+    }
+
     async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError> {
         let state = self.state();
         let search = filter.search.as_ref().map(|s| s.to_lowercase());
@@ -332,6 +336,13 @@ impl Registry for InMemoryStore {
             entry.token = Some(t);
         }
         Ok(Some(entry.server.clone()))
+    }
+}
+
+#[async_trait]
+impl Ping for InMemoryStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 }
 

@@ -118,6 +118,9 @@ pub trait Registry: Send + Sync {
     /// One server, if it exists.
     async fn get_server(&self, id: ServerId) -> Result<Option<ManagedServer>, StoreError>;
 
+    /// What a probe needs to reach one server (its token included), if it exists.
+    async fn probe_target(&self, id: ServerId) -> Result<Option<ProbeTarget>, StoreError>;
+
     /// Servers matching `filter`, ordered by name.
     async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError>;
 
@@ -235,6 +238,13 @@ pub trait History: Send + Sync {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<LlmUsage>, StoreError>;
+}
+
+/// Whether a store is reachable now, for readiness checks.
+#[async_trait]
+pub trait Ping: Send + Sync {
+    /// Succeeds when the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
 }
 
 /// What a store's self-check found, e.g. a missing partition. Empty when all is well.

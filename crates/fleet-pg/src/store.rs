@@ -570,6 +570,18 @@ impl Registry for PgStore {
         server_from_row(&row)
     }
 
+    async fn probe_target(&self, id: ServerId) -> Result<Option<ProbeTarget>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers WHERE id = $1",
+                &[&id.0],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(row.as_ref().map(|r| self.target(r)))
+    }
+
     async fn get_server(&self, id: ServerId) -> Result<Option<ManagedServer>, StoreError> {
         let client = self.client().await?;
         let sql = format!("SELECT {SERVER_COLUMNS} FROM managed_servers WHERE id = $1");
@@ -783,6 +795,13 @@ impl History for PgStore {
         to: OffsetDateTime,
     ) -> Result<Vec<LlmUsage>, StoreError> {
         self.usage(from, to).await
+    }
+}
+
+#[async_trait]
+impl fleet_core::Ping for PgStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        PgStore::ping(self).await
     }
 }
 

@@ -1,0 +1,766 @@
+//! Route handlers. Input is validated here, with a 4xx and a clear message for anything bad.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use fleet_core::{
+    ApiToken, GroupFields, GroupId, HealthStatus, HistoryQuery, NewServer, ServerFilter, ServerId,
+    ServerStatus, ServerUpdate, health_check,
+};
+use serde::de::{Deserialize, Deserializer};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use super::views;
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState};
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(v: Value) -> ApiResult {
+    Ok(Json(v).into_response())
+}
+
+/// Distinguishes an absent field (`None`) from an explicit null (`Some(None)`).
+fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+const MAX_NAME: usize = 200;
+const MAX_TEXT: usize = 2_000;
+const MAX_TAGS: usize = 50;
+const MAX_TAG: usize = 100;
+const MAX_METADATA: usize = 16 * 1024;
+
+fn text(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
+    let n = value.chars().count();
+    if n < min || n > max {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("{field} must be {min} to {max} characters, got {n}"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("{field} must not contain control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn opt_text(field: &str, value: &Option<String>, max: usize) -> Result<(), ApiError> {
+    value.as_deref().map_or(Ok(()), |v| text(field, v, 0, max))
+}
+
+/// An absolute http or https URL with a host.
+fn api_url(value: &str) -> Result<(), ApiError> {
+    let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m);
+    text("api_url", value, 1, 2048)?;
+    let url = url::Url::parse(value).map_err(|e| {
+        invalid(format!(
+            "api_url must be an absolute http or https URL: {e}"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(format!(
+            "api_url must be an http or https URL, not {}:",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("api_url must name a host".into()));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(
+            "api_url must not carry credentials; use api_token".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn tags(value: &[String]) -> Result<(), ApiError> {
+    if value.len() > MAX_TAGS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("at most {MAX_TAGS} tags"),
+        ));
+    }
+    value.iter().try_for_each(|t| text("tag", t, 1, MAX_TAG))
+}
+
+fn metadata(value: &Value) -> Result<(), ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "metadata must be a JSON object",
+        ));
+    }
+    if value.to_string().len() > MAX_METADATA {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "metadata must be at most 16 KiB",
+        ));
+    }
+    Ok(())
+}
+
+fn token(value: &str) -> Result<(), ApiError> {
+    text("api_token", value, 1, 1024)
+}
+
+fn parse<T: std::str::FromStr>(field: &str, value: &str) -> Result<T, ApiError>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
+}
+
+fn time_param(field: &str, value: &Option<String>) -> Result<Option<OffsetDateTime>, ApiError> {
+    value
+        .as_deref()
+        .map(|v| {
+            OffsetDateTime::parse(v, &Rfc3339).map_err(|_| {
+                ApiError::bad_request(format!(
+                    "{field} must be an RFC 3339 time like 2026-11-28T06:00:00Z, got `{v}`"
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// A JSON schema for each route's body, for the OpenAPI document.
+pub(crate) fn body_schema(path: &str) -> Value {
+    let strings = json!({"type": "array", "items": {"type": "string"}});
+    if path.contains("/groups") {
+        json!({"type": "object", "additionalProperties": false, "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+            "description": {"type": "string", "nullable": true},
+            "color": {"type": "string", "nullable": true},
+            "tags": strings, "regions": strings, "environments": strings,
+        }})
+    } else {
+        json!({"type": "object", "additionalProperties": false, "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+            "api_url": {"type": "string", "format": "uri"},
+            "api_token": {"type": "string", "minLength": 1},
+            "description": {"type": "string", "nullable": true},
+            "hostname": {"type": "string", "nullable": true},
+            "region": {"type": "string", "nullable": true},
+            "environment": {"type": "string", "nullable": true},
+            "tags": strings,
+            "metadata": {"type": "object"},
+            "status": {"type": "string", "enum": ["active", "inactive", "maintenance"]},
+        }})
+    }
+}
+
+pub(crate) async fn healthz() -> ApiResult {
+    ok(json!({"status": "ok"}))
+}
+
+pub(crate) async fn readyz(State(app): State<AppState>) -> ApiResult {
+    let store = match tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the store did not answer within 2s".to_owned()),
+    };
+    let (running, error) = {
+        let w = app.workers.read().unwrap_or_else(|e| e.into_inner());
+        let running = w.health.as_ref().is_some_and(|h| h.snapshot().running);
+        (running, w.error.clone())
+    };
+    let ready = store.is_ok();
+    let body = json!({
+        "ready": ready,
+        "store": match &store { Ok(()) => "ok".to_owned(), Err(e) => e.clone() },
+        "workers_running": running,
+        "workers_error": error,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+pub(crate) async fn openapi() -> ApiResult {
+    ok(super::openapi())
+}
+
+pub(crate) async fn workers_status(State(app): State<AppState>) -> ApiResult {
+    let w = app.workers.read().unwrap_or_else(|e| e.into_inner());
+    let health = w.health.as_ref().map(|h| h.snapshot());
+    let metrics = w.metrics.as_ref().map(|h| h.snapshot());
+    ok(json!({
+        "health_worker": views::worker(health.as_ref(), w.intervals.0, w.error.as_deref(), false),
+        "metrics_worker": views::worker(metrics.as_ref(), w.intervals.1, w.error.as_deref(), true),
+        "timestamp": views::ts(app.clock.now()),
+    }))
+}
+
+pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
+    let mut out = String::new();
+    let (health, metrics) = {
+        let w = app.workers.read().unwrap_or_else(|e| e.into_inner());
+        (
+            w.health.as_ref().map(|h| h.snapshot()),
+            w.metrics.as_ref().map(|h| h.snapshot()),
+        )
+    };
+    let families: [(&str, &str, &str); 8] = [
+        (
+            "fleet_worker_checks_total",
+            "counter",
+            "Checks completed, by worker and result.",
+        ),
+        ("fleet_worker_cycles_total", "counter", "Cycles completed."),
+        (
+            "fleet_worker_overruns_total",
+            "counter",
+            "Ticks that fell while a cycle still ran.",
+        ),
+        ("fleet_worker_in_flight", "gauge", "Checks running now."),
+        (
+            "fleet_worker_results_pending",
+            "gauge",
+            "Results waiting to be written.",
+        ),
+        (
+            "fleet_worker_results_dropped_total",
+            "counter",
+            "Results dropped (buffer full or lost at shutdown).",
+        ),
+        (
+            "fleet_worker_last_cycle_seconds",
+            "gauge",
+            "Duration of the last completed cycle.",
+        ),
+        ("fleet_worker_running", "gauge", "1 while the worker runs."),
+    ];
+    for (name, kind, help) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for s in [&health, &metrics].into_iter().flatten() {
+            let w = s.worker;
+            let _ = match name {
+                "fleet_worker_checks_total" => writeln!(
+                    out,
+                    "{name}{{worker=\"{w}\",result=\"success\"}} {}\n{name}{{worker=\"{w}\",result=\"failure\"}} {}",
+                    s.successful, s.failed
+                ),
+                "fleet_worker_cycles_total" => {
+                    writeln!(out, "{name}{{worker=\"{w}\"}} {}", s.cycles)
+                }
+                "fleet_worker_overruns_total" => {
+                    writeln!(out, "{name}{{worker=\"{w}\"}} {}", s.overruns)
+                }
+                "fleet_worker_in_flight" => {
+                    writeln!(out, "{name}{{worker=\"{w}\"}} {}", s.in_flight)
+                }
+                "fleet_worker_results_pending" => {
+                    writeln!(out, "{name}{{worker=\"{w}\"}} {}", s.pending)
+                }
+                "fleet_worker_results_dropped_total" => {
+                    writeln!(out, "{name}{{worker=\"{w}\"}} {}", s.dropped)
+                }
+                "fleet_worker_last_cycle_seconds" => writeln!(
+                    out,
+                    "{name}{{worker=\"{w}\"}} {}",
+                    s.last_duration_seconds.unwrap_or(0.0)
+                ),
+                _ => writeln!(out, "{name}{{worker=\"{w}\"}} {}", u8::from(s.running)),
+            };
+        }
+    }
+    if let Ok(servers) = app.store.list_servers(&ServerFilter::default()).await {
+        let mut by: BTreeMap<&str, u64> =
+            HealthStatus::ALL.iter().map(|h| (h.as_str(), 0)).collect();
+        by.insert("unknown", 0);
+        for s in servers.iter().filter(|s| s.status == ServerStatus::Active) {
+            *by.entry(s.health_status.map_or("unknown", |h| h.as_str()))
+                .or_default() += 1;
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleet_servers Active servers by current health.\n# TYPE fleet_servers gauge"
+        );
+        for (h, n) in by {
+            let _ = writeln!(out, "fleet_servers{{health_status=\"{h}\"}} {n}");
+        }
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    status: Option<String>,
+    health_status: Option<String>,
+    region: Option<String>,
+    environment: Option<String>,
+    tag: Option<String>,
+    group: Option<Uuid>,
+    search: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+pub(crate) async fn list_servers(
+    State(app): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1 to 1000"));
+    }
+    let filter = ServerFilter {
+        status: q
+            .status
+            .as_deref()
+            .map(|s| parse("status", s))
+            .transpose()?,
+        health_status: q
+            .health_status
+            .as_deref()
+            .map(|s| parse("health_status", s))
+            .transpose()?,
+        region: q.region,
+        environment: q.environment,
+        tag: q.tag,
+        search: q.search,
+        group: q.group.map(GroupId),
+        limit: Some(limit),
+        offset: q.offset.unwrap_or(0).min(1_000_000_000),
+    };
+    let servers = app.store.list_servers(&filter).await?;
+    ok(json!({
+        "servers": servers.iter().map(views::server).collect::<Vec<_>>(),
+        "limit": limit,
+        "offset": filter.offset,
+    }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateServer {
+    name: String,
+    api_url: String,
+    api_token: String,
+    description: Option<String>,
+    hostname: Option<String>,
+    region: Option<String>,
+    environment: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    metadata: Option<Value>,
+    status: Option<ServerStatus>,
+}
+
+pub(crate) async fn create_server(
+    State(app): State<AppState>,
+    ApiJson(b): ApiJson<CreateServer>,
+) -> ApiResult {
+    text("name", &b.name, 1, MAX_NAME)?;
+    api_url(&b.api_url)?;
+    token(&b.api_token)?;
+    opt_text("description", &b.description, MAX_TEXT)?;
+    opt_text("hostname", &b.hostname, 255)?;
+    opt_text("region", &b.region, MAX_NAME)?;
+    opt_text("environment", &b.environment, MAX_NAME)?;
+    tags(&b.tags)?;
+    let meta = b.metadata.unwrap_or_else(|| json!({}));
+    metadata(&meta)?;
+    let new = NewServer {
+        name: b.name,
+        api_url: b.api_url,
+        api_token: Some(ApiToken::new(b.api_token)),
+        description: b.description,
+        hostname: b.hostname,
+        region: b.region,
+        environment: b.environment,
+        tags: b.tags,
+        metadata: meta,
+        status: b.status.unwrap_or(ServerStatus::Active),
+    };
+    let server = app.store.create_server(new).await?;
+    Ok((StatusCode::CREATED, Json(views::server(&server))).into_response())
+}
+
+pub(crate) async fn get_server(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult {
+    match app.store.get_server(ServerId(id)).await? {
+        Some(s) => ok(views::server(&s)),
+        None => Err(ApiError::not_found("server")),
+    }
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpdateServer {
+    name: Option<String>,
+    api_url: Option<String>,
+    api_token: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    hostname: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    region: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    environment: Option<Option<String>>,
+    tags: Option<Vec<String>>,
+    metadata: Option<Value>,
+    status: Option<ServerStatus>,
+}
+
+pub(crate) async fn update_server(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(b): ApiJson<UpdateServer>,
+) -> ApiResult {
+    if let Some(v) = &b.name {
+        text("name", v, 1, MAX_NAME)?;
+    }
+    if let Some(v) = &b.api_url {
+        api_url(v)?;
+    }
+    if let Some(v) = &b.api_token {
+        token(v)?;
+    }
+    opt_text("description", &b.description.clone().flatten(), MAX_TEXT)?;
+    opt_text("hostname", &b.hostname.clone().flatten(), 255)?;
+    opt_text("region", &b.region.clone().flatten(), MAX_NAME)?;
+    opt_text("environment", &b.environment.clone().flatten(), MAX_NAME)?;
+    if let Some(v) = &b.tags {
+        tags(v)?;
+    }
+    if let Some(v) = &b.metadata {
+        metadata(v)?;
+    }
+    let update = ServerUpdate {
+        name: b.name,
+        api_url: b.api_url,
+        api_token: b.api_token.map(ApiToken::new),
+        description: b.description,
+        hostname: b.hostname,
+        region: b.region,
+        environment: b.environment,
+        tags: b.tags,
+        metadata: b.metadata,
+        status: b.status,
+    };
+    match app.store.update_server(ServerId(id), update).await? {
+        Some(s) => ok(views::server(&s)),
+        None => Err(ApiError::not_found("server")),
+    }
+}
+
+pub(crate) async fn delete_server(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult {
+    if app.store.delete_server(ServerId(id)).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found("server"))
+    }
+}
+
+pub(crate) async fn check_now(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult {
+    let Some(target) = app.store.probe_target(ServerId(id)).await? else {
+        return Err(ApiError::not_found("server"));
+    };
+    let started = app.clock.now();
+    let deadline = tokio::time::Instant::now() + app.probe_timeout;
+    let outcome = match tokio::time::timeout_at(deadline, app.probe.probe(&target, deadline)).await
+    {
+        Ok(o) => o,
+        Err(_) => fleet_core::ProbeOutcome::Failed {
+            failure: fleet_core::ProbeFailure::Timeout {
+                after: app.probe_timeout,
+            },
+            response_time: None,
+        },
+    };
+    let check = health_check(&target, started, outcome);
+    app.store
+        .record_health(std::slice::from_ref(&check))
+        .await?;
+    ok(views::check(&check))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WindowQuery {
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<usize>,
+}
+
+impl WindowQuery {
+    fn query(&self) -> Result<HistoryQuery, ApiError> {
+        let limit = self.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::bad_request("limit must be 1 to 1000"));
+        }
+        Ok(HistoryQuery {
+            from: time_param("from", &self.from)?,
+            to: time_param("to", &self.to)?,
+            limit,
+        })
+    }
+}
+
+pub(crate) async fn health_history(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<WindowQuery>,
+) -> ApiResult {
+    let query = q.query()?;
+    if app.store.get_server(ServerId(id)).await?.is_none() {
+        return Err(ApiError::not_found("server"));
+    }
+    let checks = app.store.health_history(ServerId(id), query).await?;
+    ok(
+        json!({"server_id": id, "health_checks": checks.iter().map(views::check).collect::<Vec<_>>()}),
+    )
+}
+
+pub(crate) async fn metrics_history(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<WindowQuery>,
+) -> ApiResult {
+    let query = q.query()?;
+    if app.store.get_server(ServerId(id)).await?.is_none() {
+        return Err(ApiError::not_found("server"));
+    }
+    let samples = app.store.metrics_history(ServerId(id), query).await?;
+    ok(json!({"server_id": id, "metrics": samples.iter().map(views::sample).collect::<Vec<_>>()}))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GroupBody {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    color: Option<Option<String>>,
+    tags: Option<Vec<String>>,
+    regions: Option<Vec<String>>,
+    environments: Option<Vec<String>>,
+}
+
+impl GroupBody {
+    fn fields(self) -> Result<GroupFields, ApiError> {
+        if let Some(n) = &self.name {
+            text("name", n, 1, MAX_NAME)?;
+        }
+        opt_text("description", &self.description.clone().flatten(), MAX_TEXT)?;
+        opt_text("color", &self.color.clone().flatten(), 32)?;
+        for list in [&self.tags, &self.regions, &self.environments]
+            .into_iter()
+            .flatten()
+        {
+            tags(list)?;
+        }
+        Ok(GroupFields {
+            name: self.name,
+            description: self.description,
+            color: self.color,
+            tags: self.tags,
+            regions: self.regions,
+            environments: self.environments,
+        })
+    }
+}
+
+pub(crate) async fn list_groups(State(app): State<AppState>) -> ApiResult {
+    let groups = app.store.list_groups().await?;
+    ok(json!({"groups": groups.iter().map(views::group).collect::<Vec<_>>()}))
+}
+
+pub(crate) async fn create_group(
+    State(app): State<AppState>,
+    ApiJson(b): ApiJson<GroupBody>,
+) -> ApiResult {
+    if b.name.is_none() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "name is required",
+        ));
+    }
+    let group = app.store.create_group(b.fields()?).await?;
+    Ok((StatusCode::CREATED, Json(views::group(&group))).into_response())
+}
+
+pub(crate) async fn get_group(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult {
+    match app.store.get_group(GroupId(id)).await? {
+        Some(g) => ok(views::group(&g)),
+        None => Err(ApiError::not_found("group")),
+    }
+}
+
+pub(crate) async fn update_group(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(b): ApiJson<GroupBody>,
+) -> ApiResult {
+    match app.store.update_group(GroupId(id), b.fields()?).await? {
+        Some(g) => ok(views::group(&g)),
+        None => Err(ApiError::not_found("group")),
+    }
+}
+
+pub(crate) async fn delete_group(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ApiResult {
+    if app.store.delete_group(GroupId(id)).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found("group"))
+    }
+}
+
+pub(crate) async fn add_member(
+    State(app): State<AppState>,
+    ApiPath((group, server)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult {
+    if app
+        .store
+        .add_member(GroupId(group), ServerId(server))
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found("group or server"))
+    }
+}
+
+pub(crate) async fn remove_member(
+    State(app): State<AppState>,
+    ApiPath((group, server)): ApiPath<(Uuid, Uuid)>,
+) -> ApiResult {
+    if app
+        .store
+        .remove_member(GroupId(group), ServerId(server))
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found("membership"))
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SummaryQuery {
+    from: Option<String>,
+    to: Option<String>,
+    hours: Option<u32>,
+}
+
+pub(crate) async fn summary(
+    State(app): State<AppState>,
+    ApiQuery(q): ApiQuery<SummaryQuery>,
+) -> ApiResult {
+    let now = app.clock.now();
+    let to = time_param("to", &q.to)?.unwrap_or(now);
+    let hours = q.hours.unwrap_or(24);
+    if !(1..=24 * 400).contains(&hours) {
+        return Err(ApiError::bad_request("hours must be 1 to 9600"));
+    }
+    let from = time_param("from", &q.from)?.unwrap_or(to - time::Duration::hours(i64::from(hours)));
+    if from >= to {
+        return Err(ApiError::bad_request("from must be before to"));
+    }
+    let servers = app.store.list_servers(&ServerFilter::default()).await?;
+    let mut by_status: BTreeMap<&str, u64> =
+        ServerStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+    let mut by_health: BTreeMap<&str, u64> =
+        HealthStatus::ALL.iter().map(|h| (h.as_str(), 0)).collect();
+    by_health.insert("unknown", 0);
+    let mut regions: BTreeMap<String, u64> = BTreeMap::new();
+    let mut environments: BTreeMap<String, u64> = BTreeMap::new();
+    let mut names = BTreeMap::new();
+    for s in &servers {
+        *by_status.entry(s.status.as_str()).or_default() += 1;
+        *by_health
+            .entry(s.health_status.map_or("unknown", |h| h.as_str()))
+            .or_default() += 1;
+        *regions
+            .entry(s.region.clone().unwrap_or_else(|| "unknown".into()))
+            .or_default() += 1;
+        *environments
+            .entry(s.environment.clone().unwrap_or_else(|| "unknown".into()))
+            .or_default() += 1;
+        names.insert(s.id, s.name.clone());
+    }
+    let usage = app.store.llm_usage(from, to).await?;
+    let total_requests: i64 = usage.iter().map(|u| u.requests).sum();
+    let total_cost: f64 = usage.iter().map(|u| u.cost_usd).sum();
+    let per_server: Vec<Value> = usage
+        .iter()
+        .map(|u| {
+            json!({
+                "server_id": u.server_id,
+                "name": names.get(&u.server_id),
+                "llm_requests": u.requests,
+                "llm_cost_usd": (u.cost_usd * 1e6).round() / 1e6,
+            })
+        })
+        .collect();
+    ok(json!({
+        "servers": {
+            "total": servers.len(),
+            "by_status": by_status,
+            "by_health_status": by_health,
+            "by_region": regions,
+            "by_environment": environments,
+        },
+        "llm": {
+            "from": views::ts(from),
+            "to": views::ts(to),
+            "total_requests": total_requests,
+            "total_cost_usd": (total_cost * 1e6).round() / 1e6,
+            "per_server": per_server,
+        },
+        "timestamp": views::ts(now),
+    }))
+}

@@ -1,0 +1,615 @@
+//! The admin API: a route table from which both the router and the OpenAPI document are
+//! built, bearer-token authentication, and JSON errors for every failure.
+
+mod handlers;
+mod views;
+
+pub(crate) use views::ts;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, delete, get, patch, post, put};
+use axum::{Json, Router};
+use fleet_core::{
+    AdminTokens, Clock, Groups, HealthProbe, History, Ping, Registry, Role, StatsHandle, Store,
+    StoreError,
+};
+use serde_json::json;
+
+use crate::auth::{self, Bootstrap, FailureLimiter};
+
+/// Everything a store must offer the server.
+pub trait FullStore: Store + Registry + History + Groups + AdminTokens + Ping {}
+impl<T: Store + Registry + History + Groups + AdminTokens + Ping> FullStore for T {}
+
+/// The workers as the API sees them.
+#[derive(Debug, Default)]
+pub struct Workers {
+    /// The health worker's statistics, once it runs.
+    pub health: Option<StatsHandle>,
+    /// The metrics worker's statistics, once it runs.
+    pub metrics: Option<StatsHandle>,
+    /// Why the workers are not running, when they failed to start.
+    pub error: Option<String>,
+    /// Configured intervals, shown even before the workers start.
+    pub intervals: (f64, f64),
+}
+
+/// The API's shared state.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) store: Arc<dyn FullStore>,
+    pub(crate) probe: Arc<dyn HealthProbe>,
+    pub(crate) probe_timeout: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) workers: Arc<RwLock<Workers>>,
+    pub(crate) bootstrap: Bootstrap,
+    pub(crate) limiter: Arc<FailureLimiter>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("bootstrap", &self.bootstrap)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// The API's state.
+    pub fn new(
+        store: Arc<dyn FullStore>,
+        probe: Arc<dyn HealthProbe>,
+        probe_timeout: Duration,
+        clock: Arc<dyn Clock>,
+        workers: Arc<RwLock<Workers>>,
+        admin_token: Option<&str>,
+        auth_failure_limit: u32,
+    ) -> Self {
+        Self {
+            store,
+            probe,
+            probe_timeout,
+            clock,
+            workers,
+            bootstrap: Bootstrap::new(admin_token),
+            limiter: Arc::new(FailureLimiter::new(auth_failure_limit)),
+        }
+    }
+}
+
+/// An API failure: a status and `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub(crate) fn not_found(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            StoreError::Invalid(m) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m),
+            StoreError::Unavailable { .. } => {
+                tracing::warn!(target: "fleet::api", error = %e, "store unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the store is unavailable; try again",
+                )
+            }
+            StoreError::Backend { .. } => {
+                tracing::error!(target: "fleet::api", error = %e, "store error");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        match r {
+            JsonRejection::MissingJsonContentType(_) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json",
+            ),
+            JsonRejection::BytesRejection(b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Self::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "request bodies are limited to 64 KiB",
+                )
+            }
+            JsonRejection::JsonSyntaxError(e) => {
+                Self::bad_request(format!("body is not valid JSON: {}", e.body_text()))
+            }
+            JsonRejection::JsonDataError(e) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.body_text())
+            }
+            other => Self::bad_request(other.body_text()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        Self::bad_request(format!("bad path parameter: {}", r.body_text()))
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        Self::bad_request(format!("bad query: {}", r.body_text()))
+    }
+}
+
+/// `Json` whose rejections are [`ApiError`]s.
+#[derive(Debug, FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
+
+/// `Path` whose rejections are [`ApiError`]s.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// `Query` whose rejections are [`ApiError`]s.
+#[derive(Debug, FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
+
+/// Who may call a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone.
+    Public,
+    /// A viewer or admin token.
+    Viewer,
+    /// An admin token.
+    Admin,
+}
+
+/// One route: where, who, what, and its handler.
+pub struct Route {
+    /// The method.
+    pub method: Method,
+    /// The path, with `{param}`s.
+    pub path: &'static str,
+    /// Who may call it.
+    pub access: Access,
+    /// What it does.
+    pub summary: &'static str,
+    /// Its query parameters.
+    pub query: &'static [&'static str],
+    /// Whether it takes a JSON body.
+    pub body: bool,
+    handler: MethodRouter<AppState>,
+}
+
+fn route(
+    method: Method,
+    path: &'static str,
+    access: Access,
+    summary: &'static str,
+    query: &'static [&'static str],
+    handler: MethodRouter<AppState>,
+) -> Route {
+    let body = matches!(method, Method::POST | Method::PATCH | Method::PUT)
+        && !path.ends_with("/check")
+        && !path.contains("/members/");
+    Route {
+        method,
+        path,
+        access,
+        summary,
+        query,
+        body,
+        handler,
+    }
+}
+
+/// Every route of the API. The router and the OpenAPI document are both built from this.
+pub fn routes() -> Vec<Route> {
+    use Access::*;
+    use handlers as h;
+    const SERVER_FILTERS: &[&str] = &[
+        "status",
+        "health_status",
+        "region",
+        "environment",
+        "tag",
+        "group",
+        "search",
+        "limit",
+        "offset",
+    ];
+    const WINDOW: &[&str] = &["from", "to", "limit"];
+    vec![
+        route(
+            Method::GET,
+            "/healthz",
+            Public,
+            "The process is alive.",
+            &[],
+            get(h::healthz),
+        ),
+        route(
+            Method::GET,
+            "/readyz",
+            Public,
+            "The store is reachable and the workers run.",
+            &[],
+            get(h::readyz),
+        ),
+        route(
+            Method::GET,
+            "/metrics",
+            Public,
+            "Prometheus text: worker counters, cycle durations, fleet health.",
+            &[],
+            get(h::prometheus),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/openapi.json",
+            Public,
+            "This document.",
+            &[],
+            get(h::openapi),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/fleet/workers/status",
+            Admin,
+            "Both workers' statistics.",
+            &[],
+            get(h::workers_status),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/fleet/servers",
+            Viewer,
+            "List servers, filtered and paginated.",
+            SERVER_FILTERS,
+            get(h::list_servers),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/fleet/servers",
+            Admin,
+            "Register a server.",
+            &[],
+            post(h::create_server),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/fleet/servers/{id}",
+            Viewer,
+            "One server.",
+            &[],
+            get(h::get_server),
+        ),
+        route(
+            Method::PATCH,
+            "/api/v1/fleet/servers/{id}",
+            Admin,
+            "Change a server; a new api_token rotates it.",
+            &[],
+            patch(h::update_server),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/fleet/servers/{id}",
+            Admin,
+            "Remove a server and its history.",
+            &[],
+            delete(h::delete_server),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/fleet/servers/{id}/check",
+            Admin,
+            "Run a health check now and return it.",
+            &[],
+            post(h::check_now),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/fleet/servers/{id}/health-checks",
+            Viewer,
+            "A server's health history, newest first.",
+            WINDOW,
+            get(h::health_history),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/fleet/servers/{id}/metrics",
+            Viewer,
+            "A server's metrics history, newest first.",
+            WINDOW,
+            get(h::metrics_history),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/fleet/groups",
+            Viewer,
+            "List groups.",
+            &[],
+            get(h::list_groups),
+        ),
+        route(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            Admin,
+            "Create a group.",
+            &[],
+            post(h::create_group),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/fleet/groups/{id}",
+            Viewer,
+            "One group.",
+            &[],
+            get(h::get_group),
+        ),
+        route(
+            Method::PATCH,
+            "/api/v1/fleet/groups/{id}",
+            Admin,
+            "Change a group.",
+            &[],
+            patch(h::update_group),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/fleet/groups/{id}",
+            Admin,
+            "Remove a group (not its servers).",
+            &[],
+            delete(h::delete_group),
+        ),
+        route(
+            Method::PUT,
+            "/api/v1/fleet/groups/{id}/members/{server_id}",
+            Admin,
+            "Add a server to a group.",
+            &[],
+            put(h::add_member),
+        ),
+        route(
+            Method::DELETE,
+            "/api/v1/fleet/groups/{id}/members/{server_id}",
+            Admin,
+            "Remove a server from a group.",
+            &[],
+            delete(h::remove_member),
+        ),
+        route(
+            Method::GET,
+            "/api/v1/fleet/summary",
+            Viewer,
+            "Servers by status, health, region and environment; LLM cost and requests over a window.",
+            &["from", "to", "hours"],
+            get(h::summary),
+        ),
+    ]
+}
+
+/// The client's address, when the server was started with connect info.
+fn client_addr(req: &Request) -> Option<std::net::IpAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// Checks the bearer token against `access`.
+async fn require(
+    State((app, access)): State<(AppState, Access)>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let addr = client_addr(&req);
+    let header = req.headers().get(header::AUTHORIZATION);
+    let Some(header) = header else {
+        return Err(unauthorized("missing bearer token"));
+    };
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    let role = match token.filter(|t| auth::well_formed(t)) {
+        None => None,
+        Some(token) => {
+            let hashed = auth::hash(token);
+            if app.bootstrap.matches(&hashed) {
+                Some(Role::Admin)
+            } else {
+                app.store.find_token(hashed).await?.map(|t| t.role)
+            }
+        }
+    };
+    let Some(role) = role else {
+        if app.limiter.fail(addr) {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                "too many failed authentications; wait a minute",
+            ));
+        }
+        return Err(unauthorized("unknown or malformed token"));
+    };
+    if access == Access::Admin && role != Role::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this route needs an admin token",
+        ));
+    }
+    Ok(next.run(req).await)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+/// The API as a router, without a socket.
+pub fn router(state: AppState) -> Router {
+    let mut by_path: BTreeMap<&'static str, MethodRouter<AppState>> = BTreeMap::new();
+    for r in routes() {
+        let handler = match r.access {
+            Access::Public => r.handler,
+            access => r.handler.route_layer(middleware::from_fn_with_state(
+                (state.clone(), access),
+                require,
+            )),
+        };
+        let merged = match by_path.remove(r.path) {
+            Some(existing) => existing.merge(handler),
+            None => handler,
+        };
+        by_path.insert(r.path, merged);
+    }
+    let mut router = Router::new();
+    for (path, mr) in by_path {
+        router = router.route(path, mr);
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+            .into_response()
+        }))
+        .with_state(state)
+}
+
+/// The OpenAPI document of every route, from the route table.
+pub fn openapi() -> serde_json::Value {
+    let mut paths = serde_json::Map::new();
+    for r in routes() {
+        let mut params: Vec<serde_json::Value> = Vec::new();
+        for segment in r.path.split('/') {
+            if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                params.push(json!({"name": name, "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}));
+            }
+        }
+        for q in r.query {
+            let schema = match *q {
+                "limit" | "offset" | "hours" => json!({"type": "integer", "minimum": 0}),
+                "from" | "to" => json!({"type": "string", "format": "date-time"}),
+                "group" => json!({"type": "string", "format": "uuid"}),
+                "status" => {
+                    json!({"type": "string", "enum": ["active", "inactive", "maintenance"]})
+                }
+                "health_status" => {
+                    json!({"type": "string", "enum": ["healthy", "degraded", "critical", "unreachable"]})
+                }
+                _ => json!({"type": "string"}),
+            };
+            params.push(json!({"name": q, "in": "query", "required": false, "schema": schema}));
+        }
+        let mut op = json!({
+            "summary": r.summary,
+            "operationId": format!("{}_{}", r.method.as_str().to_lowercase(), r.path.trim_start_matches('/').replace(['/', '{', '}', '.', '-'], "_")),
+            "parameters": params,
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                "400": {"$ref": "#/components/responses/Error"},
+                "404": {"$ref": "#/components/responses/Error"},
+            },
+        });
+        if r.access != Access::Public {
+            op["security"] = json!([{"bearer": []}]);
+            op["responses"]["401"] = json!({"$ref": "#/components/responses/Error"});
+            op["responses"]["403"] = json!({"$ref": "#/components/responses/Error"});
+        }
+        if r.body {
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": handlers::body_schema(r.path)}}});
+        }
+        let entry = paths.entry(r.path.to_owned()).or_insert_with(|| json!({}));
+        entry[r.method.as_str().to_lowercase()] = op;
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Fleet admin API", "version": env!("CARGO_PKG_VERSION")},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {"Error": {"description": "An error", "content": {"application/json": {"schema": {
+                "type": "object",
+                "properties": {"error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}
+            }}}}},
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,713 @@
+//! Router tests without a socket: every route, every auth case, bad bodies, unknown ids.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Method, Request, StatusCode, header};
+use fleet_core::conformance::{base_time, sample_at};
+use fleet_core::testing::{ManualClock, Script, ScriptedProbe, degraded};
+use fleet_core::{AdminTokens, InMemoryStore, MetricsRecord, NewServer, Registry, Role, Store};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::*;
+use crate::auth;
+
+struct Api {
+    router: Router,
+    memory: Arc<InMemoryStore>,
+    probe: Arc<ScriptedProbe>,
+    admin: String,
+    viewer: String,
+}
+
+const BOOTSTRAP: &str = "bootstrap-admin-token-0123456789";
+
+async fn api_with_limit(limit: u32) -> Api {
+    let memory = Arc::new(InMemoryStore::new());
+    let admin = auth::generate();
+    let viewer = auth::generate();
+    memory
+        .insert_token("admin", Role::Admin, auth::hash(&admin))
+        .await
+        .unwrap();
+    memory
+        .insert_token("viewer", Role::Viewer, auth::hash(&viewer))
+        .await
+        .unwrap();
+    let probe = Arc::new(ScriptedProbe::new(degraded()));
+    let clock = Arc::new(ManualClock::new(base_time() + time::Duration::minutes(30)));
+    let workers = Arc::new(RwLock::new(Workers {
+        intervals: (30.0, 60.0),
+        ..Default::default()
+    }));
+    let state = AppState::new(
+        memory.clone(),
+        probe.clone(),
+        Duration::from_secs(2),
+        clock,
+        workers,
+        Some(BOOTSTRAP),
+        limit,
+    );
+    Api {
+        router: router(state),
+        memory,
+        probe,
+        admin,
+        viewer,
+    }
+}
+
+async fn api() -> Api {
+    api_with_limit(20).await
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        self.call_from(method, path, token, body, [127, 0, 0, 1])
+            .await
+    }
+
+    async fn call_from(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        ip: [u8; 4],
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let mut req = req
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned())))
+            .unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from((ip, 40000))));
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let www = res.headers().get(header::WWW_AUTHENTICATE).cloned();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        if status == StatusCode::UNAUTHORIZED {
+            assert_eq!(
+                www.as_ref().map(|v| v.to_str().unwrap()),
+                Some("Bearer"),
+                "401 without WWW-Authenticate"
+            );
+        }
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        if !status.is_success() {
+            assert!(
+                value["error"]["code"].is_string() && value["error"]["message"].is_string(),
+                "{status}: {value}"
+            );
+        }
+        (status, value)
+    }
+
+    async fn admin(&self, method: Method, path: &str, body: Option<&str>) -> (StatusCode, Value) {
+        self.call(method, path, Some(&self.admin), body).await
+    }
+
+    async fn server(&self, name: &str) -> String {
+        let body = json!({"name": name, "api_url": "http://127.0.0.1:9", "api_token": format!("probe-secret-{name}")}).to_string();
+        let (status, v) = self
+            .admin(Method::POST, "/api/v1/fleet/servers", Some(&body))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+}
+
+fn concrete(path: &str) -> String {
+    path.replace("{id}", "00000000-0000-4000-8000-000000000001")
+        .replace("{server_id}", "00000000-0000-4000-8000-000000000002")
+}
+
+fn body_for(r: &Route) -> Option<&'static str> {
+    r.body.then_some("{}")
+}
+
+#[tokio::test]
+async fn every_route_enforces_its_access_uniformly() {
+    // No failure limit here: this test fails on purpose many times from one address.
+    let a = api_with_limit(0).await;
+    let revoked = auth::generate();
+    a.memory
+        .insert_token("gone", Role::Admin, auth::hash(&revoked))
+        .await
+        .unwrap();
+    a.memory.revoke_token("gone").await.unwrap();
+    for r in routes() {
+        let path = concrete(r.path);
+        let body = body_for(&r);
+        let m = r.method.clone();
+        if r.access == Access::Public {
+            let (status, _) = a.call(m, &path, None, body).await;
+            assert!(
+                status.is_success(),
+                "{} {path}: public route gave {status}",
+                r.method
+            );
+            continue;
+        }
+        for bad in [
+            None,
+            Some("not-a-token"),
+            Some("fleet_unknownunknownunknownunknown"),
+            Some(revoked.as_str()),
+        ] {
+            let (status, _) = a.call(m.clone(), &path, bad, body).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{} {path} with {bad:?}",
+                r.method
+            );
+        }
+        let (status, _) = a.call(m.clone(), &path, Some(&a.viewer), body).await;
+        if r.access == Access::Admin {
+            assert_eq!(
+                status,
+                StatusCode::FORBIDDEN,
+                "{} {path}: viewer on an admin route",
+                r.method
+            );
+        } else {
+            assert!(
+                status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                "{} {path}: viewer gave {status}",
+                r.method
+            );
+        }
+        for good in [a.admin.as_str(), BOOTSTRAP] {
+            let (status, _) = a.call(m.clone(), &path, Some(good), body).await;
+            assert!(
+                status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                "{} {path}: admin gave {status}",
+                r.method
+            );
+            assert!(!status.is_server_error(), "{} {path}: {status}", r.method);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route() {
+    let a = api().await;
+    let (status, doc) = a
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for r in routes() {
+        let op = &doc["paths"][r.path][r.method.as_str().to_lowercase()];
+        assert!(
+            op.is_object(),
+            "{} {} missing from the OpenAPI document",
+            r.method,
+            r.path
+        );
+        assert_eq!(op["security"].is_array(), r.access != Access::Public);
+    }
+}
+
+#[tokio::test]
+async fn servers_are_created_listed_changed_and_deleted_without_their_token() {
+    let a = api().await;
+    let body = json!({
+        "name": "web-1", "api_url": "https://127.0.0.1:8443", "api_token": "probe-secret-xyz",
+        "region": "eu", "environment": "production", "tags": ["edge"], "metadata": {"rack": 3}, "hostname": "web-1.local"
+    });
+    let (status, created) = a
+        .admin(
+            Method::POST,
+            "/api/v1/fleet/servers",
+            Some(&body.to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert!(
+        !created.to_string().contains("probe-secret"),
+        "the token came back: {created}"
+    );
+    assert_eq!(created["status"], "active");
+    assert_eq!(created["health_status"], Value::Null);
+    let id = created["id"].as_str().unwrap();
+
+    let (status, v) = a
+        .admin(
+            Method::POST,
+            "/api/v1/fleet/servers",
+            Some(&body.to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{v}");
+
+    let (status, list) = a
+        .call(
+            Method::GET,
+            "/api/v1/fleet/servers?region=eu&tag=edge&search=WEB",
+            Some(&a.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["servers"].as_array().unwrap().len(), 1);
+    let (_, list) = a
+        .call(
+            Method::GET,
+            "/api/v1/fleet/servers?region=us",
+            Some(&a.viewer),
+            None,
+        )
+        .await;
+    assert!(list["servers"].as_array().unwrap().is_empty());
+    let (status, _) = a
+        .call(
+            Method::GET,
+            "/api/v1/fleet/servers?status=sleepy",
+            Some(&a.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = a
+        .call(
+            Method::GET,
+            "/api/v1/fleet/servers?limit=0",
+            Some(&a.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = a
+        .call(
+            Method::GET,
+            "/api/v1/fleet/servers?colour=red",
+            Some(&a.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let patch =
+        json!({"api_token": "rotated-secret", "region": null, "status": "maintenance"}).to_string();
+    let (status, changed) = a
+        .admin(
+            Method::PATCH,
+            &format!("/api/v1/fleet/servers/{id}"),
+            Some(&patch),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{changed}");
+    assert_eq!(changed["region"], Value::Null);
+    assert_eq!(changed["status"], "maintenance");
+    assert!(!changed.to_string().contains("rotated-secret"));
+    let target = a
+        .memory
+        .probe_target(fleet_core::ServerId(id.parse().unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(target.token.unwrap().expose(), "rotated-secret");
+
+    let (status, _) = a
+        .admin(Method::DELETE, &format!("/api/v1/fleet/servers/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = a
+        .admin(Method::GET, &format!("/api/v1/fleet/servers/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = a
+        .admin(Method::DELETE, &format!("/api/v1/fleet/servers/{id}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_bodies_get_a_clear_4xx_and_store_nothing() {
+    let a = api().await;
+    let long_name = "x".repeat(10_000);
+    let cases: Vec<(String, StatusCode, &str)> = vec![
+        (json!({"name": "a", "api_url": "file:///etc/passwd", "api_token": "t"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "http or https"),
+        (json!({"name": "a", "api_url": "gopher://127.0.0.1:70/", "api_token": "t"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "http or https"),
+        (json!({"name": "a", "api_url": "127.0.0.1:8080", "api_token": "t"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "api_url"),
+        (json!({"name": "a", "api_url": "http://user:pw@127.0.0.1", "api_token": "t"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "credentials"),
+        (json!({"name": long_name, "api_url": "http://127.0.0.1", "api_token": "t"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "name must be 1 to 200"),
+        (json!({"name": "", "api_url": "http://127.0.0.1", "api_token": "t"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "name must be"),
+        (json!({"name": "a", "api_url": "http://127.0.0.1", "api_token": "t", "colour": "red"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "unknown field"),
+        (json!({"name": 5, "api_url": "http://127.0.0.1", "api_token": "t"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "invalid type"),
+        (json!({"name": "a", "api_url": "http://127.0.0.1"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "api_token"),
+        (json!({"name": "a", "api_url": "http://127.0.0.1", "api_token": "t", "metadata": [1]}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "metadata"),
+        (json!({"name": "a", "api_url": "http://127.0.0.1", "api_token": "t", "status": "asleep"}).to_string(), StatusCode::UNPROCESSABLE_ENTITY, "unknown variant"),
+        ("{not json".to_owned(), StatusCode::BAD_REQUEST, "not valid JSON"),
+        ("[]".to_owned(), StatusCode::UNPROCESSABLE_ENTITY, "expected struct"),
+        (format!("{{\"name\": \"{}\"}}", "y".repeat(70_000)), StatusCode::PAYLOAD_TOO_LARGE, "64 KiB"),
+    ];
+    for (body, expected, says) in cases {
+        let (status, v) = a
+            .admin(Method::POST, "/api/v1/fleet/servers", Some(&body))
+            .await;
+        assert_eq!(status, expected, "{}: {v}", &body[..body.len().min(80)]);
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "expected `{says}` in `{message}`");
+    }
+    assert!(
+        a.memory
+            .list_servers(&Default::default())
+            .await
+            .unwrap()
+            .is_empty(),
+        "something was stored"
+    );
+
+    // No content type: refused as such.
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/fleet/servers")
+        .header(header::AUTHORIZATION, format!("Bearer {}", a.admin))
+        .body(Body::from("{}"))
+        .unwrap();
+    let res = a.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let (status, v) = a
+        .admin(Method::GET, "/api/v1/fleet/servers/not-a-uuid", None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    let (status, _) = a.admin(Method::GET, "/api/v1/nowhere", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = a
+        .admin(Method::PUT, "/api/v1/fleet/servers", Some("{}"))
+        .await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn check_now_probes_records_and_returns_the_check() {
+    let a = api().await;
+    let id = a.server("s1").await;
+    let (status, check) = a
+        .admin(
+            Method::POST,
+            &format!("/api/v1/fleet/servers/{id}/check"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{check}");
+    assert_eq!(check["status"], "degraded");
+    assert_eq!(check["successful"], true);
+    let (_, server) = a
+        .admin(Method::GET, &format!("/api/v1/fleet/servers/{id}"), None)
+        .await;
+    assert_eq!(server["health_status"], "degraded");
+    let (_, history) = a
+        .admin(
+            Method::GET,
+            &format!("/api/v1/fleet/servers/{id}/health-checks?limit=5"),
+            None,
+        )
+        .await;
+    assert_eq!(history["health_checks"].as_array().unwrap().len(), 1);
+    a.probe.set("s1", Script::Never);
+    let (status, check) = a
+        .admin(
+            Method::POST,
+            &format!("/api/v1/fleet/servers/{id}/check"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(check["status"], "unreachable");
+    assert_eq!(check["error_message"], "timeout after 2s");
+    let (status, _) = a
+        .admin(
+            Method::POST,
+            "/api/v1/fleet/servers/00000000-0000-4000-8000-000000000009/check",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn history_windows_parse_times_and_refuse_bad_ones() {
+    let a = api().await;
+    let id = a.server("s1").await;
+    let sid = fleet_core::ServerId(id.parse().unwrap());
+    let t0 = base_time();
+    let records: Vec<MetricsRecord> = (0..5)
+        .map(|i| MetricsRecord::Sample(sample_at(sid, t0 + time::Duration::minutes(i), 5.0)))
+        .collect();
+    a.memory.record_metrics(&records).await.unwrap();
+    let path = format!(
+        "/api/v1/fleet/servers/{id}/metrics?from=2026-03-31T23:59:00Z&to=2026-04-01T00:02:00Z"
+    );
+    let (status, v) = a.call(Method::GET, &path, Some(&a.viewer), None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["metrics"].as_array().unwrap().len(), 3);
+    assert_eq!(v["metrics"][0]["timestamp"], "2026-04-01T00:01:00Z");
+    let (status, v) = a
+        .call(
+            Method::GET,
+            &format!("/api/v1/fleet/servers/{id}/metrics?from=yesterday"),
+            Some(&a.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["message"].as_str().unwrap().contains("RFC 3339"));
+    let (status, _) = a
+        .call(
+            Method::GET,
+            "/api/v1/fleet/servers/00000000-0000-4000-8000-000000000009/metrics",
+            Some(&a.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn groups_gather_servers_and_filter_the_list() {
+    let a = api().await;
+    let s1 = a.server("s1").await;
+    a.server("s2").await;
+    let (status, g) = a
+        .admin(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            Some(r##"{"name": "edge", "color": "#00ff00"}"##),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{g}");
+    let gid = g["id"].as_str().unwrap();
+    let (status, _) = a
+        .admin(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            Some(r#"{"name": "edge"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = a
+        .admin(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            Some(r#"{"color": "red"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = a
+        .admin(
+            Method::PUT,
+            &format!("/api/v1/fleet/groups/{gid}/members/{s1}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, list) = a
+        .admin(
+            Method::GET,
+            &format!("/api/v1/fleet/servers?group={gid}"),
+            None,
+        )
+        .await;
+    assert_eq!(list["servers"].as_array().unwrap().len(), 1);
+    assert_eq!(list["servers"][0]["name"], "s1");
+    let (status, g) = a
+        .admin(
+            Method::PATCH,
+            &format!("/api/v1/fleet/groups/{gid}"),
+            Some(r#"{"description": "the edge"}"#),
+        )
+        .await;
+    assert_eq!(
+        (status, g["description"].as_str()),
+        (StatusCode::OK, Some("the edge"))
+    );
+    let (status, _) = a
+        .admin(
+            Method::DELETE,
+            &format!("/api/v1/fleet/groups/{gid}/members/{s1}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = a
+        .admin(Method::DELETE, &format!("/api/v1/fleet/groups/{gid}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = a
+        .admin(Method::GET, &format!("/api/v1/fleet/groups/{gid}"), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_summary_counts_servers_and_llm_spend_over_a_window() {
+    let a = api().await;
+    let mut new = NewServer::new("a", "http://127.0.0.1:9");
+    new.region = Some("eu".into());
+    let s = a.memory.create_server(new).await.unwrap();
+    let t0 = base_time();
+    let sample = |m: i64, req: i64, cost: f64| {
+        let mut x = sample_at(s.id, t0 + time::Duration::minutes(m), 1.0);
+        x.values.llm_requests = Some(req);
+        x.values.llm_cost_usd = Some(cost);
+        MetricsRecord::Sample(x)
+    };
+    a.memory
+        .record_metrics(&[sample(0, 10, 1.0), sample(1, 30, 2.0), sample(2, 5, 0.5)])
+        .await
+        .unwrap();
+    let (status, v) = a
+        .call(
+            Method::GET,
+            "/api/v1/fleet/summary?hours=1",
+            Some(&a.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["servers"]["total"], 1);
+    assert_eq!(v["servers"]["by_status"]["active"], 1);
+    assert_eq!(v["servers"]["by_health_status"]["unknown"], 1);
+    assert_eq!(v["servers"]["by_region"]["eu"], 1);
+    assert_eq!(v["llm"]["total_requests"], 20 + 5);
+    assert_eq!(v["llm"]["total_cost_usd"], 1.5);
+    assert_eq!(v["llm"]["per_server"][0]["name"], "a");
+    let (status, _) = a
+        .call(
+            Method::GET,
+            "/api/v1/fleet/summary?hours=0",
+            Some(&a.viewer),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn the_status_endpoint_has_the_seeds_shape_and_says_why_workers_are_down() {
+    let a = api().await;
+    let (status, v) = a
+        .admin(Method::GET, "/api/v1/fleet/workers/status", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for key in [
+        "running",
+        "interval_seconds",
+        "checks_performed",
+        "checks_successful",
+        "checks_failed",
+        "success_rate",
+        "last_run",
+        "last_duration_seconds",
+    ] {
+        assert!(
+            v["health_worker"].get(key).is_some(),
+            "health_worker.{key} missing: {v}"
+        );
+    }
+    for key in [
+        "collections_performed",
+        "collections_successful",
+        "collections_failed",
+        "total_metrics_collected",
+        "partition_health",
+    ] {
+        assert!(
+            v["metrics_worker"].get(key).is_some(),
+            "metrics_worker.{key} missing"
+        );
+    }
+    assert_eq!(v["health_worker"]["running"], false);
+    assert_eq!(v["health_worker"]["interval_seconds"], 30.0);
+    assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+}
+
+#[tokio::test]
+async fn repeated_failures_from_one_address_get_429_while_valid_tokens_work() {
+    let a = api_with_limit(3).await;
+    let path = "/api/v1/fleet/servers";
+    let me = [127, 0, 0, 5];
+    for _ in 0..3 {
+        let (status, _) = a
+            .call_from(
+                Method::GET,
+                path,
+                Some("fleet_wrongwrongwrongwrongwrong"),
+                None,
+                me,
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, _) = a
+        .call_from(
+            Method::GET,
+            path,
+            Some("fleet_wrongwrongwrongwrongwrong"),
+            None,
+            me,
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let (status, _) = a.call_from(Method::GET, path, Some("bad"), None, me).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // No token at all is a plain 401 and does not count.
+    let (status, _) = a.call_from(Method::GET, path, None, None, me).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A valid token still works from the same address; another address is not limited.
+    let (status, _) = a
+        .call_from(Method::GET, path, Some(&a.viewer), None, me)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = a
+        .call_from(
+            Method::GET,
+            path,
+            Some("fleet_wrongwrongwrongwrongwrong"),
+            None,
+            [127, 0, 0, 6],
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn the_public_endpoints_answer() {
+    let a = api().await;
+    a.server("s1").await;
+    let (status, v) = a.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!((status, v["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (status, v) = a.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["store"], "ok");
+    let (status, v) = a.call(Method::GET, "/metrics", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = v.as_str().unwrap();
+    assert!(
+        text.contains("fleet_servers{health_status=\"unknown\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("probe-secret"));
+}

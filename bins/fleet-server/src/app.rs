@@ -1,0 +1,546 @@
+//! Composition: build the parts from the crates, wire them, run, stop.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use fleet_core::{
+    AdminTokens, ApiToken, CancellationToken, Clock, HealthProbe, HealthWork, MetricsCollector,
+    MetricsWork, NewServer, Registry, Role, ServerFilter, Store, StoreError, SystemClock,
+    WorkerConfig, WorkerHandle,
+};
+use fleet_http::{HttpCollector, HttpConfig, HttpProbe};
+use fleet_pg::{PgStore, TokenVault};
+use fleet_sim::{Behavior, Manifest, SimConfig, SimFleet};
+use rand::Rng;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState, FullStore, Workers};
+use crate::auth;
+use crate::config::{
+    ApiArgs, DbArgs, DemoArgs, LogArgs, LogFormat, ServeArgs, ServersCommand, TokenCommand,
+    WorkerArgs, secret_key,
+};
+
+/// Sets up logging from `FLEET_LOG` and `FLEET_LOG_FORMAT`.
+pub fn init_logging(log: &LogArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.log)
+        .map_err(|e| anyhow::anyhow!("invalid FLEET_LOG (--log) = {:?}: {e}", log.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match log.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let sigterm = async {
+        match term.as_mut() {
+            Some(t) => {
+                t.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = sigterm => {}
+    }
+    tracing::info!(target: "fleet::server", "shutdown requested");
+}
+
+fn http_clients(workers: &WorkerArgs) -> anyhow::Result<(Arc<HttpProbe>, Arc<HttpCollector>)> {
+    let config = HttpConfig {
+        idle_per_host: workers.http_idle_per_host,
+        ..Default::default()
+    };
+    Ok((
+        Arc::new(HttpProbe::new(&config)?),
+        Arc::new(HttpCollector::new(&config)?),
+    ))
+}
+
+async fn bind(api: &ApiArgs) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(api.listen)
+        .await
+        .with_context(|| format!("cannot listen on FLEET_LISTEN (--listen) = {}", api.listen))
+}
+
+/// The running parts, and how to stop them.
+struct Running {
+    cancel: CancellationToken,
+    handles: Arc<Mutex<Vec<WorkerHandle>>>,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    grace: Duration,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.cancel.cancel();
+        let handles: Vec<WorkerHandle> =
+            std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()));
+        let stop_workers = async {
+            for h in handles {
+                let report = h.stopped().await;
+                tracing::info!(target: "fleet::server", cancelled = report.cancelled_checks, lost = report.lost_results, "worker stopped");
+            }
+        };
+        // Each worker bounds its own drain and flush by the grace period; this is the backstop.
+        if tokio::time::timeout(self.grace + Duration::from_secs(2), stop_workers)
+            .await
+            .is_err()
+        {
+            tracing::error!(target: "fleet::server", "workers did not stop within the grace period");
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.api).await {
+            Ok(Ok(Err(e))) => {
+                tracing::error!(target: "fleet::server", error = %e, "API server failed")
+            }
+            Err(_) => tracing::warn!(target: "fleet::server", "API connections still open at exit"),
+            _ => {}
+        }
+    }
+}
+
+/// Starts the API and returns its task.
+async fn start_api(
+    listener: TcpListener,
+    state: AppState,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await
+    })
+}
+
+/// Starts both workers. With `metrics_after_health`, the metrics worker starts once the
+/// first health cycle is done (bounded by one health interval), so that a fresh registry
+/// has healthy servers to collect from.
+#[allow(clippy::too_many_arguments)]
+async fn spawn_workers(
+    store: Arc<dyn FullStore>,
+    pg: Option<Arc<PgStore>>,
+    probe: Arc<dyn HealthProbe>,
+    collector: Arc<dyn MetricsCollector>,
+    (health_cfg, metrics_cfg): (WorkerConfig, WorkerConfig),
+    clock: Arc<dyn Clock>,
+    cancel: &CancellationToken,
+    metrics_after_health: bool,
+) -> (WorkerHandle, WorkerHandle) {
+    let as_store: Arc<dyn Store> = store;
+    let interval = health_cfg.interval;
+    let health = HealthWork::new(as_store.clone(), probe)
+        .worker(health_cfg, clock.clone())
+        .spawn(cancel.clone());
+    if metrics_after_health {
+        let stats = health.stats().clone();
+        let first_cycle = async {
+            while stats.snapshot().cycles == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let _ = tokio::time::timeout(interval, first_cycle).await;
+    }
+    let mut metrics = MetricsWork::new(as_store, collector);
+    if let Some(pg) = pg {
+        metrics = metrics.with_storage_check(pg);
+    }
+    let metrics = metrics.worker(metrics_cfg, clock).spawn(cancel.clone());
+    (health, metrics)
+}
+
+/// `fleet-server serve`.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let configs = args.workers.configs()?;
+    let key = secret_key(args.secret_key.as_deref())?;
+    let settings = args.db.settings()?;
+    let pool = settings.pool()?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let pg = Arc::new(PgStore::new(
+        pool.clone(),
+        TokenVault::new(key),
+        clock.clone(),
+        args.partitions.policy(),
+    ));
+    let store: Arc<dyn FullStore> = pg.clone();
+    let (probe, collector) = http_clients(&args.workers)?;
+    let workers = Arc::new(RwLock::new(Workers {
+        intervals: (
+            configs.0.interval.as_secs_f64(),
+            configs.1.interval.as_secs_f64(),
+        ),
+        ..Default::default()
+    }));
+    let cancel = CancellationToken::new();
+    let listener = bind(&args.api).await?;
+    let state = AppState::new(
+        store.clone(),
+        probe.clone(),
+        configs.0.timeout,
+        clock.clone(),
+        workers.clone(),
+        args.api.admin_token.as_deref(),
+        args.api.auth_failure_limit,
+    );
+    let api = start_api(listener, state, cancel.clone()).await;
+    tracing::info!(target: "fleet::server", "API listening on http://{}", args.api.listen);
+
+    // The workers start once the database is migrated; until then the API says why not.
+    let handles = Arc::new(Mutex::new(Vec::new()));
+    {
+        let (pg, store, workers, handles, cancel, clock) = (
+            pg.clone(),
+            store.clone(),
+            workers.clone(),
+            handles.clone(),
+            cancel.clone(),
+            clock.clone(),
+        );
+        let (probe, collector): (Arc<dyn HealthProbe>, Arc<dyn MetricsCollector>) =
+            (probe, collector);
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                let ready = async {
+                    fleet_pg::migrate(pg.pool())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    pg.maintain().await.map_err(|e| e.to_string())
+                };
+                match ready.await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(target: "fleet::server", error = %e, "workers not started: {e}; retrying in {backoff:?}");
+                        workers.write().unwrap_or_else(|p| p.into_inner()).error =
+                            Some(format!("workers not started: {e}"));
+                        tokio::select! {
+                            () = cancel.cancelled() => return,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+            if cancel.is_cancelled() {
+                return;
+            }
+            let (h, m) = spawn_workers(
+                store,
+                Some(pg.clone()),
+                probe,
+                collector,
+                configs,
+                clock,
+                &cancel,
+                false,
+            )
+            .await;
+            {
+                let mut w = workers.write().unwrap_or_else(|p| p.into_inner());
+                w.health = Some(h.stats().clone());
+                w.metrics = Some(m.stats().clone());
+                w.error = None;
+            }
+            handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend([h, m]);
+            tracing::info!(target: "fleet::server", "workers started");
+            // Partition maintenance: hourly, as well as at start.
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                }
+                if let Err(e) = pg.maintain().await {
+                    tracing::error!(target: "fleet::pg", error = %e, "partition maintenance failed: {e}");
+                }
+            }
+        });
+    }
+
+    shutdown_signal().await;
+    Running {
+        cancel,
+        handles,
+        api,
+        grace: args.workers.shutdown_grace,
+    }
+    .stop()
+    .await;
+    pool.close();
+    tracing::info!(target: "fleet::server", "stopped");
+    Ok(())
+}
+
+/// The demo fleet's mix: mostly healthy, some of everything an operator meets.
+const DEMO_MIX: &str = "healthy=34,degraded=5,critical=3,unreachable=2,slow=4,flaky=1,http_error=1";
+
+/// `fleet-server demo`.
+pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let configs = args.workers.configs()?;
+    if args.servers == 0 || args.servers > 5000 {
+        anyhow::bail!(
+            "invalid FLEET_DEMO_SERVERS (--servers) = {}: must be 1 to 5000",
+            args.servers
+        );
+    }
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let memory = Arc::new(fleet_core::InMemoryStore::new());
+    let store: Arc<dyn FullStore> = memory.clone();
+    let sim = SimConfig {
+        count: args.servers,
+        mix: DEMO_MIX.parse().expect("the demo mix parses"),
+        seed: rand::rng().random(),
+        prefix: "demo".into(),
+        slow: (Duration::from_millis(300), Duration::from_millis(2500)),
+        ..Default::default()
+    };
+    let fleet = Arc::new(
+        SimFleet::start(sim)
+            .await
+            .context("starting the simulated fleet")?,
+    );
+    let regions = ["eu-west", "us-east", "ap-south"];
+    let environments = ["production", "staging"];
+    for (i, s) in fleet.servers().iter().enumerate() {
+        let mut new = NewServer::new(s.name(), s.api_url()).with_token(ApiToken::new(s.token()));
+        new.region = Some(regions[i % regions.len()].into());
+        new.environment = Some(environments[usize::from(i % 5 == 0)].into());
+        new.hostname = Some(format!("{}.demo.internal", s.name()));
+        memory.create_server(new).await?;
+    }
+    let token = auth::generate();
+    memory
+        .insert_token("demo-admin", Role::Admin, auth::hash(&token))
+        .await?;
+
+    let (probe, collector) = http_clients(&args.workers)?;
+    let workers = Arc::new(RwLock::new(Workers {
+        intervals: (
+            configs.0.interval.as_secs_f64(),
+            configs.1.interval.as_secs_f64(),
+        ),
+        ..Default::default()
+    }));
+    let cancel = CancellationToken::new();
+    let listener = bind(&args.api).await?;
+    let listen = listener.local_addr()?;
+    let state = AppState::new(
+        store.clone(),
+        probe.clone(),
+        configs.0.timeout,
+        clock.clone(),
+        workers.clone(),
+        args.api.admin_token.as_deref(),
+        args.api.auth_failure_limit,
+    );
+    let api = start_api(listener, state, cancel.clone()).await;
+
+    println!();
+    println!(
+        "Fleet demo: {} simulated servers on 127.0.0.1, watched by both workers.",
+        args.servers
+    );
+    println!("  Status:  http://{listen}/api/v1/fleet/workers/status");
+    println!("  Servers: http://{listen}/api/v1/fleet/servers");
+    println!("  Admin token (shown once): {token}");
+    println!();
+    println!(
+        "  curl -H 'Authorization: Bearer {token}' http://{listen}/api/v1/fleet/workers/status"
+    );
+    println!();
+    println!("Stop with Ctrl-C.");
+
+    let (h, m) = spawn_workers(store, None, probe, collector, configs, clock, &cancel, true).await;
+    {
+        let mut w = workers.write().unwrap_or_else(|p| p.into_inner());
+        w.health = Some(h.stats().clone());
+        w.metrics = Some(m.stats().clone());
+    }
+    let handles = Arc::new(Mutex::new(vec![h, m]));
+
+    if !args.change_every.is_zero() {
+        let (fleet, cancel, every) = (fleet.clone(), cancel.clone(), args.change_every);
+        tokio::spawn(async move {
+            let choices = [
+                Behavior::Healthy,
+                Behavior::Degraded,
+                Behavior::Critical,
+                Behavior::Unreachable,
+                Behavior::Slow,
+                Behavior::HttpError,
+            ];
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let (server, next) = {
+                    let mut rng = rand::rng();
+                    let servers = fleet.servers();
+                    let s = servers[rng.random_range(0..servers.len())].clone();
+                    let mut next = choices[rng.random_range(0..choices.len())];
+                    if next == s.behavior() {
+                        next = Behavior::Healthy;
+                    }
+                    (s, next)
+                };
+                tracing::info!(target: "fleet::demo", "demo: {} changes from {} to {}", server.name(), server.behavior(), next);
+                server.set_behavior(next);
+            }
+        });
+    }
+
+    shutdown_signal().await;
+    Running {
+        cancel,
+        handles,
+        api,
+        grace: args.workers.shutdown_grace,
+    }
+    .stop()
+    .await;
+    fleet.shutdown().await;
+    Ok(())
+}
+
+async fn pg_store(db: &DbArgs, key: Option<&str>) -> anyhow::Result<PgStore> {
+    let pool = db.settings()?.pool()?;
+    fleet_pg::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    Ok(PgStore::new(
+        pool,
+        TokenVault::new(secret_key(key)?),
+        Arc::new(SystemClock),
+        Default::default(),
+    ))
+}
+
+/// `fleet-server migrate`.
+pub async fn migrate(db: DbArgs) -> anyhow::Result<()> {
+    let pool = db.settings()?.pool()?;
+    let applied = fleet_pg::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    if applied.is_empty() {
+        println!("database is up to date");
+    } else {
+        println!("applied: {}", applied.join(", "));
+    }
+    Ok(())
+}
+
+/// `fleet-server token ...`.
+pub async fn token(command: TokenCommand, db: DbArgs) -> anyhow::Result<()> {
+    let store = pg_store(&db, None).await?;
+    match command {
+        TokenCommand::Create { name, role } => {
+            if name.trim().is_empty() || name.len() > 200 {
+                anyhow::bail!("invalid --name: must be 1 to 200 characters");
+            }
+            let token = auth::generate();
+            let record = store
+                .insert_token(&name, role.into(), auth::hash(&token))
+                .await
+                .map_err(store_error)?;
+            println!("{token}");
+            eprintln!(
+                "created {} token `{}`; it is shown only this once",
+                record.role, record.name
+            );
+        }
+        TokenCommand::List => {
+            println!("{:<30} {:<7} {:<26} REVOKED", "NAME", "ROLE", "CREATED");
+            for t in store.list_tokens().await.map_err(store_error)? {
+                let revoked = t.revoked_at.map_or("-".to_owned(), crate::api_ts);
+                println!(
+                    "{:<30} {:<7} {:<26} {revoked}",
+                    t.name,
+                    t.role.as_str(),
+                    crate::api_ts(t.created_at)
+                );
+            }
+        }
+        TokenCommand::Revoke { name } => {
+            if !store.revoke_token(&name).await.map_err(store_error)? {
+                anyhow::bail!("no live token named `{name}`");
+            }
+            println!("revoked `{name}`");
+        }
+    }
+    Ok(())
+}
+
+fn store_error(e: StoreError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+/// `fleet-server servers ...`.
+pub async fn servers(
+    command: ServersCommand,
+    db: DbArgs,
+    key: Option<String>,
+) -> anyhow::Result<()> {
+    let store = pg_store(&db, key.as_deref()).await?;
+    match command {
+        ServersCommand::Import { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let manifest: Manifest = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a manifest: expected {{\"servers\": [{{\"name\", \"api_url\", \"api_token\"}}]}}", file.display()))?;
+            let (mut added, mut skipped) = (0, 0);
+            for (i, e) in manifest.servers.into_iter().enumerate() {
+                let url = url::Url::parse(&e.api_url)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+                if url.is_none() {
+                    anyhow::bail!(
+                        "server {i} ({}): api_url `{}` is not an absolute http or https URL",
+                        e.name,
+                        e.api_url
+                    );
+                }
+                let new = NewServer::new(e.name.clone(), e.api_url)
+                    .with_token(ApiToken::new(e.api_token));
+                match store.create_server(new).await {
+                    Ok(_) => added += 1,
+                    Err(StoreError::Conflict(_)) => skipped += 1,
+                    Err(e) => return Err(store_error(e)),
+                }
+            }
+            println!("imported {added} servers, skipped {skipped} already registered");
+        }
+        ServersCommand::List => {
+            let all = store
+                .list_servers(&ServerFilter::default())
+                .await
+                .map_err(store_error)?;
+            println!(
+                "{:<24} {:<12} {:<12} {:<26} API URL",
+                "NAME", "STATUS", "HEALTH", "LAST CHECK"
+            );
+            for s in all {
+                println!(
+                    "{:<24} {:<12} {:<12} {:<26} {}",
+                    s.name,
+                    s.status.as_str(),
+                    s.health_status.map_or("-", |h| h.as_str()),
+                    s.last_health_check_at.map_or("-".to_owned(), crate::api_ts),
+                    s.api_url
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,431 @@
+//! Configuration: every setting is a flag and an environment variable, parsed by clap.
+//! A bad value exits non-zero with a message naming the setting and the value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fleet_core::{ConfigError, Role, WorkerConfig, WorkerKind};
+use fleet_pg::{PartitionPolicy, PgSettings, SecretKey};
+
+/// Fleet: keeps a fleet of managed servers under continuous watch.
+#[derive(Debug, Parser)]
+#[command(name = "fleet-server", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run migrations, both workers and the API against PostgreSQL, until SIGTERM or Ctrl-C.
+    Serve(Box<ServeArgs>),
+    /// Run on the in-memory store with an in-process simulated fleet of 50 servers; no
+    /// database needed. Prints an admin token and the URL to open.
+    Demo(Box<DemoArgs>),
+    /// Apply the database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Manage admin API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Import and list managed servers.
+    Servers {
+        #[command(subcommand)]
+        command: ServersCommand,
+        #[command(flatten)]
+        db: DbArgs,
+        /// Key that seals probe tokens at rest: 32 bytes in base64.
+        #[arg(long, env = "FLEET_SECRET_KEY", hide_env_values = true, global = true)]
+        secret_key: Option<String>,
+    },
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it once.
+    Create {
+        /// A unique name to list and revoke it by.
+        #[arg(long)]
+        name: String,
+        /// What it may do.
+        #[arg(long, value_enum, default_value_t = RoleArg::Viewer)]
+        role: RoleArg,
+    },
+    /// List tokens (never the tokens themselves).
+    List,
+    /// Revoke a token by name.
+    Revoke {
+        /// The token's name.
+        name: String,
+    },
+}
+
+/// `servers` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ServersCommand {
+    /// Import servers from a fleet-sim manifest or a file of the same shape:
+    /// {"servers": [{"name": ..., "api_url": ..., "api_token": ...}]}. Existing names are skipped.
+    Import {
+        /// The manifest file.
+        file: PathBuf,
+    },
+    /// List servers as a table.
+    List,
+}
+
+/// A role on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    /// Everything.
+    Admin,
+    /// Read only.
+    Viewer,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Admin => Role::Admin,
+            RoleArg::Viewer => Role::Viewer,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A duration in seconds, fractions allowed.
+pub fn seconds(text: &str) -> Result<Duration, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("`{text}` is not a number of seconds of 0 or more"));
+    }
+    if v > 365.0 * 86400.0 {
+        return Err(format!("`{text}` seconds is more than a year"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Where the database is: `DATABASE_URL`, or the seed's `POSTGRES_*` settings.
+#[derive(Clone, Debug, Default, Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL, e.g. postgres://fleet@127.0.0.1/fleet. Either this or POSTGRES_HOST.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+    /// PostgreSQL host (when DATABASE_URL is not set).
+    #[arg(long, env = "POSTGRES_HOST", global = true)]
+    pub postgres_host: Option<String>,
+    /// PostgreSQL port.
+    #[arg(long, env = "POSTGRES_PORT", global = true)]
+    pub postgres_port: Option<u16>,
+    /// PostgreSQL user.
+    #[arg(long, env = "POSTGRES_USER", global = true)]
+    pub postgres_user: Option<String>,
+    /// PostgreSQL password.
+    #[arg(long, env = "POSTGRES_PASSWORD", hide_env_values = true, global = true)]
+    pub postgres_password: Option<String>,
+    /// PostgreSQL database name.
+    #[arg(long, env = "POSTGRES_DB", global = true)]
+    pub postgres_db: Option<String>,
+    /// Connections in the pool.
+    #[arg(long, env = "FLEET_DB_POOL_SIZE", default_value_t = 16, global = true)]
+    pub db_pool_size: usize,
+}
+
+impl DbArgs {
+    /// The pool settings, or an error saying what to set.
+    pub fn settings(&self) -> anyhow::Result<PgSettings> {
+        let s = PgSettings {
+            url: self.database_url.clone().filter(|u| !u.is_empty()),
+            host: self.postgres_host.clone().filter(|h| !h.is_empty()),
+            port: self.postgres_port,
+            user: self.postgres_user.clone(),
+            password: self.postgres_password.clone(),
+            dbname: self.postgres_db.clone(),
+            pool_size: self.db_pool_size,
+        };
+        if !s.is_configured() {
+            anyhow::bail!(
+                "no database configured: set DATABASE_URL (or POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB)"
+            );
+        }
+        if self.db_pool_size == 0 {
+            anyhow::bail!("invalid FLEET_DB_POOL_SIZE (--db-pool-size) = 0: must be at least 1");
+        }
+        Ok(s)
+    }
+}
+
+/// Both workers' settings.
+#[derive(Clone, Debug, Args)]
+pub struct WorkerArgs {
+    /// Seconds between health cycles, start to start.
+    #[arg(long, env = "FLEET_HEALTH_INTERVAL", default_value = "30", value_parser = seconds, value_name = "SECONDS")]
+    pub health_interval: Duration,
+    /// Seconds between metrics cycles, start to start.
+    #[arg(long, env = "FLEET_METRICS_INTERVAL", default_value = "60", value_parser = seconds, value_name = "SECONDS")]
+    pub metrics_interval: Duration,
+    /// Health checks started together.
+    #[arg(long, env = "FLEET_HEALTH_BATCH_SIZE", default_value_t = 10)]
+    pub health_batch_size: usize,
+    /// Metrics collections started together.
+    #[arg(long, env = "FLEET_METRICS_BATCH_SIZE", default_value_t = 5)]
+    pub metrics_batch_size: usize,
+    /// Seconds between health batch starts; shortened when the batches would not all start
+    /// within a third of the interval, unless --fixed-batch-delay.
+    #[arg(long, env = "FLEET_HEALTH_BATCH_DELAY", default_value = "0.5", value_parser = seconds, value_name = "SECONDS")]
+    pub health_batch_delay: Duration,
+    /// Seconds between metrics batch starts (shortened as for health).
+    #[arg(long, env = "FLEET_METRICS_BATCH_DELAY", default_value = "1.0", value_parser = seconds, value_name = "SECONDS")]
+    pub metrics_batch_delay: Duration,
+    /// Hold the batch delays as given, as the seed design did, even for large fleets.
+    #[arg(long, env = "FLEET_FIXED_BATCH_DELAY", default_value_t = false)]
+    pub fixed_batch_delay: bool,
+    /// Health checks running at once, across batches.
+    #[arg(long, env = "FLEET_HEALTH_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub health_max_in_flight: usize,
+    /// Metrics collections running at once, across batches.
+    #[arg(long, env = "FLEET_METRICS_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub metrics_max_in_flight: usize,
+    /// Hard deadline of one health check, in seconds; shorter than the interval.
+    #[arg(long, env = "FLEET_HEALTH_TIMEOUT", default_value = "10", value_parser = seconds, value_name = "SECONDS")]
+    pub health_timeout: Duration,
+    /// Hard deadline of one metrics collection, in seconds; shorter than the interval.
+    #[arg(long, env = "FLEET_METRICS_TIMEOUT", default_value = "10", value_parser = seconds, value_name = "SECONDS")]
+    pub metrics_timeout: Duration,
+    /// Seconds given at shutdown to in-flight checks and the final write.
+    #[arg(long, env = "FLEET_SHUTDOWN_GRACE", default_value = "10", value_parser = seconds, value_name = "SECONDS")]
+    pub shutdown_grace: Duration,
+    /// Results held per worker while the store cannot take them; past it the oldest are
+    /// dropped and counted.
+    #[arg(long, env = "FLEET_RESULT_BUFFER", default_value_t = 100_000)]
+    pub result_buffer: usize,
+    /// Idle connections kept per managed server for reuse (0 closes each after use).
+    #[arg(long, env = "FLEET_HTTP_IDLE_PER_HOST", default_value_t = 1)]
+    pub http_idle_per_host: usize,
+}
+
+impl WorkerArgs {
+    /// The validated configuration of both workers.
+    pub fn configs(&self) -> anyhow::Result<(WorkerConfig, WorkerConfig)> {
+        let health = WorkerConfig::builder(WorkerKind::Health)
+            .interval(self.health_interval)
+            .batch_size(self.health_batch_size)
+            .batch_delay(self.health_batch_delay)
+            .fixed_batch_delay(self.fixed_batch_delay)
+            .max_in_flight(self.health_max_in_flight)
+            .timeout(self.health_timeout)
+            .shutdown_grace(self.shutdown_grace)
+            .result_buffer(self.result_buffer)
+            .build()
+            .map_err(|e| named(WorkerKind::Health, e, self))?;
+        let metrics = WorkerConfig::builder(WorkerKind::Metrics)
+            .interval(self.metrics_interval)
+            .batch_size(self.metrics_batch_size)
+            .batch_delay(self.metrics_batch_delay)
+            .fixed_batch_delay(self.fixed_batch_delay)
+            .max_in_flight(self.metrics_max_in_flight)
+            .timeout(self.metrics_timeout)
+            .shutdown_grace(self.shutdown_grace)
+            .result_buffer(self.result_buffer)
+            .build()
+            .map_err(|e| named(WorkerKind::Metrics, e, self))?;
+        Ok((health, metrics))
+    }
+}
+
+/// Names the environment variable, flag and value behind a refused worker setting.
+fn named(kind: WorkerKind, e: ConfigError, a: &WorkerArgs) -> anyhow::Error {
+    let h = kind == WorkerKind::Health;
+    let secs = |d: Duration| format!("{}", d.as_secs_f64());
+    let (var, value) = match (e.setting, h) {
+        ("interval", true) => ("FLEET_HEALTH_INTERVAL", secs(a.health_interval)),
+        ("interval", false) => ("FLEET_METRICS_INTERVAL", secs(a.metrics_interval)),
+        ("batch_size", true) => ("FLEET_HEALTH_BATCH_SIZE", a.health_batch_size.to_string()),
+        ("batch_size", false) => ("FLEET_METRICS_BATCH_SIZE", a.metrics_batch_size.to_string()),
+        ("max_in_flight", true) => (
+            "FLEET_HEALTH_MAX_IN_FLIGHT",
+            a.health_max_in_flight.to_string(),
+        ),
+        ("max_in_flight", false) => (
+            "FLEET_METRICS_MAX_IN_FLIGHT",
+            a.metrics_max_in_flight.to_string(),
+        ),
+        ("timeout", true) => ("FLEET_HEALTH_TIMEOUT", secs(a.health_timeout)),
+        ("timeout", false) => ("FLEET_METRICS_TIMEOUT", secs(a.metrics_timeout)),
+        ("shutdown_grace", _) => ("FLEET_SHUTDOWN_GRACE", secs(a.shutdown_grace)),
+        ("result_buffer", _) => ("FLEET_RESULT_BUFFER", a.result_buffer.to_string()),
+        (other, _) => return anyhow::anyhow!("{} worker: {e}", kind.as_str()).context(other),
+    };
+    let flag = var
+        .trim_start_matches("FLEET_")
+        .to_lowercase()
+        .replace('_', "-");
+    anyhow::anyhow!("invalid {var} (--{flag}) = {value}: {}", e.message)
+}
+
+/// The API's settings.
+#[derive(Clone, Debug, Args)]
+pub struct ApiArgs {
+    /// Address the API listens on.
+    #[arg(long, env = "FLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// A bootstrap admin token, accepted beside the stored ones (optional).
+    #[arg(long, env = "FLEET_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Failed authentications allowed per client address per minute before 429 (0: no limit).
+    #[arg(long, env = "FLEET_AUTH_FAILURE_LIMIT", default_value_t = 20)]
+    pub auth_failure_limit: u32,
+}
+
+/// Logging.
+#[derive(Clone, Debug, Args)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "FLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// A tracing filter, e.g. info or fleet=debug,info.
+    #[arg(long, env = "FLEET_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// The partition lifecycle.
+#[derive(Clone, Debug, Args)]
+pub struct PartitionArgs {
+    /// Months of partitions made ahead of the current one.
+    #[arg(long, env = "FLEET_PARTITION_PREMAKE_MONTHS", default_value_t = 3)]
+    pub partition_premake_months: u32,
+    /// Months of health checks kept before the current one (0 keeps forever).
+    #[arg(long, env = "FLEET_HEALTH_RETENTION_MONTHS", default_value_t = 3)]
+    pub health_retention_months: u32,
+    /// Months of metrics kept before the current one (0 keeps forever).
+    #[arg(long, env = "FLEET_METRICS_RETENTION_MONTHS", default_value_t = 13)]
+    pub metrics_retention_months: u32,
+}
+
+impl PartitionArgs {
+    /// The policy.
+    pub fn policy(&self) -> PartitionPolicy {
+        PartitionPolicy {
+            premake_months: self.partition_premake_months,
+            health_retention_months: self.health_retention_months,
+            metrics_retention_months: self.metrics_retention_months,
+        }
+    }
+}
+
+/// `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub workers: WorkerArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub partitions: PartitionArgs,
+    /// Key that seals probe tokens at rest: 32 bytes in base64 (without it, servers cannot be
+    /// given tokens).
+    #[arg(long, env = "FLEET_SECRET_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+}
+
+/// `demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub workers: WorkerArgs,
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Simulated servers.
+    #[arg(long, env = "FLEET_DEMO_SERVERS", default_value_t = 50)]
+    pub servers: usize,
+    /// Seconds between behaviour changes in the simulated fleet (0: none).
+    #[arg(long, env = "FLEET_DEMO_CHANGE_EVERY", default_value = "20", value_parser = seconds, value_name = "SECONDS")]
+    pub change_every: Duration,
+}
+
+/// Reads the secret key setting.
+pub fn secret_key(text: Option<&str>) -> anyhow::Result<Option<SecretKey>> {
+    match text.filter(|t| !t.is_empty()) {
+        None => Ok(None),
+        Some(t) => Ok(Some(SecretKey::from_base64(t).map_err(|e| {
+            anyhow::anyhow!("invalid FLEET_SECRET_KEY (--secret-key): {e}")
+        })?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds_take_fractions_and_refuse_nonsense() {
+        assert_eq!(seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(seconds("30"), Ok(Duration::from_secs(30)));
+        assert!(seconds("abc").unwrap_err().contains("`abc`"));
+        assert!(seconds("-1").is_err());
+        assert!(seconds("NaN").is_err());
+        assert!(seconds("1e12").is_err());
+    }
+
+    #[test]
+    fn a_refused_worker_setting_names_the_variable_and_value() {
+        let cli = Cli::try_parse_from(["fleet-server", "demo", "--health-timeout", "30"]).unwrap();
+        let Command::Demo(d) = cli.command else {
+            panic!()
+        };
+        let err = d.workers.configs().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid FLEET_HEALTH_TIMEOUT (--health-timeout) = 30: 30s must be shorter than the interval (30s)"
+        );
+        let cli =
+            Cli::try_parse_from(["fleet-server", "demo", "--metrics-batch-size", "0"]).unwrap();
+        let Command::Demo(d) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            d.workers.configs().unwrap_err().to_string(),
+            "invalid FLEET_METRICS_BATCH_SIZE (--metrics-batch-size) = 0: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn serve_without_a_database_says_what_to_set() {
+        let err = DbArgs::default().settings().unwrap_err().to_string();
+        assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+}

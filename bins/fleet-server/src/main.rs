@@ -1,0 +1,110 @@
+//! `fleet-server`: the bundled binary. Thin: it parses config, builds the parts from the
+//! crates, wires them and runs.
+
+mod api;
+mod app;
+mod auth;
+mod config;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+use config::{Cli, Command};
+
+/// RFC 3339 in UTC, as the API shows times.
+pub(crate) fn api_ts(t: time::OffsetDateTime) -> String {
+    api::ts(t)
+}
+
+/// Parses the command line; a bad value's message names both the flag and its environment
+/// variable, since either may have supplied it.
+fn parse() -> Result<Cli, clap::Error> {
+    Cli::try_parse().map_err(|e| {
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        if !matches!(
+            e.kind(),
+            ErrorKind::ValueValidation | ErrorKind::InvalidValue
+        ) {
+            return e;
+        }
+        let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+            return e;
+        };
+        let long = arg
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("--")
+            .to_owned();
+        let env = find_env(&Cli::command(), &long);
+        match env {
+            Some(env) => {
+                let mut cmd = Cli::command();
+                let text = e.to_string();
+                let detail = text
+                    .trim_start_matches("error: ")
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                cmd.error(e.kind(), format!("{detail} (setting {env} or --{long})"))
+            }
+            None => e,
+        }
+    })
+}
+
+fn find_env(cmd: &clap::Command, long: &str) -> Option<String> {
+    for a in cmd.get_arguments() {
+        if a.get_long() == Some(long) {
+            return a.get_env().map(|e| e.to_string_lossy().into_owned());
+        }
+    }
+    cmd.get_subcommands().find_map(|s| find_env(s, long))
+}
+
+fn main() -> ExitCode {
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => {
+                app::init_logging(&args.log)?;
+                app::serve(*args).await
+            }
+            Command::Demo(args) => {
+                app::init_logging(&args.log)?;
+                app::demo(*args).await
+            }
+            Command::Migrate { db } => app::migrate(db).await,
+            Command::Token { command, db } => app::token(command, db).await,
+            Command::Servers {
+                command,
+                db,
+                secret_key,
+            } => app::servers(command, db, secret_key).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
