@@ -1,0 +1,350 @@
+//! The real fleet-server binary against the throwaway PostgreSQL and a fleet-sim fleet.
+
+use std::process::Command;
+use std::time::Duration;
+
+use fleet_pg::testing::TestDb;
+use fleet_sim::{Behavior, Mix, SimConfig, SimFleet};
+use fleet_tests::{Client, Proc, binary, free_port, wait_for};
+use serde_json::Value;
+
+const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+fn server_cmd(db_url: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("fleet-server"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.env("DATABASE_URL", db_url)
+        .env("FLEET_SECRET_KEY", KEY)
+        .env("FLEET_LOG", "info");
+    cmd
+}
+
+fn run(db_url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = server_cmd(db_url, args).output().expect("run fleet-server");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn rows(db: &TestDb, sql: &str) -> i64 {
+    let pool = db.settings.pool().unwrap();
+    let client = pool.get().await.unwrap();
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_watches_an_imported_fleet_and_stops_cleanly_on_sigterm() {
+    let db = TestDb::create().await;
+    let url = db.settings.url.clone().unwrap();
+    let mix: Mix = "healthy=6,degraded=2,critical=1,unreachable=1,hang=2"
+        .parse()
+        .unwrap();
+    let fleet = SimFleet::start(SimConfig {
+        count: 12,
+        mix,
+        seed: 11,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let manifest = std::env::temp_dir().join(format!("fleet-e2e-{}.json", free_port()));
+    std::fs::write(&manifest, serde_json::to_string(&fleet.manifest()).unwrap()).unwrap();
+
+    let (code, out, err) = run(&url, &["migrate"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("V1__initial"), "{out}");
+    let (code, out, err) = run(&url, &["servers", "import", manifest.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "imported 12 servers, skipped 0 already registered"
+    );
+    let (_, out, _) = run(&url, &["servers", "import", manifest.to_str().unwrap()]);
+    assert_eq!(
+        out.trim(),
+        "imported 0 servers, skipped 12 already registered"
+    );
+    let (code, token, err) = run(
+        &url,
+        &["token", "create", "--name", "e2e", "--role", "admin"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let token = token.trim().to_owned();
+    let (_, listed, _) = run(&url, &["token", "list"]);
+    assert!(
+        listed.contains("e2e") && !listed.contains(&token),
+        "{listed}"
+    );
+    let (_, table, _) = run(&url, &["servers", "list"]);
+    assert_eq!(table.lines().count(), 13, "{table}");
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = server_cmd(&url, &["serve"]);
+    cmd.env("FLEET_LISTEN", &listen)
+        .env("FLEET_HEALTH_INTERVAL", "1")
+        .env("FLEET_HEALTH_TIMEOUT", "0.5")
+        .env("FLEET_METRICS_INTERVAL", "1.5")
+        .env("FLEET_METRICS_TIMEOUT", "0.5")
+        .env("FLEET_SHUTDOWN_GRACE", "3");
+    let mut server = Proc::start(cmd);
+    let api = Client::new(format!("http://{listen}"), Some(token.clone()));
+
+    let status = || async {
+        api.get("/api/v1/fleet/workers/status")
+            .await
+            .filter(|(c, _)| *c == 200)
+            .map(|(_, v)| v)
+    };
+    wait_for(
+        "two health cycles and a metrics collection",
+        Duration::from_secs(30),
+        || async {
+            status().await.is_some_and(|v| {
+                v["health_worker"]["cycles"].as_u64() >= Some(2)
+                    && v["metrics_worker"]["collections_successful"].as_u64() > Some(0)
+            })
+        },
+    )
+    .await;
+
+    // The registry agrees with what each simulated server does.
+    let (_, list) = api.get("/api/v1/fleet/servers?limit=100").await.unwrap();
+    for s in list["servers"].as_array().unwrap() {
+        let sim = fleet.server(s["name"].as_str().unwrap()).unwrap();
+        let expected = match sim.behavior() {
+            Behavior::Healthy => "healthy",
+            Behavior::Degraded => "degraded",
+            Behavior::Critical => "critical",
+            _ => "unreachable",
+        };
+        assert_eq!(s["health_status"], expected, "{}", s["name"]);
+        assert!(
+            sim.stats().max_open <= 1,
+            "{} was checked twice at once",
+            s["name"]
+        );
+    }
+
+    // A behaviour change shows up as a health transition in the history.
+    let flip = fleet
+        .servers()
+        .iter()
+        .find(|s| s.behavior() == Behavior::Healthy)
+        .unwrap()
+        .clone();
+    let id = list["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == flip.name())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    flip.set_behavior(Behavior::Critical);
+    wait_for(
+        "the transition to critical",
+        Duration::from_secs(15),
+        || async {
+            api.get(&format!("/api/v1/fleet/servers/{id}"))
+                .await
+                .is_some_and(|(_, v)| v["health_status"] == "critical")
+        },
+    )
+    .await;
+    let (_, history) = api
+        .get(&format!(
+            "/api/v1/fleet/servers/{id}/health-checks?limit=50"
+        ))
+        .await
+        .unwrap();
+    let statuses: Vec<&str> = history["health_checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses[0], "critical");
+    assert!(statuses.contains(&"healthy"), "{statuses:?}");
+
+    // The status endpoint's counts agree with the history in the database.
+    let v = status().await.unwrap();
+    assert!(v["health_worker"]["running"].as_bool().unwrap());
+    assert_eq!(v["metrics_worker"]["partition_health"]["ok"], true);
+
+    // SIGTERM mid-cycle (two servers hang): exit 0 within the grace period, every completed
+    // result stored.
+    server.terminate();
+    let code = server.wait(Duration::from_secs(8));
+    assert_eq!(code, Some(0), "exit status; stderr:\n{}", server.stderr());
+    let stored = rows(&db, "SELECT count(*) FROM server_health_checks").await;
+    let answered: u64 = fleet
+        .servers()
+        .iter()
+        .filter(|s| !matches!(s.behavior(), Behavior::Hang | Behavior::Unreachable))
+        .map(|s| s.stats().health_requests)
+        .sum();
+    let hung_or_refused_rows = rows(
+        &db,
+        "SELECT count(*) FROM server_health_checks WHERE status = 'unreachable'",
+    )
+    .await;
+    assert_eq!(
+        stored - hung_or_refused_rows,
+        answered as i64,
+        "every answered check is stored exactly once"
+    );
+    let logs = server.stderr();
+    assert!(logs.contains("Health checks complete"), "{logs}");
+    assert!(!logs.contains(&token), "the admin token was logged");
+    for s in fleet.servers() {
+        assert!(!logs.contains(s.token()), "a probe token was logged");
+    }
+    assert!(!logs.contains(KEY), "the secret key was logged");
+    fleet.shutdown().await;
+    let _ = std::fs::remove_file(manifest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_cannot_start_leave_the_api_up_and_say_why() {
+    let dead = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let admin = "bootstrap-admin-token-for-e2e-0001";
+    let mut cmd = server_cmd(&dead, &["serve"]);
+    cmd.env("FLEET_LISTEN", &listen)
+        .env("FLEET_ADMIN_TOKEN", admin);
+    let mut server = Proc::start(cmd);
+    let api = Client::new(format!("http://{listen}"), Some(admin.to_owned()));
+    wait_for(
+        "the status to report the failure",
+        Duration::from_secs(20),
+        || async {
+            api.get("/api/v1/fleet/workers/status")
+                .await
+                .is_some_and(|(c, v)| {
+                    c == 200
+                        && v["health_worker"]["running"] == false
+                        && v["health_worker"]["last_error"]
+                            .as_str()
+                            .is_some_and(|e| e.contains("workers not started"))
+                })
+        },
+    )
+    .await;
+    let (code, ready) = api.get("/readyz").await.unwrap();
+    assert_eq!(code, 503, "{ready}");
+    assert_eq!(ready["ready"], false);
+    server.terminate();
+    assert_eq!(
+        server.wait(Duration::from_secs(8)),
+        Some(0),
+        "{}",
+        server.stderr()
+    );
+    assert!(!server.stderr().contains(admin));
+}
+
+/// Environment, arguments, and what the error message must name.
+type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
+
+#[test]
+fn bad_settings_exit_non_zero_naming_the_setting_and_value() {
+    let cases: [Case; 5] = [
+        (
+            &[("FLEET_HEALTH_INTERVAL", "abc")],
+            &["demo"],
+            &["FLEET_HEALTH_INTERVAL", "abc"],
+        ),
+        (
+            &[],
+            &["demo", "--health-timeout", "30"],
+            &["FLEET_HEALTH_TIMEOUT", "30"],
+        ),
+        (
+            &[("FLEET_LISTEN", "nowhere")],
+            &["demo"],
+            &["FLEET_LISTEN", "nowhere"],
+        ),
+        (
+            &[("FLEET_SECRET_KEY", "short")],
+            &["serve"],
+            &["FLEET_SECRET_KEY"],
+        ),
+        (
+            &[("FLEET_LOG_FORMAT", "xml")],
+            &["demo"],
+            &["FLEET_LOG_FORMAT", "xml"],
+        ),
+    ];
+    for (env, args, says) in cases {
+        let mut cmd = Command::new(binary("fleet-server"));
+        cmd.args(args)
+            .env_clear()
+            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/postgres");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?} {env:?} succeeded");
+        for s in says {
+            assert!(err.contains(s), "{args:?} {env:?}: `{s}` not in:\n{err}");
+        }
+    }
+    let out = Command::new(binary("fleet-server"))
+        .arg("serve")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DATABASE_URL"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_a_live_fleet() {
+    let port = free_port();
+    let mut cmd = Command::new(binary("fleet-server"));
+    cmd.arg("demo")
+        .env_clear()
+        .env("FLEET_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FLEET_DEMO_SERVERS", "10");
+    let mut demo = Proc::start(cmd);
+    let token = {
+        let mut token = None;
+        for _ in 0..200 {
+            if let Some(t) = demo
+                .stdout()
+                .split_whitespace()
+                .find(|w| w.starts_with("fleet_"))
+            {
+                token = Some(t.to_owned());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        token.unwrap_or_else(|| panic!("no token printed: {}{}", demo.stdout(), demo.stderr()))
+    };
+    let api = Client::new(format!("http://127.0.0.1:{port}"), Some(token.clone()));
+    wait_for("a health cycle", Duration::from_secs(20), || async {
+        api.get("/api/v1/fleet/workers/status")
+            .await
+            .is_some_and(|(_, v): (u16, Value)| v["health_worker"]["cycles"].as_u64() >= Some(1))
+    })
+    .await;
+    let (_, list) = api.get("/api/v1/fleet/servers").await.unwrap();
+    assert_eq!(list["servers"].as_array().unwrap().len(), 10);
+    demo.terminate();
+    assert_eq!(
+        demo.wait(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        demo.stderr()
+    );
+    assert!(!demo.stderr().contains(&token), "the token was logged");
+}
