@@ -636,3 +636,30 @@ async fn one_cycle_makes_one_selection_and_one_write_for_its_batch() {
     cancel.cancel();
     h.stopped().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn while_selection_fails_the_last_targets_are_checked_again() {
+    let mut rig = Rig::new(3).await;
+    let h = rig.health(health().interval(10 * SEC).timeout(2 * SEC));
+    wait_until(5 * SEC, || h.stats().snapshot().cycles == 1).await;
+    rig.store.fail_selects(true);
+    wait_until(15 * SEC, || h.stats().snapshot().cycles == 2).await;
+    let s = h.stats().snapshot();
+    assert_eq!(rig.probe.calls().len(), 6, "the second cycle did not probe");
+    assert!(
+        s.last_error
+            .as_deref()
+            .unwrap()
+            .contains("checking the 3 targets of the last cycle"),
+        "{s:?}"
+    );
+    rig.store.fail_selects(false);
+    wait_until(15 * SEC, || {
+        let s = h.stats().snapshot();
+        s.cycles == 3 && s.pending == 0
+    })
+    .await;
+    assert_eq!(h.stats().snapshot().last_error, None);
+    assert_eq!(rig.history_len().await, 9);
+    rig.stop(h).await;
+}

@@ -15,8 +15,11 @@ pub(crate) struct ResultBuffer<T> {
     /// Results taken by the writer and not yet confirmed written.
     in_write: AtomicUsize,
     dropped: AtomicU64,
-    /// Woken when the queue reaches `flush_at`.
+    /// Woken when the queue reaches `flush_at`, or when a cycle ends and wants its results
+    /// written now.
     pub(crate) full_enough: Notify,
+    /// Woken after every write attempt.
+    pub(crate) wrote: Notify,
     flush_at: usize,
 }
 
@@ -28,6 +31,7 @@ impl<T> ResultBuffer<T> {
             in_write: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
             full_enough: Notify::new(),
+            wrote: Notify::new(),
             flush_at: flush_at.min(capacity),
         }
     }

@@ -31,7 +31,7 @@ use buffer::ResultBuffer;
 #[async_trait]
 pub trait Work: Send + Sync + 'static {
     /// What one check is run against.
-    type Target: Send + Sync + 'static;
+    type Target: Clone + Send + Sync + 'static;
     /// What one check produces.
     type Output: Send + Sync + 'static;
 
@@ -95,6 +95,8 @@ pub struct Worker<W: Work> {
     clock: Arc<dyn Clock>,
     buffer: Arc<ResultBuffer<W::Output>>,
     stats: StatsHandle,
+    /// The last successful selection, checked again while selecting fails.
+    last_targets: std::sync::Mutex<Vec<W::Target>>,
 }
 
 /// A worker running on its own task.
@@ -144,6 +146,7 @@ where
             clock,
             buffer,
             stats,
+            last_targets: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -277,12 +280,34 @@ where
             selected = self.work.select() => selected,
         };
         const SELECT_FAILED: &str = "selecting targets failed";
+        let select_failed = selected.is_err();
         let targets = match selected {
-            Ok(t) => t,
+            Ok(t) => {
+                *self.last_targets.lock().unwrap_or_else(|e| e.into_inner()) = t.clone();
+                t
+            }
             Err(e) => {
-                tracing::error!(target: "fleet::engine", worker = kind.as_str(), error = %e, "{} cycle skipped: selecting targets failed: {e}", capitalized(kind.as_str()));
-                self.stats.lock().stats.last_error = Some(format!("{SELECT_FAILED}: {e}"));
-                return None;
+                // Keep watching while the store is away: probe the last known targets; their
+                // results wait in the buffer until the store is back.
+                let known = self
+                    .last_targets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                let message = if known.is_empty() {
+                    format!("{SELECT_FAILED}: {e}")
+                } else {
+                    format!(
+                        "{SELECT_FAILED}: {e}; checking the {} targets of the last cycle",
+                        known.len()
+                    )
+                };
+                tracing::error!(target: "fleet::engine", worker = kind.as_str(), error = %e, "{} cycle: {message}", capitalized(kind.as_str()));
+                self.stats.lock().stats.last_error = Some(message);
+                if known.is_empty() {
+                    return None;
+                }
+                known
             }
         };
         let total = targets.len();
@@ -308,10 +333,11 @@ where
                 ..Default::default()
             };
             g.stats.last_cycle_targets = total as u64;
-            if g.stats
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.starts_with(SELECT_FAILED))
+            if !select_failed
+                && g.stats
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with(SELECT_FAILED))
             {
                 g.stats.last_error = None;
             }
@@ -378,6 +404,25 @@ where
                 tracing::warn!(target: "fleet::engine", worker = kind.as_str(), cut, "{} checks still running at shutdown were cancelled", cut);
             }
             return Some((stop_at, cut));
+        }
+
+        // A cycle is done when its results are stored: ask the writer to write them now, and
+        // wait a little for it. A store that is down does not hold the cycle up for long; its
+        // results wait in the buffer.
+        let drained = async {
+            loop {
+                let wrote = self.buffer.wrote.notified();
+                if self.buffer.pending() == 0 {
+                    break;
+                }
+                self.buffer.full_enough.notify_one();
+                wrote.await;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {}
+            _ = tokio::time::timeout(self.config.flush_interval * 2, drained) => {}
         }
 
         let duration = started.elapsed();
@@ -482,9 +527,11 @@ async fn write_loop<W: Work>(
             continue;
         }
         let n = batch.len();
-        match work.record(&batch).await {
+        let result = work.record(&batch).await;
+        match result {
             Ok(()) => {
                 buffer.written(n);
+                buffer.wrote.notify_waiters();
                 backoff = MIN_BACKOFF;
                 let mut g = stats.lock();
                 g.stats.written += n as u64;
@@ -496,6 +543,7 @@ async fn write_loop<W: Work>(
             }
             Err(e) => {
                 buffer.restore(batch);
+                buffer.wrote.notify_waiters();
                 let pending = buffer.pending();
                 tracing::error!(
                     target: "fleet::engine",
