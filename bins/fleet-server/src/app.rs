@@ -10,7 +10,7 @@ use fleet_core::{
     MetricsWork, NewServer, Registry, Role, ServerFilter, Store, StoreError, SystemClock,
     WorkerConfig, WorkerHandle,
 };
-use fleet_http::{HttpCollector, HttpConfig, HttpProbe};
+use fleet_http::{HttpClient, HttpCollector, HttpConfig, HttpProbe};
 use fleet_pg::{PgStore, TokenVault};
 use fleet_sim::{Behavior, Manifest, SimConfig, SimFleet};
 use rand::Rng;
@@ -60,9 +60,11 @@ fn http_clients(workers: &WorkerArgs) -> anyhow::Result<(Arc<HttpProbe>, Arc<Htt
         idle_per_host: workers.http_idle_per_host,
         ..Default::default()
     };
+    // One client for both workers: at most one idle connection per server, not two.
+    let client = HttpClient::new(&config)?;
     Ok((
-        Arc::new(HttpProbe::new(&config)?),
-        Arc::new(HttpCollector::new(&config)?),
+        Arc::new(HttpProbe::with_client(client.clone())),
+        Arc::new(HttpCollector::with_client(client)),
     ))
 }
 

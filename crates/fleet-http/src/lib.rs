@@ -76,9 +76,11 @@ impl Default for HttpConfig {
 #[error("cannot build the HTTP client: {0}")]
 pub struct BuildError(#[from] reqwest::Error);
 
-/// One HTTP client and what both adapters share.
+/// One HTTP client: its connection pool, body cap and settings. Cheap to clone (clones share
+/// the pool), so the probe and the collector can share one and keep one idle connection per
+/// server between them instead of two.
 #[derive(Clone, Debug)]
-struct Client {
+pub struct HttpClient {
     http: reqwest::Client,
     body_limit: u64,
 }
@@ -91,8 +93,9 @@ struct Exchange {
     elapsed: Duration,
 }
 
-impl Client {
-    fn new(config: &HttpConfig) -> Result<Self, BuildError> {
+impl HttpClient {
+    /// A client with `config`.
+    pub fn new(config: &HttpConfig) -> Result<Self, BuildError> {
         let mut b = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
@@ -257,15 +260,20 @@ fn status_failure(status: u16) -> Option<ProbeFailure> {
 /// The HTTP health probe: `GET {api_url}/health`.
 #[derive(Clone, Debug)]
 pub struct HttpProbe {
-    client: Client,
+    client: HttpClient,
 }
 
 impl HttpProbe {
     /// A probe with its own client.
     pub fn new(config: &HttpConfig) -> Result<Self, BuildError> {
         Ok(Self {
-            client: Client::new(config)?,
+            client: HttpClient::new(config)?,
         })
+    }
+
+    /// A probe on a shared client.
+    pub fn with_client(client: HttpClient) -> Self {
+        Self { client }
     }
 }
 
@@ -311,15 +319,20 @@ impl HealthProbe for HttpProbe {
 /// The HTTP metrics collector: `GET {api_url}/api/v1/metrics/current`.
 #[derive(Clone, Debug)]
 pub struct HttpCollector {
-    client: Client,
+    client: HttpClient,
 }
 
 impl HttpCollector {
     /// A collector with its own client.
     pub fn new(config: &HttpConfig) -> Result<Self, BuildError> {
         Ok(Self {
-            client: Client::new(config)?,
+            client: HttpClient::new(config)?,
         })
+    }
+
+    /// A collector on a shared client.
+    pub fn with_client(client: HttpClient) -> Self {
+        Self { client }
     }
 }
 
