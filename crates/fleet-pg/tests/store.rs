@@ -495,3 +495,134 @@ async fn health_stats_total(store: &PgStore) -> i64 {
         .unwrap()
         .get(0)
 }
+
+/// Runs a health worker over `servers` instant-healthy targets against `store`, calls `fault`
+/// while it runs, then stops it and checks that every completed check is stored exactly once.
+async fn survives<F, Fut>(store: Arc<PgStore>, servers: usize, fault: F) -> fleet_core::WorkerStats
+where
+    F: FnOnce(fleet_core::StatsHandle) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for i in 0..servers {
+        store
+            .create_server(NewServer::new(format!("s{i}"), "http://127.0.0.1:9"))
+            .await
+            .unwrap();
+    }
+    let probe = Arc::new(ScriptedProbe::new(healthy()));
+    let config = WorkerConfig::builder(WorkerKind::Health)
+        .interval(Duration::from_millis(200))
+        .timeout(Duration::from_millis(100))
+        .batch_size(servers)
+        .write_batch_size(50)
+        .flush_interval(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let health = HealthWork::new(store.clone(), probe.clone())
+        .worker(config, Arc::new(SystemClock))
+        .spawn(cancel.clone());
+    let stats = health.stats().clone();
+    fault(stats.clone()).await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while stats.snapshot().pending > 0 || stats.snapshot().last_error.is_some() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "never recovered: {:?}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cancel.cancel();
+    let report = health.stopped().await;
+    let s = stats.snapshot();
+    assert_eq!(
+        (report.lost_results, s.dropped, s.pending),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    assert_eq!(
+        health_stats_total(&store).await,
+        s.performed as i64,
+        "every completed check stored exactly once"
+    );
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_killed_during_batch_writes_lose_and_duplicate_nothing() {
+    let db = TestDb::create().await;
+    let store = Arc::new(db.store(Arc::new(SystemClock)).await);
+    store.ensure_partitions().await.unwrap();
+    let killer = fleet_pg::PgSettings::from_url(db.settings.url.clone().unwrap())
+        .pool()
+        .unwrap();
+    let name = db.name().to_owned();
+    let s = survives(store.clone(), 200, |_| async move {
+        let client = killer.get().await.unwrap();
+        let mut killed = 0i64;
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let row = client
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE datname = $1 AND application_name = 'fleet' AND pid <> pg_backend_pid() AND state = 'active'",
+                    &[&name],
+                )
+                .await
+                .unwrap();
+            killed += row.get::<_, i64>(0);
+        }
+        assert!(killed > 0, "no backend was caught writing");
+    })
+    .await;
+    assert!(s.cycles >= 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_table_is_absorbed_by_the_buffer_and_probing_goes_on() {
+    let db = TestDb::create().await;
+    let store = Arc::new(db.store(Arc::new(SystemClock)).await);
+    store.ensure_partitions().await.unwrap();
+    let locker = fleet_pg::PgSettings::from_url(db.settings.url.clone().unwrap())
+        .pool()
+        .unwrap();
+    let hold = if std::env::var("FLEET_LONG").is_ok_and(|v| v == "1") {
+        Duration::from_secs(30)
+    } else {
+        Duration::from_secs(2)
+    };
+    survives(store.clone(), 50, |stats| async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut client = locker.get().await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        tx.batch_execute("LOCK TABLE server_health_checks IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        // Readers wait on the lock too: count through the lock holder.
+        let rows_before: i64 = tx
+            .query_one("SELECT count(*) FROM server_health_checks", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let performed_before = stats.snapshot().performed;
+        tokio::time::sleep(hold).await;
+        let during = stats.snapshot();
+        let rows_during: i64 = tx
+            .query_one("SELECT count(*) FROM server_health_checks", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(rows_before, rows_during, "a write got past the lock");
+        assert!(
+            during.performed >= performed_before + 100,
+            "probing stalled behind the lock: {during:?}"
+        );
+        assert!(
+            during.pending >= 50,
+            "results did not wait in the buffer: {during:?}"
+        );
+        tx.commit().await.unwrap();
+    })
+    .await;
+}
