@@ -28,6 +28,20 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The secret key the end-to-end tests give fleet-server.
+pub const SECRET_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// `fleet-server ARGS` with a clean environment: PATH, the database and the secret key.
+pub fn server_cmd(db_url: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary("fleet-server"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.env("DATABASE_URL", db_url)
+        .env("FLEET_SECRET_KEY", SECRET_KEY);
+    cmd
+}
+
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -75,6 +89,23 @@ impl Proc {
             stdout,
             stderr,
         }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident memory so far, in MiB (Linux).
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
     }
 
     /// Sends SIGTERM.

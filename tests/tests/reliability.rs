@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use fleet_pg::testing::{PrivateCluster, TestDb};
 use fleet_sim::{Behavior, Mix, SimConfig, SimFleet};
-use fleet_tests::{Client, Proc, binary, free_port, wait_for};
+use fleet_tests::{Client, Proc, SECRET_KEY as KEY, free_port, wait_for};
 use serde_json::Value;
 
-const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const ADMIN: &str = "bootstrap-admin-token-reliability-01";
 
 fn long() -> bool {
@@ -18,13 +17,8 @@ fn long() -> bool {
 }
 
 fn server_cmd(db_url: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(binary("fleet-server"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    cmd.env("DATABASE_URL", db_url)
-        .env("FLEET_SECRET_KEY", KEY)
-        .env("FLEET_ADMIN_TOKEN", ADMIN);
+    let mut cmd = fleet_tests::server_cmd(db_url, args);
+    cmd.env("FLEET_ADMIN_TOKEN", ADMIN);
     cmd
 }
 
@@ -278,7 +272,7 @@ async fn after_sigkill_a_restart_continues_from_the_stored_state() {
     assert_eq!(dup, 0);
     let stalest = count(
         &url,
-        "SELECT extract(epoch FROM min(last_health_check_at))::int8 FROM managed_servers",
+        "SELECT (extract(epoch FROM min(last_health_check_at)) * 1000000)::int8 FROM managed_servers",
     )
     .await;
 
@@ -300,12 +294,203 @@ async fn after_sigkill_a_restart_continues_from_the_stored_state() {
         after >= rows + 30,
         "the restart checked every server again: {rows} then {after}"
     );
-    let still_stale = count(&url, &format!("SELECT count(*) FROM managed_servers WHERE extract(epoch FROM last_health_check_at)::int8 <= {stalest}")).await;
+    let still_stale = count(&url, &format!("SELECT count(*) FROM managed_servers WHERE (extract(epoch FROM last_health_check_at) * 1000000)::int8 <= {stalest}")).await;
     assert_eq!(
         still_stale, 0,
         "every server moved past the stalest stored check"
     );
     let dup = count(&url, "SELECT count(*) FROM (SELECT server_id, timestamp FROM server_health_checks GROUP BY 1, 2 HAVING count(*) > 1) d").await;
     assert_eq!(dup, 0);
+    fleet.shutdown().await;
+}
+
+/// Follows the status endpoint until `cycles` health cycles are done; the longest cycle.
+async fn longest_cycle(api: &Client, cycles: u64, limit: Duration) -> f64 {
+    let end = std::time::Instant::now() + limit;
+    let (mut seen, mut longest) = (0u64, 0f64);
+    while seen < cycles {
+        assert!(
+            std::time::Instant::now() < end,
+            "waited {limit:?} for {cycles} cycles"
+        );
+        if let Some(v) = status(api).await {
+            let h = &v["health_worker"];
+            let c = h["cycles"].as_u64().unwrap_or(0);
+            if c > seen {
+                seen = c;
+                longest = longest.max(h["last_duration_seconds"].as_f64().unwrap_or(0.0));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    longest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_percent_hanging_servers_hold_up_nobody() {
+    let servers = if long() { 1_000 } else { 100 };
+    let db = TestDb::create().await;
+    let url = db.settings.url.clone().unwrap();
+    let mix: Mix = "healthy=9,hang=1".parse().unwrap();
+    let fleet = SimFleet::start(SimConfig {
+        count: servers,
+        mix,
+        seed: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        server_cmd(&url, &["migrate"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    import(&url, &fleet);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let settings = [
+        ("FLEET_HEALTH_INTERVAL", "3"),
+        ("FLEET_HEALTH_TIMEOUT", "1"),
+        ("FLEET_HEALTH_BATCH_SIZE", "100"),
+        ("FLEET_HEALTH_BATCH_DELAY", "0.05"),
+        ("FLEET_METRICS_INTERVAL", "60"),
+    ];
+    let mut server = serve(&url, &listen, &settings);
+    let api = Client::new(format!("http://{listen}"), Some(ADMIN.to_owned()));
+    let cycles = if long() { 10 } else { 3 };
+    let longest = longest_cycle(&api, cycles, Duration::from_secs(120)).await;
+    eprintln!(
+        "{servers} servers, 10% hanging: longest of {cycles} health cycles {longest:.2} s (timeout 1 s)"
+    );
+    assert!(
+        longest <= 2.0,
+        "a cycle took {longest:.2} s with a 1 s timeout"
+    );
+    // The healthy 90 % are all recorded healthy, the hung 10 % unreachable at the deadline.
+    let healthy = count(
+        &url,
+        "SELECT count(*) FROM managed_servers WHERE health_status = 'healthy'",
+    )
+    .await;
+    let hung = count(&url, "SELECT count(DISTINCT server_id) FROM server_health_checks WHERE error_message = 'timeout after 1s'").await;
+    assert_eq!(
+        (healthy as usize, hung as usize),
+        (servers * 9 / 10, servers / 10)
+    );
+    for s in fleet.servers() {
+        assert!(
+            s.stats().max_open <= 1,
+            "{} was checked twice at once",
+            s.name()
+        );
+    }
+    server.terminate();
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
+    assert_no_secrets(&server.stderr(), &fleet);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_answers_are_recorded_and_memory_stays_bounded() {
+    let per_kind = if long() { 25 } else { 3 };
+    let db = TestDb::create().await;
+    let url = db.settings.url.clone().unwrap();
+    let mix: Mix = "huge=1,gzip_bomb=1,nested=1,drip=1,garbage=1,cut=1,reset=1,http_error=1,redirect=1,healthy=1".parse().unwrap();
+    let fleet = SimFleet::start(SimConfig {
+        count: per_kind * 10,
+        mix,
+        seed: 9,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        server_cmd(&url, &["migrate"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    import(&url, &fleet);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let settings = [
+        ("FLEET_HEALTH_INTERVAL", "2"),
+        ("FLEET_HEALTH_TIMEOUT", "1"),
+        ("FLEET_HEALTH_BATCH_SIZE", "50"),
+    ];
+    let mut server = serve(&url, &listen, &settings);
+    let api = Client::new(format!("http://{listen}"), Some(ADMIN.to_owned()));
+    let cycles = if long() { 30 } else { 3 };
+    longest_cycle(&api, cycles, Duration::from_secs(200)).await;
+    let peak = server.peak_rss_mib();
+    eprintln!(
+        "{} bad servers, {cycles} cycles: fleet-server peak resident memory {peak:.1} MiB",
+        per_kind * 10
+    );
+    // Bodies are read up to 1 MiB each: a bound of a few MiB per bad server at once.
+    assert!(peak < 200.0, "peak resident memory {peak:.1} MiB");
+    for (behavior, status, error) in [
+        ("huge", "critical", "body exceeds 1 MiB"),
+        ("gzip_bomb", "critical", "body exceeds 1 MiB"),
+        ("nested", "critical", "invalid health response: not JSON"),
+        ("drip", "critical", "body read failed: timeout after 1s"),
+        ("garbage", "critical", "invalid health response: not JSON"),
+        ("cut", "critical", "body read failed"),
+        ("reset", "unreachable", "connection reset"),
+        ("http_error", "critical", "HTTP 50"),
+        (
+            "redirect",
+            "critical",
+            "HTTP 302 (redirects are not followed)",
+        ),
+    ] {
+        for s in fleet
+            .servers()
+            .iter()
+            .filter(|s| s.behavior().as_str() == behavior)
+        {
+            let (_, list) = api
+                .get(&format!("/api/v1/fleet/servers?search={}", s.name()))
+                .await
+                .unwrap();
+            let id = list["servers"][0]["id"].as_str().unwrap();
+            let (_, h) = api
+                .get(&format!("/api/v1/fleet/servers/{id}/health-checks?limit=1"))
+                .await
+                .unwrap();
+            let last = &h["health_checks"][0];
+            assert_eq!(last["status"], status, "{behavior}: {last}");
+            assert!(
+                last["error_message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with(error),
+                "{behavior}: {last}"
+            );
+        }
+    }
+    let healthy = count(
+        &url,
+        "SELECT count(*) FROM managed_servers WHERE health_status = 'healthy'",
+    )
+    .await;
+    assert_eq!(
+        healthy as usize, per_kind,
+        "the healthy servers beside the bad ones were affected"
+    );
+    server.terminate();
+    assert_eq!(
+        server.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        server.stderr()
+    );
+    assert!(
+        !server.stderr().contains("panicked"),
+        "a panic: {}",
+        server.stderr()
+    );
+    assert_no_secrets(&server.stderr(), &fleet);
     fleet.shutdown().await;
 }

@@ -5,19 +5,12 @@ use std::time::Duration;
 
 use fleet_pg::testing::TestDb;
 use fleet_sim::{Behavior, Mix, SimConfig, SimFleet};
-use fleet_tests::{Client, Proc, binary, free_port, wait_for};
+use fleet_tests::{Client, Proc, SECRET_KEY as KEY, binary, free_port, wait_for};
 use serde_json::Value;
 
-const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
 fn server_cmd(db_url: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(binary("fleet-server"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default());
-    cmd.env("DATABASE_URL", db_url)
-        .env("FLEET_SECRET_KEY", KEY)
-        .env("FLEET_LOG", "info");
+    let mut cmd = fleet_tests::server_cmd(db_url, args);
+    cmd.env("FLEET_LOG", "info");
     cmd
 }
 

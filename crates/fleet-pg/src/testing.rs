@@ -179,7 +179,8 @@ impl PrivateCluster {
         self.dir.join("data").display().to_string()
     }
 
-    fn pg(&self, args: &[&str]) {
+    /// A PostgreSQL tool, run as the OS user that owns the cluster.
+    fn tool(&self, args: &[&str]) -> Command {
         let tool = self.bindir.join(args[0]);
         let mut cmd = match &self.os_user {
             Some(user) => {
@@ -190,7 +191,11 @@ impl PrivateCluster {
             None => Command::new(&tool),
         };
         cmd.args(&args[1..]);
-        run(&mut cmd);
+        cmd
+    }
+
+    fn pg(&self, args: &[&str]) {
+        run(&mut self.tool(args));
     }
 
     /// Starts the (stopped) cluster again on the same port.
@@ -234,34 +239,20 @@ impl PrivateCluster {
 
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
-        let _ = self.pg_quiet(&[
-            "pg_ctl",
-            "-D",
-            &self.data(),
-            "-m",
-            "immediate",
-            "-w",
-            "stop",
-        ]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl PrivateCluster {
-    fn pg_quiet(&self, args: &[&str]) -> std::io::Result<std::process::ExitStatus> {
-        let tool = self.bindir.join(args[0]);
-        let mut cmd = match &self.os_user {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(&tool);
-                c
-            }
-            None => Command::new(&tool),
-        };
-        cmd.args(&args[1..])
+        let _ = self
+            .tool(&[
+                "pg_ctl",
+                "-D",
+                &self.data(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .status()
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
