@@ -110,18 +110,49 @@ impl Running {
     }
 }
 
-/// Starts the API and returns its task.
+/// The API task, and the slot through which it sees the workers.
+type Api = (
+    Arc<RwLock<Workers>>,
+    SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+);
+
+/// Binds `FLEET_LISTEN` and serves the API until `cancel` fires.
 async fn start_api(
-    listener: TcpListener,
-    state: AppState,
-    cancel: CancellationToken,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    api: &ApiArgs,
+    store: Arc<dyn FullStore>,
+    probe: Arc<dyn HealthProbe>,
+    (health, metrics): &(WorkerConfig, WorkerConfig),
+    clock: Arc<dyn Clock>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Api> {
+    let workers = Arc::new(RwLock::new(Workers {
+        intervals: (
+            health.interval.as_secs_f64(),
+            metrics.interval.as_secs_f64(),
+        ),
+        ..Default::default()
+    }));
+    let listener = bind(api).await?;
+    let listen = listener.local_addr()?;
+    let state = AppState::new(
+        store,
+        probe,
+        health.timeout,
+        clock,
+        workers.clone(),
+        api.admin_token.as_deref(),
+        api.auth_failure_limit,
+    );
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    tokio::spawn(async move {
+    let cancel = cancel.clone();
+    let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(cancel.cancelled_owned())
             .await
-    })
+    });
+    tracing::info!(target: "fleet::server", "API listening on http://{listen}");
+    Ok((workers, listen, task))
 }
 
 /// Starts both workers. With `metrics_after_health`, the metrics worker starts once the
@@ -175,26 +206,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let store: Arc<dyn FullStore> = pg.clone();
     let (probe, collector) = http_clients(&args.workers)?;
-    let workers = Arc::new(RwLock::new(Workers {
-        intervals: (
-            configs.0.interval.as_secs_f64(),
-            configs.1.interval.as_secs_f64(),
-        ),
-        ..Default::default()
-    }));
     let cancel = CancellationToken::new();
-    let listener = bind(&args.api).await?;
-    let state = AppState::new(
+    let (workers, _, api) = start_api(
+        &args.api,
         store.clone(),
         probe.clone(),
-        configs.0.timeout,
+        &configs,
         clock.clone(),
-        workers.clone(),
-        args.api.admin_token.as_deref(),
-        args.api.auth_failure_limit,
-    );
-    let api = start_api(listener, state, cancel.clone()).await;
-    tracing::info!(target: "fleet::server", "API listening on http://{}", args.api.listen);
+        &cancel,
+    )
+    .await?;
 
     // The workers start once the database is migrated; until then the API says why not.
     let handles = Arc::new(Mutex::new(Vec::new()));
@@ -327,26 +348,16 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .await?;
 
     let (probe, collector) = http_clients(&args.workers)?;
-    let workers = Arc::new(RwLock::new(Workers {
-        intervals: (
-            configs.0.interval.as_secs_f64(),
-            configs.1.interval.as_secs_f64(),
-        ),
-        ..Default::default()
-    }));
     let cancel = CancellationToken::new();
-    let listener = bind(&args.api).await?;
-    let listen = listener.local_addr()?;
-    let state = AppState::new(
+    let (workers, listen, api) = start_api(
+        &args.api,
         store.clone(),
         probe.clone(),
-        configs.0.timeout,
+        &configs,
         clock.clone(),
-        workers.clone(),
-        args.api.admin_token.as_deref(),
-        args.api.auth_failure_limit,
-    );
-    let api = start_api(listener, state, cancel.clone()).await;
+        &cancel,
+    )
+    .await?;
 
     println!();
     println!(

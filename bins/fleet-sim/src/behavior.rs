@@ -51,6 +51,8 @@ behaviors! {
     Critical => "critical",
     /// 500 or 503.
     HttpError => "http_error",
+    /// 429 with `Retry-After`.
+    RateLimited => "rate_limited",
     /// Nothing listens.
     Unreachable => "unreachable",
     /// Accepts and never answers.

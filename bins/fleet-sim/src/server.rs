@@ -348,6 +348,17 @@ impl SimServer {
                 )
                 .await
             }
+            Behavior::RateLimited => {
+                let body: &[u8] = br#"{"error":"slow down"}"#;
+                respond(
+                    stream,
+                    429,
+                    "application/json",
+                    body,
+                    &[("Retry-After", "30")],
+                )
+                .await
+            }
             Behavior::Garbage => {
                 respond(
                     stream,
@@ -611,6 +622,7 @@ pub(crate) async fn respond(
         302 => "Found",
         400 => "Bad Request",
         401 => "Unauthorized",
+        429 => "Too Many Requests",
         404 => "Not Found",
         500 => "Internal Server Error",
         503 => "Service Unavailable",

@@ -144,12 +144,8 @@ impl HttpClient {
             Ok(Ok(r)) => r,
         };
         let status = response.status().as_u16();
-        let body_timeout = || {
-            ProbeFailure::Body(format!(
-                "timeout after {}",
-                fmt_secs(round_ms(deadline.saturating_duration_since(started)))
-            ))
-        };
+        // A head arrived, so this is a body that stalled: `body read failed: timeout after 10s`.
+        let body_timeout = || ProbeFailure::Body(timeout().to_string());
         let mut body = Vec::new();
         loop {
             match timeout_at(deadline, response.chunk()).await {
@@ -181,13 +177,6 @@ impl HttpClient {
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis((d.as_secs_f64() * 1000.0).round() as u64)
-}
-
-fn fmt_secs(d: Duration) -> String {
-    ProbeFailure::Timeout { after: d }
-        .to_string()
-        .trim_start_matches("timeout after ")
-        .to_owned()
 }
 
 /// Walks an error's sources for an I/O error kind or a telling message.

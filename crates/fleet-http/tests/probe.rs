@@ -97,6 +97,7 @@ async fn every_behaviour_is_classified_as_specified() {
         Drip,
         GzipBomb,
         Nested,
+        RateLimited,
     ];
     let checks = probe_all(&behaviors).await;
     let [
@@ -116,7 +117,14 @@ async fn every_behaviour_is_classified_as_specified() {
         drip,
         bomb,
         nested,
+        rate_limited,
     ] = checks.try_into().unwrap();
+    expect(
+        &rate_limited,
+        HealthStatus::Critical,
+        false,
+        Some("HTTP 429 rate limited"),
+    );
     expect(&healthy, HealthStatus::Healthy, true, None);
     assert_eq!(
         (
