@@ -342,25 +342,26 @@ WITH input AS (
                          $7::bool[], $8::bool[], $9::text[], $10::jsonb[])
         AS u(server_id, ts, status, response_time_ms, database_healthy, redis_healthy, services_healthy,
              successful, error_message, error_details)
-), inserted AS (
-    INSERT INTO server_health_checks (server_id, timestamp, status, response_time_ms, database_healthy,
-                                      redis_healthy, services_healthy, successful, error_message, error_details)
-    SELECT i.server_id, i.ts, i.status, i.response_time_ms, i.database_healthy, i.redis_healthy,
-           i.services_healthy, i.successful, i.error_message, i.error_details
-    FROM input i JOIN managed_servers m ON m.id = i.server_id
-    ON CONFLICT DO NOTHING
 ), latest AS (
     SELECT DISTINCT ON (server_id) server_id, ts, status FROM input ORDER BY server_id, ts DESC
 ), seen AS (
     SELECT server_id, max(ts) FILTER (WHERE status <> 'unreachable') AS seen_at FROM input GROUP BY server_id
+), updated AS (
+    UPDATE managed_servers m SET
+        health_status = CASE WHEN m.last_health_check_at IS NULL OR m.last_health_check_at <= l.ts
+                             THEN l.status ELSE m.health_status END,
+        last_health_check_at = GREATEST(m.last_health_check_at, l.ts),
+        last_seen_at = GREATEST(m.last_seen_at, s.seen_at)
+    FROM latest l JOIN seen s USING (server_id)
+    WHERE m.id = l.server_id
+    RETURNING m.id
 )
-UPDATE managed_servers m SET
-    health_status = CASE WHEN m.last_health_check_at IS NULL OR m.last_health_check_at <= l.ts
-                         THEN l.status ELSE m.health_status END,
-    last_health_check_at = GREATEST(m.last_health_check_at, l.ts),
-    last_seen_at = GREATEST(m.last_seen_at, s.seen_at)
-FROM latest l JOIN seen s USING (server_id)
-WHERE m.id = l.server_id";
+INSERT INTO server_health_checks (server_id, timestamp, status, response_time_ms, database_healthy,
+                                  redis_healthy, services_healthy, successful, error_message, error_details)
+SELECT i.server_id, i.ts, i.status, i.response_time_ms, i.database_healthy, i.redis_healthy,
+       i.services_healthy, i.successful, i.error_message, i.error_details
+FROM input i WHERE i.server_id IN (SELECT id FROM updated)
+ON CONFLICT DO NOTHING";
 
 const RECORD_METRICS: &str = "\
 WITH samples AS (
