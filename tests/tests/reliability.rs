@@ -36,8 +36,21 @@ fn import(db_url: &str, fleet: &SimFleet) {
     let _ = std::fs::remove_file(manifest);
 }
 
+/// A database password that must never be logged (the test clusters trust local
+/// connections, so any password is accepted).
+const DB_PASSWORD: &str = "hunter2-db-password";
+
 fn serve(db_url: &str, listen: &str, extra: &[(&str, &str)]) -> Proc {
-    let mut cmd = server_cmd(db_url, &["serve"]);
+    let with_password = db_url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{DB_PASSWORD}@"),
+        1,
+    );
+    assert_ne!(
+        with_password, db_url,
+        "the test URL has no user to give a password to"
+    );
+    let mut cmd = server_cmd(&with_password, &["serve"]);
     cmd.env("FLEET_LISTEN", listen)
         .env("FLEET_LOG", "debug")
         .env("FLEET_HEALTH_INTERVAL", "0.5")
@@ -57,6 +70,18 @@ async fn count(db_url: &str, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+async fn ids(db_url: &str, sql: &str) -> Vec<String> {
+    let pool = fleet_pg::PgSettings::from_url(db_url).pool().unwrap();
+    let client = pool.get().await.unwrap();
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 async fn status(api: &Client) -> Option<Value> {
     api.get("/api/v1/fleet/workers/status")
         .await
@@ -68,6 +93,10 @@ async fn status(api: &Client) -> Option<Value> {
 fn assert_no_secrets(logs: &str, fleet: &SimFleet) {
     assert!(!logs.contains(ADMIN), "the admin token was logged");
     assert!(!logs.contains(KEY), "the secret key was logged");
+    assert!(
+        !logs.contains(DB_PASSWORD),
+        "the database password was logged"
+    );
     for s in fleet.servers() {
         assert!(
             !logs.contains(s.token()),
@@ -276,7 +305,24 @@ async fn after_sigkill_a_restart_continues_from_the_stored_state() {
     )
     .await;
 
-    let mut server = serve(&url, &listen, &[]);
+    let order_before = ids(
+        &url,
+        "SELECT id::text FROM managed_servers ORDER BY last_health_check_at NULLS FIRST, id",
+    )
+    .await;
+    let marker = count(
+        &url,
+        "SELECT (extract(epoch FROM max(timestamp)) * 1000000)::int8 FROM server_health_checks",
+    )
+    .await;
+
+    // One server per batch, so the start order shows in the stored timestamps.
+    let one_by_one = [
+        ("FLEET_HEALTH_BATCH_SIZE", "1"),
+        ("FLEET_HEALTH_BATCH_DELAY", "0.02"),
+        ("FLEET_HEALTH_INTERVAL", "5"),
+    ];
+    let mut server = serve(&url, &listen, &one_by_one);
     wait_for(
         "a cycle after the restart",
         Duration::from_secs(30),
@@ -293,6 +339,19 @@ async fn after_sigkill_a_restart_continues_from_the_stored_state() {
     assert!(
         after >= rows + 30,
         "the restart checked every server again: {rows} then {after}"
+    );
+    let order_after = ids(
+        &url,
+        &format!(
+            "SELECT server_id::text FROM server_health_checks \
+             WHERE (extract(epoch FROM timestamp) * 1000000)::int8 > {marker} \
+             GROUP BY server_id ORDER BY min(timestamp)"
+        ),
+    )
+    .await;
+    assert_eq!(
+        order_after, order_before,
+        "the first cycle after the restart did not go stalest first"
     );
     let still_stale = count(&url, &format!("SELECT count(*) FROM managed_servers WHERE (extract(epoch FROM last_health_check_at) * 1000000)::int8 <= {stalest}")).await;
     assert_eq!(
