@@ -498,7 +498,12 @@ async fn health_stats_total(store: &PgStore) -> i64 {
 
 /// Runs a health worker over `servers` instant-healthy targets against `store`, calls `fault`
 /// while it runs, then stops it and checks that every completed check is stored exactly once.
-async fn survives<F, Fut>(store: Arc<PgStore>, servers: usize, fault: F) -> fleet_core::WorkerStats
+async fn survives<F, Fut>(
+    store: Arc<PgStore>,
+    servers: usize,
+    write_batch: usize,
+    fault: F,
+) -> fleet_core::WorkerStats
 where
     F: FnOnce(fleet_core::StatsHandle) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -514,7 +519,7 @@ where
         .interval(Duration::from_millis(200))
         .timeout(Duration::from_millis(100))
         .batch_size(servers)
-        .write_batch_size(50)
+        .write_batch_size(write_batch)
         .flush_interval(Duration::from_millis(10))
         .build()
         .unwrap();
@@ -558,25 +563,28 @@ async fn backends_killed_during_batch_writes_lose_and_duplicate_nothing() {
         .pool()
         .unwrap();
     let name = db.name().to_owned();
-    let s = survives(store.clone(), 200, |_| async move {
+    // Large batches, so that writes last long enough to be caught in the act: the killer
+    // polls for a backend running the batch statement and terminates it, a few times over.
+    let s = survives(store.clone(), 1_000, 500, |_| async move {
         let client = killer.get().await.unwrap();
         let mut killed = 0i64;
-        for _ in 0..40 {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let end = tokio::time::Instant::now() + Duration::from_secs(10);
+        while killed < 3 && tokio::time::Instant::now() < end {
             let row = client
                 .query_one(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                     WHERE datname = $1 AND application_name = 'fleet' AND pid <> pg_backend_pid() AND state = 'active'",
+                     WHERE datname = $1 AND application_name = 'fleet' AND pid <> pg_backend_pid() \
+                     AND state = 'active' AND query LIKE 'WITH input AS%'",
                     &[&name],
                 )
                 .await
                 .unwrap();
             killed += row.get::<_, i64>(0);
         }
-        assert!(killed > 0, "no backend was caught writing");
+        assert!(killed > 0, "no backend was caught writing in 10 s");
     })
     .await;
-    assert!(s.cycles >= 5);
+    assert!(s.cycles >= 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,7 +600,7 @@ async fn a_locked_table_is_absorbed_by_the_buffer_and_probing_goes_on() {
     } else {
         Duration::from_secs(2)
     };
-    survives(store.clone(), 50, |stats| async move {
+    survives(store.clone(), 50, 50, |stats| async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut client = locker.get().await.unwrap();
         let tx = client.transaction().await.unwrap();
