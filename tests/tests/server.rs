@@ -165,10 +165,48 @@ async fn serve_watches_an_imported_fleet_and_stops_cleanly_on_sigterm() {
     assert_eq!(statuses[0], "critical");
     assert!(statuses.contains(&"healthy"), "{statuses:?}");
 
-    // The status endpoint's counts agree with the history in the database.
-    let v = status().await.unwrap();
-    assert!(v["health_worker"]["running"].as_bool().unwrap());
-    assert_eq!(v["metrics_worker"]["partition_health"]["ok"], true);
+    // The status endpoint's counts agree with the history in the database: the stored rows
+    // are at least what the status said was written before they were counted, and the status
+    // catches up with them (a write is counted just after it commits).
+    let before = status().await.unwrap();
+    let health_rows = rows(&db, "SELECT count(*) FROM server_health_checks").await;
+    let metrics_rows = rows(&db, "SELECT count(*) FROM server_metrics_aggregated").await;
+    let written = |v: &Value, w: &str| v[w]["results_written"].as_i64().unwrap();
+    assert!(
+        written(&before, "health_worker") <= health_rows,
+        "{health_rows} rows, status said {before}"
+    );
+    wait_for(
+        "the status to count the rows stored",
+        Duration::from_secs(5),
+        || async {
+            status()
+                .await
+                .is_some_and(|v| written(&v, "health_worker") >= health_rows)
+        },
+    )
+    .await;
+    let after = status().await.unwrap();
+    // Metrics results include failed collections, which store no row.
+    assert!(
+        metrics_rows > 0
+            && metrics_rows
+                <= after["metrics_worker"]["collections_performed"]
+                    .as_i64()
+                    .unwrap()
+    );
+    assert_eq!(
+        after["metrics_worker"]["collections_successful"]
+            .as_i64()
+            .unwrap()
+            * 12,
+        after["metrics_worker"]["total_metrics_collected"]
+            .as_i64()
+            .unwrap(),
+        "every successful collection of fleet-sim stores all twelve values"
+    );
+    assert!(after["health_worker"]["running"].as_bool().unwrap());
+    assert_eq!(after["metrics_worker"]["partition_health"]["ok"], true);
 
     // SIGTERM mid-cycle (two servers hang): exit 0 within the grace period, every completed
     // result stored.

@@ -277,7 +277,8 @@ fn named(kind: WorkerKind, e: ConfigError, a: &WorkerArgs) -> anyhow::Error {
         ("timeout", false) => ("FLEET_METRICS_TIMEOUT", secs(a.metrics_timeout)),
         ("shutdown_grace", _) => ("FLEET_SHUTDOWN_GRACE", secs(a.shutdown_grace)),
         ("result_buffer", _) => ("FLEET_RESULT_BUFFER", a.result_buffer.to_string()),
-        (other, _) => return anyhow::anyhow!("{} worker: {e}", kind.as_str()).context(other),
+        // Settings the server does not expose keep the engine's own message.
+        _ => return anyhow::anyhow!("{} worker: {e}", kind.as_str()),
     };
     let flag = var
         .trim_start_matches("FLEET_")

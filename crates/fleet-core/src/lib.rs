@@ -102,7 +102,7 @@ pub use classify::{Classification, ComponentHealth, HealthAnswer, NotAnObject, c
 pub use clock::{Clock, SystemClock};
 pub use engine::{
     ConfigError, CycleSummary, ShutdownReport, StatsHandle, Tally, Work, Worker, WorkerConfig,
-    WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats,
+    WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats, check_once,
 };
 pub use memory::InMemoryStore;
 pub use model::{

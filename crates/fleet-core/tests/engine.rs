@@ -177,9 +177,6 @@ async fn a_hung_server_does_not_delay_the_next_batch() {
 #[tokio::test(start_paused = true)]
 async fn max_in_flight_holds_across_batches() {
     let mut rig = Rig::new(30).await;
-    rig.probe.set("s000", Script::Never);
-    let rig_probe = rig.probe.clone();
-    let _ = rig_probe;
     for i in 0..30 {
         rig.probe
             .set(&name(i), Script::Slow(2 * SEC, Box::new(healthy())));

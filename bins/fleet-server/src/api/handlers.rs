@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -9,8 +10,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fleet_core::{
-    ApiToken, GroupFields, GroupId, HealthStatus, HistoryQuery, NewServer, ServerFilter, ServerId,
-    ServerStatus, ServerUpdate, health_check,
+    ApiToken, GroupFields, GroupId, HealthStatus, HealthWork, HistoryQuery, ManagedServer,
+    NewServer, ServerFilter, ServerId, ServerStatus, ServerUpdate, Work, check_once,
 };
 use serde::de::{Deserialize, Deserializer};
 use serde_json::{Value, json};
@@ -146,30 +147,44 @@ fn time_param(field: &str, value: &Option<String>) -> Result<Option<OffsetDateTi
         .transpose()
 }
 
-/// A JSON schema for each route's body, for the OpenAPI document.
-pub(crate) fn body_schema(path: &str) -> Value {
+/// The JSON schema of a group's body, for the OpenAPI document.
+pub(crate) fn group_body() -> Value {
     let strings = json!({"type": "array", "items": {"type": "string"}});
-    if path.contains("/groups") {
-        json!({"type": "object", "additionalProperties": false, "properties": {
-            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
-            "description": {"type": "string", "nullable": true},
-            "color": {"type": "string", "nullable": true},
-            "tags": strings, "regions": strings, "environments": strings,
-        }})
-    } else {
-        json!({"type": "object", "additionalProperties": false, "properties": {
-            "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
-            "api_url": {"type": "string", "format": "uri"},
-            "api_token": {"type": "string", "minLength": 1},
-            "description": {"type": "string", "nullable": true},
-            "hostname": {"type": "string", "nullable": true},
-            "region": {"type": "string", "nullable": true},
-            "environment": {"type": "string", "nullable": true},
-            "tags": strings,
-            "metadata": {"type": "object"},
-            "status": {"type": "string", "enum": ["active", "inactive", "maintenance"]},
-        }})
+    json!({"type": "object", "additionalProperties": false, "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+        "description": {"type": "string", "nullable": true},
+        "color": {"type": "string", "nullable": true},
+        "tags": strings, "regions": strings, "environments": strings,
+    }})
+}
+
+/// The JSON schema of a server's body, for the OpenAPI document.
+pub(crate) fn server_body() -> Value {
+    let strings = json!({"type": "array", "items": {"type": "string"}});
+    json!({"type": "object", "additionalProperties": false, "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+        "api_url": {"type": "string", "format": "uri"},
+        "api_token": {"type": "string", "minLength": 1},
+        "description": {"type": "string", "nullable": true},
+        "hostname": {"type": "string", "nullable": true},
+        "region": {"type": "string", "nullable": true},
+        "environment": {"type": "string", "nullable": true},
+        "tags": strings,
+        "metadata": {"type": "object"},
+        "status": {"type": "string", "enum": ["active", "inactive", "maintenance"]},
+    }})
+}
+
+/// Servers by current health, every status present, `unknown` for never checked.
+fn by_health<'a>(servers: impl Iterator<Item = &'a ManagedServer>) -> BTreeMap<&'static str, u64> {
+    let mut by: BTreeMap<&'static str, u64> =
+        HealthStatus::ALL.iter().map(|h| (h.as_str(), 0)).collect();
+    by.insert("unknown", 0);
+    for s in servers {
+        *by.entry(s.health_status.map_or("unknown", |h| h.as_str()))
+            .or_default() += 1;
     }
+    by
 }
 
 pub(crate) async fn healthz() -> ApiResult {
@@ -291,13 +306,7 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
         }
     }
     if let Ok(servers) = app.store.list_servers(&ServerFilter::default()).await {
-        let mut by: BTreeMap<&str, u64> =
-            HealthStatus::ALL.iter().map(|h| (h.as_str(), 0)).collect();
-        by.insert("unknown", 0);
-        for s in servers.iter().filter(|s| s.status == ServerStatus::Active) {
-            *by.entry(s.health_status.map_or("unknown", |h| h.as_str()))
-                .or_default() += 1;
-        }
+        let by = by_health(servers.iter().filter(|s| s.status == ServerStatus::Active));
         let _ = writeln!(
             out,
             "# HELP fleet_servers Active servers by current health.\n# TYPE fleet_servers gauge"
@@ -500,22 +509,11 @@ pub(crate) async fn check_now(
     let Some(target) = app.store.probe_target(ServerId(id)).await? else {
         return Err(ApiError::not_found("server"));
     };
-    let started = app.clock.now();
-    let deadline = tokio::time::Instant::now() + app.probe_timeout;
-    let outcome = match tokio::time::timeout_at(deadline, app.probe.probe(&target, deadline)).await
-    {
-        Ok(o) => o,
-        Err(_) => fleet_core::ProbeOutcome::Failed {
-            failure: fleet_core::ProbeFailure::Timeout {
-                after: app.probe_timeout,
-            },
-            response_time: None,
-        },
-    };
-    let check = health_check(&target, started, outcome);
-    app.store
-        .record_health(std::slice::from_ref(&check))
-        .await?;
+    // The same check, deadline and recording as the health worker's.
+    let store: Arc<dyn fleet_core::Store> = app.store.clone();
+    let work = HealthWork::new(store, app.probe.clone());
+    let check = check_once(&work, &target, app.probe_timeout, &*app.clock).await;
+    work.record(std::slice::from_ref(&check)).await?;
     ok(views::check(&check))
 }
 
@@ -713,17 +711,12 @@ pub(crate) async fn summary(
     let servers = app.store.list_servers(&ServerFilter::default()).await?;
     let mut by_status: BTreeMap<&str, u64> =
         ServerStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-    let mut by_health: BTreeMap<&str, u64> =
-        HealthStatus::ALL.iter().map(|h| (h.as_str(), 0)).collect();
-    by_health.insert("unknown", 0);
+    let by_health = by_health(servers.iter());
     let mut regions: BTreeMap<String, u64> = BTreeMap::new();
     let mut environments: BTreeMap<String, u64> = BTreeMap::new();
     let mut names = BTreeMap::new();
     for s in &servers {
         *by_status.entry(s.status.as_str()).or_default() += 1;
-        *by_health
-            .entry(s.health_status.map_or("unknown", |h| h.as_str()))
-            .or_default() += 1;
         *regions
             .entry(s.region.clone().unwrap_or_else(|| "unknown".into()))
             .or_default() += 1;

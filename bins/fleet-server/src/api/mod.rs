@@ -233,8 +233,8 @@ pub struct Route {
     pub summary: &'static str,
     /// Its query parameters.
     pub query: &'static [&'static str],
-    /// Whether it takes a JSON body.
-    pub body: bool,
+    /// The JSON schema of its body, when it takes one.
+    pub body: Option<fn() -> serde_json::Value>,
     handler: MethodRouter<AppState>,
 }
 
@@ -246,17 +246,22 @@ fn route(
     query: &'static [&'static str],
     handler: MethodRouter<AppState>,
 ) -> Route {
-    let body = matches!(method, Method::POST | Method::PATCH | Method::PUT)
-        && !path.ends_with("/check")
-        && !path.contains("/members/");
     Route {
         method,
         path,
         access,
         summary,
         query,
-        body,
+        body: None,
         handler,
+    }
+}
+
+impl Route {
+    /// Declares the route's JSON body by its schema.
+    fn with_body(mut self, schema: fn() -> serde_json::Value) -> Self {
+        self.body = Some(schema);
+        self
     }
 }
 
@@ -332,7 +337,8 @@ pub fn routes() -> Vec<Route> {
             "Register a server.",
             &[],
             post(h::create_server),
-        ),
+        )
+        .with_body(h::server_body),
         route(
             Method::GET,
             "/api/v1/fleet/servers/{id}",
@@ -348,7 +354,8 @@ pub fn routes() -> Vec<Route> {
             "Change a server; a new api_token rotates it.",
             &[],
             patch(h::update_server),
-        ),
+        )
+        .with_body(h::server_body),
         route(
             Method::DELETE,
             "/api/v1/fleet/servers/{id}",
@@ -396,7 +403,8 @@ pub fn routes() -> Vec<Route> {
             "Create a group.",
             &[],
             post(h::create_group),
-        ),
+        )
+        .with_body(h::group_body),
         route(
             Method::GET,
             "/api/v1/fleet/groups/{id}",
@@ -412,7 +420,8 @@ pub fn routes() -> Vec<Route> {
             "Change a group.",
             &[],
             patch(h::update_group),
-        ),
+        )
+        .with_body(h::group_body),
         route(
             Method::DELETE,
             "/api/v1/fleet/groups/{id}",
@@ -591,8 +600,9 @@ pub fn openapi() -> serde_json::Value {
             op["responses"]["401"] = json!({"$ref": "#/components/responses/Error"});
             op["responses"]["403"] = json!({"$ref": "#/components/responses/Error"});
         }
-        if r.body {
-            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": handlers::body_schema(r.path)}}});
+        if let Some(schema) = r.body {
+            op["requestBody"] =
+                json!({"required": true, "content": {"application/json": {"schema": schema()}}});
         }
         let entry = paths.entry(r.path.to_owned()).or_insert_with(|| json!({}));
         entry[r.method.as_str().to_lowercase()] = op;

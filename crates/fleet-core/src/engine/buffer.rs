@@ -87,10 +87,6 @@ impl<T> ResultBuffer<T> {
         self.queue().len()
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
-        self.queue().is_empty()
-    }
-
     /// Results not yet written: queued plus taken by the writer.
     pub(crate) fn pending(&self) -> u64 {
         (self.len() + self.in_write.load(Ordering::Relaxed)) as u64
@@ -152,6 +148,6 @@ mod tests {
         let batch = b.take(5);
         b.written(batch.len());
         assert_eq!(b.pending(), 0);
-        assert!(b.is_empty());
+        assert_eq!(b.len(), 0);
     }
 }

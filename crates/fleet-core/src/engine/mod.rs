@@ -474,16 +474,26 @@ impl Drop for InFlight {
 impl<W: Work> Check<W> {
     async fn run(self, target: W::Target) {
         let _in_flight = InFlight::new(self.stats.clone());
-        let started_at = self.clock.now();
-        let deadline = Instant::now() + self.timeout;
-        let output = match timeout_at(deadline, self.work.run(&target, started_at, deadline)).await
-        {
-            Ok(output) => output,
-            Err(_) => self.work.timed_out(&target, started_at, self.timeout),
-        };
+        let output = check_once(&*self.work, &target, self.timeout, &*self.clock).await;
         let tally = self.work.tally(&output);
         self.stats.record(tally, self.work.name(&target));
         self.buffer.push(output);
+    }
+}
+
+/// Runs one check of `target` under its deadline, as a cycle does: the result of a check the
+/// deadline cuts off is [`Work::timed_out`]. For checks outside a cycle (an API's "check now").
+pub async fn check_once<W: Work>(
+    work: &W,
+    target: &W::Target,
+    timeout: Duration,
+    clock: &dyn Clock,
+) -> W::Output {
+    let started_at = clock.now();
+    let deadline = Instant::now() + timeout;
+    match timeout_at(deadline, work.run(target, started_at, deadline)).await {
+        Ok(output) => output,
+        Err(_) => work.timed_out(target, started_at, timeout),
     }
 }
 
@@ -503,20 +513,11 @@ async fn write_loop<W: Work>(
     let mut backoff = MIN_BACKOFF;
     let mut failing = false;
     loop {
-        if !flush_now.is_cancelled() {
-            if buffer.is_empty() {
-                tokio::select! {
-                    () = flush_now.cancelled() => {}
-                    () = buffer.full_enough.notified() => {}
-                    () = tokio::time::sleep(config.flush_interval) => {}
-                }
-            }
-            if buffer.len() < config.write_batch_size {
-                tokio::select! {
-                    () = flush_now.cancelled() => {}
-                    () = buffer.full_enough.notified() => {}
-                    () = tokio::time::sleep(config.flush_interval) => {}
-                }
+        if !flush_now.is_cancelled() && buffer.len() < config.write_batch_size {
+            tokio::select! {
+                () = flush_now.cancelled() => {}
+                () = buffer.full_enough.notified() => {}
+                () = tokio::time::sleep(config.flush_interval) => {}
             }
         }
         let batch = buffer.take(config.write_batch_size);
