@@ -87,6 +87,7 @@
 mod classify;
 mod clock;
 mod engine;
+mod events;
 mod memory;
 mod model;
 mod probe;
@@ -102,8 +103,9 @@ pub use classify::{Classification, ComponentHealth, HealthAnswer, NotAnObject, c
 pub use clock::{Clock, SystemClock};
 pub use engine::{
     ConfigError, CycleSummary, ShutdownReport, StatsHandle, Tally, Work, Worker, WorkerConfig,
-    WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats, check_once,
+    WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats, check_now, check_once,
 };
+pub use events::{Event, EventStats, Events, Problem, Received, SubscriberStats, Subscription};
 pub use memory::InMemoryStore;
 pub use model::{
     ApiToken, GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer,

@@ -84,6 +84,7 @@ fn target(entry: &Entry) -> ProbeTarget {
         name: entry.server.name.clone(),
         api_url: entry.server.api_url.clone(),
         token: entry.token.clone(),
+        health: entry.server.health_status,
     }
 }
 

@@ -240,6 +240,8 @@ pub struct ProbeTarget {
     pub api_url: String,
     /// The token to send, if the server has one.
     pub token: Option<ApiToken>,
+    /// The server's stored health when it was selected; `None` when never checked.
+    pub health: Option<HealthStatus>,
 }
 
 /// One health check's result: a row of history and the server's new current state.
@@ -565,6 +567,7 @@ mod tests {
             name: "a".into(),
             api_url: "http://127.0.0.1:1".into(),
             token: Some(t),
+            health: None,
         };
         assert!(!format!("{target:?}").contains("s3cret"));
     }

@@ -1,6 +1,7 @@
 //! The two workers: health checks and metrics collection, as [`Work`] for the engine.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,8 +11,10 @@ use tokio::time::Instant;
 use crate::classify::classify;
 use crate::clock::Clock;
 use crate::engine::{CycleSummary, Tally, Work, Worker, WorkerConfig, WorkerKind};
+use crate::events::Event;
 use crate::model::{
     HealthCheck, HealthStatus, MetricsFailure, MetricsRecord, MetricsSample, Period, ProbeTarget,
+    ServerId,
 };
 use crate::probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, ProbeOutcome};
 use crate::store::{Findings, StorageCheck, Store, StoreError};
@@ -62,11 +65,48 @@ pub fn health_check(
     }
 }
 
+/// The cycle summary's warning: `1 critical (web-3), 2 unreachable (db-1, db-2)`, naming at
+/// most [`HealthWork::ALERT_NAMES`] servers in all.
+fn health_alert(s: &CycleSummary) -> String {
+    let mut room = HealthWork::ALERT_NAMES;
+    let mut parts = Vec::new();
+    for status in [HealthStatus::Critical, HealthStatus::Unreachable] {
+        let label = status.as_str();
+        let count = s.count(label);
+        if count == 0 {
+            continue;
+        }
+        let names: Vec<&str> = s
+            .names(label)
+            .iter()
+            .take(room)
+            .map(String::as_str)
+            .collect();
+        room -= names.len();
+        if names.is_empty() {
+            parts.push(format!("{count} {label}"));
+            continue;
+        }
+        let more = count as usize - names.len();
+        let mut listed = names.join(", ");
+        if more > 0 {
+            listed.push_str(&format!(" and {more} more"));
+        }
+        parts.push(format!("{count} {label} ({listed})"));
+    }
+    parts.join(", ")
+}
+
 /// The health worker's work: probe every active server, stalest first.
+///
+/// Clones share the last known health of every server, from which each result's event takes
+/// its true previous health: while the store is away the engine re-checks the last cycle's
+/// targets, whose selected health is stale, and the same change must not be announced again.
 #[derive(Clone)]
 pub struct HealthWork {
     store: Arc<dyn Store>,
     probe: Arc<dyn HealthProbe>,
+    known: Arc<Mutex<HashMap<ServerId, Option<HealthStatus>>>>,
 }
 
 impl std::fmt::Debug for HealthWork {
@@ -76,9 +116,20 @@ impl std::fmt::Debug for HealthWork {
 }
 
 impl HealthWork {
+    /// The most servers the cycle summary's warning names.
+    pub const ALERT_NAMES: usize = 5;
+
     /// Health work reading targets from and writing results to `store`.
     pub fn new(store: Arc<dyn Store>, probe: Arc<dyn HealthProbe>) -> Self {
-        Self { store, probe }
+        Self {
+            store,
+            probe,
+            known: Arc::default(),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<ServerId, Option<HealthStatus>>> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A health worker with `config`.
@@ -97,7 +148,11 @@ impl Work for HealthWork {
     }
 
     async fn select(&self) -> Result<Vec<ProbeTarget>, StoreError> {
-        self.store.health_targets().await
+        let targets = self.store.health_targets().await?;
+        // Forget servers that are no longer probed, so the map stays the fleet's size.
+        let selected: HashSet<ServerId> = targets.iter().map(|t| t.id).collect();
+        self.known().retain(|id, _| selected.contains(id));
+        Ok(targets)
     }
 
     fn name<'a>(&self, target: &'a ProbeTarget) -> &'a str {
@@ -139,6 +194,31 @@ impl Work for HealthWork {
         }
     }
 
+    fn event(&self, target: &ProbeTarget, check: &HealthCheck, manual: bool) -> Event {
+        let previous = self
+            .known()
+            .insert(target.id, Some(check.status))
+            .unwrap_or(target.health);
+        if previous != Some(check.status) {
+            let from = previous.map_or("never checked", HealthStatus::as_str);
+            let to = check.status.as_str();
+            match &check.error_message {
+                Some(error) => {
+                    tracing::info!(target: "fleet::health", server = %target.name, from, to, error = %error, "{}: {from} → {to} ({error})", target.name)
+                }
+                None => {
+                    tracing::info!(target: "fleet::health", server = %target.name, from, to, "{}: {from} → {to}", target.name)
+                }
+            }
+        }
+        Event::Checked {
+            server: target.name.clone(),
+            check: check.clone(),
+            previous,
+            manual,
+        }
+    }
+
     async fn record(&self, batch: &[HealthCheck]) -> Result<(), StoreError> {
         self.store.record_health(batch).await
     }
@@ -168,7 +248,8 @@ impl Work for HealthWork {
             tracing::warn!(
                 target: "fleet::health",
                 critical, unreachable,
-                "Fleet health alert: {critical} critical, {unreachable} unreachable servers",
+                "Fleet health alert: {}",
+                health_alert(s),
             );
         }
     }
@@ -282,6 +363,13 @@ impl Work for MetricsWork {
                 label: "failed",
                 values: 0,
             },
+        }
+    }
+
+    fn event(&self, target: &ProbeTarget, record: &MetricsRecord, _manual: bool) -> Event {
+        Event::Collected {
+            server: target.name.clone(),
+            record: record.clone(),
         }
     }
 

@@ -7,10 +7,10 @@ use fleet_core::testing::{
     FailingStore, Script, ScriptedCollector, ScriptedProbe, TokioClock, degraded, healthy, report,
 };
 use fleet_core::{
-    CancellationToken, CollectError, HealthStatus, HealthWork, History, HistoryQuery,
-    InMemoryStore, MetricValues, MetricsWork, NewServer, ProbeFailure, Registry, ServerId,
-    ShutdownReport, Store, WorkerConfig, WorkerConfigBuilder, WorkerHandle, WorkerKind,
-    WorkerStats,
+    CancellationToken, CollectError, Event, Events, HealthStatus, HealthWork, History,
+    HistoryQuery, InMemoryStore, MetricValues, MetricsWork, NewServer, ProbeFailure, Problem,
+    Received, Registry, ServerId, ShutdownReport, Store, Subscription, WorkerConfig,
+    WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats,
 };
 use time::macros::datetime;
 use tokio::time::{Instant, sleep};
@@ -28,6 +28,7 @@ struct Rig {
     collector: Arc<ScriptedCollector>,
     ids: Vec<ServerId>,
     cancel: CancellationToken,
+    events: Events,
     t0: Instant,
 }
 
@@ -59,6 +60,7 @@ impl Rig {
             }))),
             ids,
             cancel: CancellationToken::new(),
+            events: Events::new(),
             t0: Instant::now(),
         }
     }
@@ -71,6 +73,7 @@ impl Rig {
         let work = HealthWork::new(self.store.clone(), self.probe.clone());
         self.t0 = Instant::now();
         work.worker(config.build().unwrap(), Self::clock())
+            .with_events(self.events.clone())
             .spawn(self.cancel.clone())
     }
 
@@ -78,6 +81,7 @@ impl Rig {
         let work = MetricsWork::new(self.store.clone(), self.collector.clone());
         self.t0 = Instant::now();
         work.worker(config.build().unwrap(), Self::clock())
+            .with_events(self.events.clone())
             .spawn(self.cancel.clone())
     }
 
@@ -248,11 +252,18 @@ async fn an_overrunning_cycle_counts_missed_ticks_and_never_overlaps() {
             .batch_delay(SEC)
             .fixed_batch_delay(true),
     );
+    let mut sub = rig.events.subscribe("problems", 1000);
     wait_until(80 * SEC, || h.stats().snapshot().cycles == 3).await;
     let s = h.stats().snapshot();
     // Cycle 1 ran 0..25 s: ticks at 10 and 20 fell during it. Cycle 2 started at once at 25 s
     // and ran to 50 s: ticks at 30, 40 and 50. Cycle 3 ran 50..75 s: ticks at 60 and 70.
     assert_eq!(s.overruns, 7);
+    let overruns = problems(&drain_events(&mut sub));
+    assert_eq!(
+        overruns,
+        [2, 3, 2].map(|missed| Problem::Overrun { missed }),
+        "each overrun is published with its missed ticks"
+    );
     assert_eq!(
         rig.probe.max_open_per_target(),
         1,
@@ -609,6 +620,7 @@ async fn one_cycle_makes_one_selection_and_one_write_for_its_batch() {
             name: name(i),
             api_url: "http://127.0.0.1:9".into(),
             token: None,
+            health: None,
         })
         .collect();
     let mut store = MockStore::new();
@@ -658,5 +670,200 @@ async fn while_selection_fails_the_last_targets_are_checked_again() {
     .await;
     assert_eq!(h.stats().snapshot().last_error, None);
     assert_eq!(rig.history_len().await, 9);
+    rig.stop(h).await;
+}
+
+/// Everything queued for `sub` now, in order.
+fn drain_events(sub: &mut Subscription) -> Vec<Received> {
+    std::iter::from_fn(|| sub.try_recv()).collect()
+}
+
+/// The health checks among `received`: (server, previous, new).
+fn checks(received: &[Received]) -> Vec<(String, Option<HealthStatus>, HealthStatus)> {
+    received
+        .iter()
+        .filter_map(|r| match r {
+            Received::Event(e) => match &**e {
+                Event::Checked {
+                    server,
+                    check,
+                    previous,
+                    ..
+                } => Some((server.clone(), *previous, check.status)),
+                _ => None,
+            },
+            Received::Lagged { .. } => None,
+        })
+        .collect()
+}
+
+fn problems(received: &[Received]) -> Vec<Problem> {
+    received
+        .iter()
+        .filter_map(|r| match r {
+            Received::Event(e) => match &**e {
+                Event::Problem { problem, .. } => Some(problem.clone()),
+                _ => None,
+            },
+            Received::Lagged { .. } => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_result_reaches_every_subscriber() {
+    let mut rig = Rig::new(10).await;
+    let mut a = rig.events.subscribe("a", 100);
+    let mut b = rig.events.subscribe("b", 100);
+    let h = rig.health(health().interval(10 * SEC).timeout(2 * SEC));
+    let m = rig.metrics(
+        WorkerConfig::builder(WorkerKind::Metrics)
+            .interval(10 * SEC)
+            .timeout(2 * SEC),
+    );
+    wait_until(15 * SEC, || {
+        h.stats().snapshot().cycles == 2 && m.stats().snapshot().cycles == 2
+    })
+    .await;
+    for sub in [&mut a, &mut b] {
+        let got = drain_events(sub);
+        assert_eq!(checks(&got).len(), 20, "{got:?}");
+        let collected = got
+            .iter()
+            .filter(|r| matches!(r, Received::Event(e) if matches!(**e, Event::Collected { .. })))
+            .count();
+        // The metrics worker collects from servers once they are known healthy.
+        assert!(collected >= 10, "{collected} collections seen");
+        let cycles = got
+            .iter()
+            .filter(
+                |r| matches!(r, Received::Event(e) if matches!(**e, Event::CycleFinished { .. })),
+            )
+            .count();
+        assert_eq!(cycles, 4);
+    }
+    assert_eq!(rig.events.stats().lost, 0);
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_subscriber_stalls_neither_the_cycle_nor_the_writer_and_is_told_it_lagged() {
+    let mut rig = Rig::new(50).await;
+    let mut stalled = rig.events.subscribe("stalled", 5);
+    let mut keeping_up = rig.events.subscribe("keeping-up", 1000);
+    let h = rig.health(health().interval(10 * SEC).timeout(2 * SEC).batch_size(50));
+    wait_until(25 * SEC, || {
+        let s = h.stats().snapshot();
+        s.cycles == 3 && s.written == 150
+    })
+    .await;
+    let s = h.stats().snapshot();
+    assert_eq!((s.overruns, s.dropped), (0, 0));
+    // 150 checks and 3 cycle ends were published; the stalled queue holds 5.
+    let stats = rig.events.stats();
+    assert_eq!(stats.published, 153);
+    let of = |name: &str| stats.subscribers.iter().find(|s| s.name == name).unwrap();
+    assert_eq!((of("stalled").queued, of("stalled").lost), (5, 148));
+    assert_eq!(of("keeping-up").lost, 0);
+    assert_eq!(stats.lost, 148);
+    assert_eq!(stalled.lost(), 148);
+    // The stalled subscriber hears of its loss first, then gets what was queued.
+    let got = drain_events(&mut stalled);
+    assert_eq!(got[0], Received::Lagged { missed: 148 });
+    assert_eq!(got.len(), 6);
+    assert_eq!(drain_events(&mut keeping_up).len(), 153);
+    // Told once: more losses are counted afresh.
+    rig.events.publish(Event::Problem {
+        worker: WorkerKind::Health,
+        problem: Problem::WriteRecovered,
+    });
+    assert!(matches!(stalled.try_recv(), Some(Received::Event(_))));
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retried_write_publishes_nothing_twice() {
+    let mut rig = Rig::new(10).await;
+    let mut sub = rig.events.subscribe("all", 1000);
+    rig.store.fail_writes(true);
+    let h = rig.health(health().interval(10 * SEC).timeout(2 * SEC));
+    wait_until(25 * SEC, || h.stats().snapshot().cycles == 2).await;
+    assert!(rig.store.failed_writes() > 1, "writes were retried");
+    rig.store.fail_writes(false);
+    wait_until(10 * SEC, || h.stats().snapshot().pending == 0).await;
+    assert_eq!(rig.history_len().await, 20);
+    let got = drain_events(&mut sub);
+    let checked = checks(&got);
+    assert_eq!(
+        checked.len(),
+        20,
+        "one event per result, however often it was written"
+    );
+    assert_eq!(
+        problems(&got),
+        [
+            Problem::WriteFailing {
+                error: "store unavailable: connection refused (scripted)".into(),
+                pending: 10
+            },
+            Problem::WriteRecovered
+        ],
+        "a failing write is announced once, and its recovery once"
+    );
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn previous_and_new_health_stay_true_through_a_store_outage() {
+    let mut rig = Rig::new(2).await;
+    let mut sub = rig.events.subscribe("all", 1000);
+    let h = rig.health(health().interval(10 * SEC).timeout(2 * SEC));
+    wait_until(5 * SEC, || h.stats().snapshot().cycles == 1).await;
+    // The store goes away; s000 turns unreachable and stays so for three cycles.
+    rig.store.fail_selects(true);
+    rig.store.fail_writes(true);
+    rig.probe.set(
+        &name(0),
+        Script::Err(ProbeFailure::Connect("connection refused".into())),
+    );
+    wait_until(35 * SEC, || h.stats().snapshot().cycles == 4).await;
+    rig.store.fail_selects(false);
+    rig.store.fail_writes(false);
+    rig.probe.set(&name(0), healthy());
+    wait_until(15 * SEC, || {
+        let s = h.stats().snapshot();
+        s.cycles == 5 && s.pending == 0
+    })
+    .await;
+    use HealthStatus::*;
+    let received = checks(&drain_events(&mut sub));
+    let of = |server: usize| -> Vec<(Option<HealthStatus>, HealthStatus)> {
+        received
+            .iter()
+            .filter(|(n, ..)| *n == name(server))
+            .map(|(_, p, s)| (*p, *s))
+            .collect()
+    };
+    let s0 = of(0);
+    assert_eq!(
+        s0,
+        [
+            (None, Healthy),
+            (Some(Healthy), Unreachable),
+            (Some(Unreachable), Unreachable),
+            (Some(Unreachable), Unreachable),
+            (Some(Unreachable), Healthy),
+        ],
+        "one change in, one change out: no phantom change while the store was away"
+    );
+    let s1 = of(1);
+    assert_eq!(s1[0], (None, Healthy));
+    assert!(
+        s1[1..].iter().all(|c| *c == (Some(Healthy), Healthy)),
+        "{s1:?}"
+    );
+    // The store agrees once it is back.
+    let server = rig.memory.get_server(rig.ids[0]).await.unwrap().unwrap();
+    assert_eq!(server.health_status, Some(Healthy));
     rig.stop(h).await;
 }

@@ -22,6 +22,7 @@ fn target(name: &str, api_url: &str, token: Option<&str>) -> ProbeTarget {
         name: name.into(),
         api_url: api_url.into(),
         token: token.map(ApiToken::new),
+        health: None,
     }
 }
 

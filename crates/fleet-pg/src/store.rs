@@ -175,11 +175,13 @@ impl PgStore {
             },
             _ => None,
         };
+        let health: Option<&str> = row.get(5);
         ProbeTarget {
             id,
             name,
             api_url: row.get(2),
             token,
+            health: health.and_then(|h| h.parse().ok()),
         }
     }
 
@@ -327,10 +329,10 @@ impl PgStore {
     }
 }
 
-const HEALTH_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers \
+const HEALTH_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status FROM managed_servers \
      WHERE status = 'active' ORDER BY last_health_check_at ASC NULLS FIRST, id";
 
-const METRICS_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers \
+const METRICS_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status FROM managed_servers \
      WHERE status = 'active' AND health_status IN ('healthy', 'degraded') \
      ORDER BY last_seen_at DESC NULLS LAST, id";
 
@@ -575,7 +577,7 @@ impl Registry for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers WHERE id = $1",
+                "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status FROM managed_servers WHERE id = $1",
                 &[&id.0],
             )
             .await

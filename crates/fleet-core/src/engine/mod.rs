@@ -24,6 +24,7 @@ pub use config::{ConfigError, WorkerConfig, WorkerConfigBuilder, WorkerKind};
 pub use stats::{CycleSummary, StatsHandle, Tally, WorkerStats};
 
 use crate::clock::Clock;
+use crate::events::{Event, Events, Problem};
 use crate::store::{Findings, StoreError};
 use buffer::ResultBuffer;
 
@@ -63,6 +64,11 @@ pub trait Work: Send + Sync + 'static {
     /// How a result counts in the statistics.
     fn tally(&self, output: &Self::Output) -> Tally;
 
+    /// The event that announces a completed result. Called exactly once per result, in the
+    /// order results complete, so the work may keep per-target state here (the previous
+    /// health). `manual` marks a check asked for outside a cycle.
+    fn event(&self, target: &Self::Target, output: &Self::Output, manual: bool) -> Event;
+
     /// Writes a batch of results in one store call.
     async fn record(&self, batch: &[Self::Output]) -> Result<(), StoreError>;
 
@@ -97,6 +103,9 @@ pub struct Worker<W: Work> {
     stats: StatsHandle,
     /// The last successful selection, checked again while selecting fails.
     last_targets: std::sync::Mutex<Vec<W::Target>>,
+    events: Events,
+    /// Dropped results already announced as a problem.
+    reported_drops: std::sync::atomic::AtomicU64,
 }
 
 /// A worker running on its own task.
@@ -147,7 +156,16 @@ where
             buffer,
             stats,
             last_targets: std::sync::Mutex::new(Vec::new()),
+            events: Events::new(),
+            reported_drops: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Publishes this worker's events on `events` (each worker has a bus of its own until
+    /// given a shared one).
+    pub fn with_events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
     }
 
     /// The worker's statistics, readable while it runs.
@@ -172,6 +190,7 @@ where
             self.work.clone(),
             self.buffer.clone(),
             self.stats.clone(),
+            self.events.clone(),
             self.config.clone(),
             flush_now.clone(),
         ));
@@ -209,6 +228,7 @@ where
                     capitalized(kind),
                     interval.as_secs_f64(),
                 );
+                self.problem(Problem::Overrun { missed });
                 tick = latest;
                 next = now;
             } else {
@@ -240,6 +260,7 @@ where
                 self.config.shutdown_grace.as_secs_f64(),
             );
         }
+        self.report_drops();
         self.stats.lock().stats.running = false;
         tracing::info!(target: "fleet::engine", worker = kind, cancelled_checks, lost, "{} worker stopped", capitalized(kind));
         ShutdownReport {
@@ -265,59 +286,90 @@ where
         }
     }
 
-    /// Runs one cycle. Returns `Some((stop_at, cut_checks))` when cancelled during it.
+    /// Runs one cycle in four steps: select, dispatch, drain, finish. Returns
+    /// `Some((stop_at, cut_checks))` when cancelled during it.
     async fn run_cycle(
         &self,
         cancel: &CancellationToken,
         announced_delay: &mut Option<Duration>,
     ) -> Option<(Instant, u64)> {
-        let kind = self.work.kind();
         let started = Instant::now();
         let started_at = self.clock.now();
+        let targets = match self.select(cancel).await {
+            Selected::Targets(t) => t,
+            Selected::Nothing => return None,
+            Selected::Cancelled => return Some((Instant::now(), 0)),
+        };
+        let delay = self.begin(targets.len(), announced_delay);
+        let mut running = JoinSet::new();
+        let stop_at = match self
+            .dispatch(targets, started, delay, cancel, &mut running)
+            .await
+        {
+            Some(stop_at) => Some(stop_at),
+            None => drain(&mut running, cancel).await,
+        };
+        if let Some(stop_at) = stop_at {
+            return Some((stop_at, self.cut(stop_at, running).await));
+        }
+        self.finish(started, started_at, cancel).await;
+        None
+    }
+
+    /// Step 1: the cycle's targets. While selecting fails, the last cycle's targets are
+    /// checked again, so monitoring goes on through a store outage; their results wait in
+    /// the buffer until the store is back.
+    async fn select(&self, cancel: &CancellationToken) -> Selected<W::Target> {
+        let kind = self.work.kind().as_str();
         let selected = tokio::select! {
             biased;
-            () = cancel.cancelled() => return Some((Instant::now(), 0)),
+            () = cancel.cancelled() => return Selected::Cancelled,
             selected = self.work.select() => selected,
         };
-        const SELECT_FAILED: &str = "selecting targets failed";
-        let select_failed = selected.is_err();
-        let targets = match selected {
-            Ok(t) => {
-                *self.last_targets.lock().unwrap_or_else(|e| e.into_inner()) = t.clone();
-                t
+        let mut last = self.last_targets.lock().unwrap_or_else(|e| e.into_inner());
+        match selected {
+            Ok(targets) => {
+                let mut g = self.stats.lock();
+                if g.stats
+                    .last_error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with(SELECT_FAILED))
+                {
+                    g.stats.last_error = None;
+                }
+                last.clone_from(&targets);
+                Selected::Targets(targets)
             }
             Err(e) => {
-                // Keep watching while the store is away: probe the last known targets; their
-                // results wait in the buffer until the store is back.
-                let known = self
-                    .last_targets
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                let message = if known.is_empty() {
+                let message = if last.is_empty() {
                     format!("{SELECT_FAILED}: {e}")
                 } else {
                     format!(
                         "{SELECT_FAILED}: {e}; checking the {} targets of the last cycle",
-                        known.len()
+                        last.len()
                     )
                 };
-                tracing::error!(target: "fleet::engine", worker = kind.as_str(), error = %e, "{} cycle: {message}", capitalized(kind.as_str()));
+                tracing::error!(target: "fleet::engine", worker = kind, error = %e, "{} cycle: {message}", capitalized(kind));
                 self.stats.lock().stats.last_error = Some(message);
-                if known.is_empty() {
-                    return None;
+                if last.is_empty() {
+                    Selected::Nothing
+                } else {
+                    Selected::Targets(last.clone())
                 }
-                known
             }
-        };
-        let total = targets.len();
+        }
+    }
+
+    /// Resets the cycle's figures and picks the batch delay for `total` targets.
+    fn begin(&self, total: usize, announced_delay: &mut Option<Duration>) -> Duration {
+        let kind = self.work.kind().as_str();
         let delay = self.batch_delay(total);
         if delay != self.config.batch_delay && *announced_delay != Some(delay) {
             tracing::info!(
                 target: "fleet::engine",
-                worker = kind.as_str(),
+                worker = kind,
                 "{} batch delay shortened from {:?} to {:?} so that {} batches of {} start within a third of the {:?} interval",
-                capitalized(kind.as_str()),
+                capitalized(kind),
                 self.config.batch_delay,
                 delay,
                 total.div_ceil(self.config.batch_size),
@@ -333,44 +385,40 @@ where
                 ..Default::default()
             };
             g.stats.last_cycle_targets = total as u64;
-            if !select_failed
-                && g.stats
-                    .last_error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with(SELECT_FAILED))
-            {
-                g.stats.last_error = None;
-            }
             g.stats.batch_delay_seconds = delay.as_secs_f64();
         }
         self.work.log_start(total);
+        delay
+    }
 
+    /// Step 2: starts the targets in batches, `delay` apart, at most `max_in_flight` at once.
+    /// Returns when cancelled before every target started.
+    async fn dispatch(
+        &self,
+        targets: Vec<W::Target>,
+        started: Instant,
+        delay: Duration,
+        cancel: &CancellationToken,
+        running: &mut JoinSet<()>,
+    ) -> Option<Instant> {
         let slots = Arc::new(Semaphore::new(self.config.max_in_flight));
-        let mut running = JoinSet::new();
         let mut targets = targets.into_iter();
         let mut batch = 0u32;
-        let mut stop_at = None;
-        'batches: while targets.len() > 0 {
+        while targets.len() > 0 {
             if batch > 0 {
                 tokio::select! {
                     biased;
-                    () = cancel.cancelled() => { stop_at = Some(Instant::now()); break 'batches; }
+                    () = cancel.cancelled() => return Some(Instant::now()),
                     () = sleep_until(started + delay * batch) => {}
                 }
             }
             for target in targets.by_ref().take(self.config.batch_size) {
                 let permit = tokio::select! {
                     biased;
-                    () = cancel.cancelled() => { stop_at = Some(Instant::now()); break 'batches; }
+                    () = cancel.cancelled() => return Some(Instant::now()),
                     permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                 };
-                let check = Check {
-                    work: self.work.clone(),
-                    buffer: self.buffer.clone(),
-                    stats: self.stats.clone(),
-                    clock: self.clock.clone(),
-                    timeout: self.config.timeout,
-                };
+                let check = self.check();
                 running.spawn(async move {
                     check.run(target).await;
                     drop(permit);
@@ -380,35 +428,46 @@ where
             }
             batch += 1;
         }
+        None
+    }
 
-        // Wait for the checks in flight; on cancel, give them the grace period.
-        if stop_at.is_none() {
-            loop {
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => { stop_at = Some(Instant::now()); break; }
-                    next = running.join_next() => if next.is_none() { break },
-                }
-            }
+    fn check(&self) -> Check<W> {
+        Check {
+            work: self.work.clone(),
+            buffer: self.buffer.clone(),
+            stats: self.stats.clone(),
+            clock: self.clock.clone(),
+            events: self.events.clone(),
+            timeout: self.config.timeout,
         }
-        if let Some(stop_at) = stop_at {
-            // Checks get most of the grace period; the rest is kept for the final flush.
-            let drain_until = stop_at + self.config.shutdown_grace.mul_f64(0.8);
-            let _ = timeout_at(drain_until, async {
-                while running.join_next().await.is_some() {}
-            })
-            .await;
-            let cut = running.len() as u64;
-            running.shutdown().await;
-            if cut > 0 {
-                tracing::warn!(target: "fleet::engine", worker = kind.as_str(), cut, "{} checks still running at shutdown were cancelled", cut);
-            }
-            return Some((stop_at, cut));
-        }
+    }
 
-        // A cycle is done when its results are stored: ask the writer to write them now, and
-        // wait a little for it. A store that is down does not hold the cycle up for long; its
-        // results wait in the buffer.
+    /// On cancel: gives the checks still running most of the grace period, then cuts them
+    /// off. Returns how many were cut.
+    async fn cut(&self, stop_at: Instant, mut running: JoinSet<()>) -> u64 {
+        // Checks get most of the grace period; the rest is kept for the final flush.
+        let drain_until = stop_at + self.config.shutdown_grace.mul_f64(0.8);
+        let _ = timeout_at(drain_until, async {
+            while running.join_next().await.is_some() {}
+        })
+        .await;
+        let cut = running.len() as u64;
+        running.shutdown().await;
+        if cut > 0 {
+            tracing::warn!(target: "fleet::engine", worker = self.work.kind().as_str(), cut, "{} checks still running at shutdown were cancelled", cut);
+        }
+        cut
+    }
+
+    /// Step 4: a cycle is done when its results are stored. Asks the writer to write them
+    /// now and waits a little for it (a store that is down does not hold the cycle up for
+    /// long; its results wait in the buffer), then records, logs and publishes the cycle.
+    async fn finish(
+        &self,
+        started: Instant,
+        started_at: OffsetDateTime,
+        cancel: &CancellationToken,
+    ) {
         let drained = async {
             loop {
                 let wrote = self.buffer.wrote.notified();
@@ -436,13 +495,87 @@ where
         };
         self.work.log_summary(&summary);
         if let Some(found) = self.work.after_cycle().await {
-            let mut g = self.stats.lock();
-            match found {
-                Ok(findings) => g.stats.storage_findings = findings,
-                Err(e) => g.stats.last_error = Some(format!("storage check failed: {e}")),
+            let problems = {
+                let mut g = self.stats.lock();
+                match found {
+                    Ok(findings) => {
+                        if g.stats
+                            .last_error
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with(STORAGE_CHECK_FAILED))
+                        {
+                            g.stats.last_error = None;
+                        }
+                        let problems = findings
+                            .iter()
+                            .cloned()
+                            .map(Problem::StorageFinding)
+                            .collect();
+                        g.stats.storage_findings = findings;
+                        problems
+                    }
+                    Err(e) => {
+                        g.stats.last_error = Some(format!("{STORAGE_CHECK_FAILED}: {e}"));
+                        vec![Problem::StorageCheckFailed(e.to_string())]
+                    }
+                }
+            };
+            for problem in problems {
+                self.problem(problem);
             }
         }
-        None
+        self.report_drops();
+        self.events.publish(Event::CycleFinished {
+            worker: self.work.kind(),
+            summary,
+            stats: Box::new(self.stats.snapshot()),
+        });
+    }
+
+    /// Publishes a problem of this worker.
+    fn problem(&self, problem: Problem) {
+        self.events.publish(Event::Problem {
+            worker: self.work.kind(),
+            problem,
+        });
+    }
+
+    /// Publishes the results dropped since the last report, if any.
+    fn report_drops(&self) {
+        let total = self.buffer.dropped();
+        let before = self
+            .reported_drops
+            .swap(total, std::sync::atomic::Ordering::Relaxed);
+        if total > before {
+            self.problem(Problem::ResultsDropped {
+                dropped: total - before,
+                total,
+            });
+        }
+    }
+}
+
+const SELECT_FAILED: &str = "selecting targets failed";
+const STORAGE_CHECK_FAILED: &str = "storage check failed";
+
+/// What step 1 found.
+enum Selected<T> {
+    Targets(Vec<T>),
+    /// Selecting failed and there is no earlier selection to fall back on.
+    Nothing,
+    Cancelled,
+}
+
+/// Step 3: waits for the checks in flight. Returns when cancelled first.
+async fn drain(running: &mut JoinSet<()>, cancel: &CancellationToken) -> Option<Instant> {
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Some(Instant::now()),
+            next = running.join_next() => {
+                next.as_ref()?;
+            }
+        }
     }
 }
 
@@ -452,6 +585,7 @@ struct Check<W: Work> {
     buffer: Arc<ResultBuffer<W::Output>>,
     stats: StatsHandle,
     clock: Arc<dyn Clock>,
+    events: Events,
     timeout: Duration,
 }
 
@@ -477,7 +611,10 @@ impl<W: Work> Check<W> {
         let output = check_once(&*self.work, &target, self.timeout, &*self.clock).await;
         let tally = self.work.tally(&output);
         self.stats.record(tally, self.work.name(&target));
+        // Published once, here, never by the writer: a retried write announces nothing twice.
+        let event = self.work.event(&target, &output, false);
         self.buffer.push(output);
+        self.events.publish(event);
     }
 }
 
@@ -497,6 +634,22 @@ pub async fn check_once<W: Work>(
     }
 }
 
+/// Runs one check outside a cycle (an API's "check now"), as a cycle does: under its
+/// deadline, recorded, and published with `manual` set. Unlike a cycle's, the result is
+/// written before this returns, and published only once it is written.
+pub async fn check_now<W: Work>(
+    work: &W,
+    target: &W::Target,
+    timeout: Duration,
+    clock: &dyn Clock,
+    events: &Events,
+) -> Result<W::Output, StoreError> {
+    let output = check_once(work, target, timeout, clock).await;
+    work.record(std::slice::from_ref(&output)).await?;
+    events.publish(work.event(target, &output, true));
+    Ok(output)
+}
+
 /// Drains the buffer to the store in groups of up to `write_batch_size`, at once when that
 /// many wait, else after `flush_interval`. On a store error the group goes back and is retried
 /// with backoff. After `flush_now` fires it writes without waiting and returns once empty.
@@ -504,6 +657,7 @@ async fn write_loop<W: Work>(
     work: Arc<W>,
     buffer: Arc<ResultBuffer<W::Output>>,
     stats: StatsHandle,
+    events: Events,
     config: WorkerConfig,
     flush_now: CancellationToken,
 ) {
@@ -539,7 +693,12 @@ async fn write_loop<W: Work>(
                 if failing {
                     failing = false;
                     g.stats.last_error = None;
+                    drop(g);
                     tracing::info!(target: "fleet::engine", worker = kind, "{} results are being written again", capitalized(kind));
+                    events.publish(Event::Problem {
+                        worker: work.kind(),
+                        problem: Problem::WriteRecovered,
+                    });
                 }
             }
             Err(e) => {
@@ -554,6 +713,15 @@ async fn write_loop<W: Work>(
                     "writing {n} {kind} results failed, {pending} waiting; retrying in {:?}: {e}",
                     backoff,
                 );
+                if !failing {
+                    events.publish(Event::Problem {
+                        worker: work.kind(),
+                        problem: Problem::WriteFailing {
+                            error: e.to_string(),
+                            pending,
+                        },
+                    });
+                }
                 failing = true;
                 stats.lock().stats.last_error = Some(format!("writing results failed: {e}"));
                 tokio::time::sleep(backoff).await;

@@ -90,6 +90,8 @@ pub struct CycleSummary {
     pub by_label: BTreeMap<&'static str, u64>,
     /// Names of the first failed targets (at most [`CycleSummary::MAX_NAMES`]).
     pub failed_names: Vec<String>,
+    /// Names of the first targets with each label (at most [`CycleSummary::NAMES_PER_LABEL`]).
+    pub names_by_label: BTreeMap<&'static str, Vec<String>>,
     /// How long the cycle took.
     pub duration: std::time::Duration,
 }
@@ -97,6 +99,13 @@ pub struct CycleSummary {
 impl CycleSummary {
     /// The most failed names kept for the log line.
     pub const MAX_NAMES: usize = 20;
+    /// The most names kept per label.
+    pub const NAMES_PER_LABEL: usize = 5;
+
+    /// The first names of targets with `label`.
+    pub fn names(&self, label: &str) -> &[String] {
+        self.names_by_label.get(label).map_or(&[], Vec::as_slice)
+    }
 
     /// How many completed checks carried `label`.
     pub fn count(&self, label: &str) -> u64 {
@@ -188,6 +197,10 @@ impl StatsHandle {
         stats.values_collected += tally.values;
         *stats.by_status.entry(tally.label).or_default() += 1;
         *cycle.by_label.entry(tally.label).or_default() += 1;
+        let names = cycle.names_by_label.entry(tally.label).or_default();
+        if names.len() < CycleSummary::NAMES_PER_LABEL {
+            names.push(name.to_owned());
+        }
         stats.refresh_rate();
     }
 }
