@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use fleet_core::MetricValues;
-use fleet_http::wire;
+use fleet_wire::{ComponentHealth, HealthReport, MetricValues};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -265,11 +264,11 @@ impl SimServer {
             )
             .await;
         }
-        let health = req.path == wire::HEALTH_PATH;
+        let health = req.path == fleet_wire::HEALTH_PATH;
         if health {
             self.health_requests.fetch_add(1, Ordering::SeqCst);
         }
-        if !health && req.path != wire::METRICS_PATH {
+        if !health && req.path != fleet_wire::METRICS_PATH {
             return respond(
                 stream,
                 404,
@@ -444,7 +443,7 @@ impl SimServer {
             health_body(behavior).to_string()
         } else {
             let values = self.walk.lock().unwrap_or_else(|e| e.into_inner()).step();
-            wire::metrics_json(&values).to_string()
+            values.to_json().to_string()
         };
         respond(stream, 200, "application/json", body.as_bytes(), &[]).await
     }
@@ -515,20 +514,22 @@ impl Drop for Open<'_> {
 
 /// The health report of a behaving server.
 pub(crate) fn health_body(b: Behavior) -> serde_json::Value {
-    use serde_json::json;
-    match b {
-        Behavior::Degraded => json!({
-            "database": {"status": "ok"}, "redis": {"status": "ok"}, "services": {"healthy": false},
-            "components": {"worker": {"status": "degraded"}}
-        }),
-        Behavior::Critical => json!({
-            "database": {"status": "down"}, "redis": {"status": "ok"}, "services": {"healthy": true}
-        }),
-        _ => json!({
-            "database": {"status": "ok"}, "redis": {"status": "ok"}, "services": {"healthy": true},
-            "components": {"worker": {"status": "ok"}}
-        }),
+    use ComponentHealth::{Healthy, Unhealthy};
+    let (database, services, worker) = match b {
+        Behavior::Degraded => (Healthy, false, Some(Unhealthy("degraded".into()))),
+        Behavior::Critical => (Unhealthy("down".into()), true, None),
+        _ => (Healthy, true, Some(Healthy)),
+    };
+    HealthReport {
+        database,
+        redis: Healthy,
+        services_healthy: Some(services),
+        components: worker
+            .map(|w| ("worker".to_owned(), w))
+            .into_iter()
+            .collect(),
     }
+    .to_json()
 }
 
 fn gzip_bomb() -> &'static [u8] {

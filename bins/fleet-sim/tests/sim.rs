@@ -85,7 +85,7 @@ async fn servers_count_requests_and_change_behaviour_through_the_control_api() {
     );
     let (code, metrics) = call(&addr, "GET", "/api/v1/metrics/current", Some(s.token()), "").await;
     assert_eq!(code, 200);
-    let values = fleet_http::wire::parse_metrics(metrics.as_bytes()).unwrap();
+    let values = fleet_wire::parse_metrics(metrics.as_bytes()).unwrap();
     assert!(values.total_services.is_some());
     let (code, prom) = call(&addr, "GET", "/metrics", None, "").await;
     assert_eq!(code, 200);

@@ -1,108 +1,13 @@
 //! Health classification: the pure rules that turn a server's health report into a status.
 //!
-//! A report is a JSON object. A component is `database`, `redis`, or any entry of an optional
-//! `components` object; its value is an object with a string `status`, or a bare status string.
-//! `ok`, `healthy`, `up` and `pass` (any case) are healthy, any other string is unhealthy, and
-//! anything else (absent, null, another shape) is unknown and never a failure. An unhealthy
+//! How a report is read (components, healthy words, odd shapes) is fleet-wire's. An unhealthy
 //! database or redis is `critical`; otherwise `services.healthy == false` or any other unhealthy
 //! component is `degraded`; otherwise `healthy`.
 
+use fleet_wire::{ComponentHealth, HealthReport, truncate};
 use serde_json::{Map, Value};
 
 use crate::model::HealthStatus;
-
-/// What a report said of one component.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ComponentHealth {
-    /// A healthy status string.
-    Healthy,
-    /// Any other status string, kept as reported.
-    Unhealthy(String),
-    /// Absent, null, or of another shape.
-    Unknown,
-}
-
-impl ComponentHealth {
-    fn from_json(value: Option<&Value>) -> Self {
-        let status = match value {
-            Some(Value::String(s)) => s.as_str(),
-            Some(Value::Object(obj)) => match obj.get("status") {
-                Some(Value::String(s)) => s.as_str(),
-                _ => return ComponentHealth::Unknown,
-            },
-            _ => return ComponentHealth::Unknown,
-        };
-        if ["ok", "healthy", "up", "pass"]
-            .iter()
-            .any(|h| status.eq_ignore_ascii_case(h))
-        {
-            ComponentHealth::Healthy
-        } else {
-            ComponentHealth::Unhealthy(truncate(status, 200))
-        }
-    }
-
-    fn as_bool(&self) -> Option<bool> {
-        match self {
-            ComponentHealth::Healthy => Some(true),
-            ComponentHealth::Unhealthy(_) => Some(false),
-            ComponentHealth::Unknown => None,
-        }
-    }
-}
-
-/// A parsed health report.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HealthAnswer {
-    /// The `database` component.
-    pub database: ComponentHealth,
-    /// The `redis` component.
-    pub redis: ComponentHealth,
-    /// `services.healthy` when it is a boolean.
-    pub services_healthy: Option<bool>,
-    /// The entries of `components`, in the report's order.
-    pub components: Vec<(String, ComponentHealth)>,
-}
-
-/// A report that is not a JSON object.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("expected a JSON object, got {0}")]
-pub struct NotAnObject(&'static str);
-
-impl HealthAnswer {
-    /// Reads a report; anything but a JSON object is refused.
-    pub fn from_json(value: &Value) -> Result<Self, NotAnObject> {
-        let obj = match value {
-            Value::Object(obj) => obj,
-            Value::Null => return Err(NotAnObject("null")),
-            Value::Bool(_) => return Err(NotAnObject("a boolean")),
-            Value::Number(_) => return Err(NotAnObject("a number")),
-            Value::String(_) => return Err(NotAnObject("a string")),
-            Value::Array(_) => return Err(NotAnObject("an array")),
-        };
-        Ok(Self::from_object(obj))
-    }
-
-    fn from_object(obj: &Map<String, Value>) -> Self {
-        let services_healthy = match obj.get("services") {
-            Some(Value::Object(s)) => s.get("healthy").and_then(Value::as_bool),
-            _ => None,
-        };
-        let components = match obj.get("components") {
-            Some(Value::Object(c)) => c
-                .iter()
-                .map(|(name, v)| (truncate(name, 100), ComponentHealth::from_json(Some(v))))
-                .collect(),
-            _ => Vec::new(),
-        };
-        Self {
-            database: ComponentHealth::from_json(obj.get("database")),
-            redis: ComponentHealth::from_json(obj.get("redis")),
-            services_healthy,
-            components,
-        }
-    }
-}
 
 /// The result of classifying a report.
 #[derive(Clone, Debug, PartialEq)]
@@ -122,7 +27,7 @@ pub struct Classification {
 }
 
 /// Classifies a report by the rules in this module's docs.
-pub fn classify(answer: &HealthAnswer) -> Classification {
+pub fn classify(answer: &HealthReport) -> Classification {
     let services = ComponentHealth::Unhealthy("unhealthy".to_owned());
     let services = (answer.services_healthy == Some(false)).then_some(("services", &services));
     let unhealthy: Vec<(String, String)> =
@@ -174,14 +79,6 @@ pub fn classify(answer: &HealthAnswer) -> Classification {
     }
 }
 
-/// Cuts a string to at most `max` characters, so that no report can bloat a row.
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &s[..at]),
-        None => s.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -196,7 +93,7 @@ mod tests {
         flags: [Option<bool>; 3],
         details: Option<Value>,
     ) {
-        let answer = HealthAnswer::from_json(&report).expect("an object");
+        let answer = HealthReport::from_json(&report).expect("an object");
         let c = classify(&answer);
         assert_eq!(c.status, status, "status of {report}");
         assert_eq!(
@@ -309,7 +206,7 @@ mod tests {
     #[test]
     fn message_names_each_unhealthy_component() {
         let answer =
-            HealthAnswer::from_json(&json!({"database": "down", "components": {"q": "slow"}}))
+            HealthReport::from_json(&json!({"database": "down", "components": {"q": "slow"}}))
                 .unwrap();
         assert_eq!(
             classify(&answer).error_message.as_deref(),
@@ -318,22 +215,9 @@ mod tests {
     }
 
     #[test]
-    fn non_objects_are_refused() {
-        for (v, what) in [
-            (json!(null), "null"),
-            (json!([]), "an array"),
-            (json!("ok"), "a string"),
-            (json!(1), "a number"),
-            (json!(true), "a boolean"),
-        ] {
-            assert_eq!(HealthAnswer::from_json(&v).unwrap_err(), NotAnObject(what));
-        }
-    }
-
-    #[test]
     fn long_statuses_are_cut() {
         let long = "x".repeat(10_000);
-        let answer = HealthAnswer::from_json(&json!({ "database": long })).unwrap();
+        let answer = HealthReport::from_json(&json!({ "database": long })).unwrap();
         let c = classify(&answer);
         assert!(c.error_message.unwrap().chars().count() <= 501);
     }

@@ -15,7 +15,7 @@
 //!
 //! use async_trait::async_trait;
 //! use fleet_core::{
-//!     CollectError, HealthAnswer, HealthProbe, HealthWork, InMemoryStore, MetricValues,
+//!     CollectError, HealthReport, HealthProbe, HealthWork, InMemoryStore, MetricValues,
 //!     MetricsCollector, MetricsWork, NewServer, ProbeFailure, ProbeOutcome, ProbeTarget,
 //!     Registry, SystemClock, WorkerConfig, WorkerKind,
 //! };
@@ -32,7 +32,7 @@
 //!         let started = Instant::now();
 //!         match tokio::net::TcpStream::connect(addr).await {
 //!             Ok(_) => ProbeOutcome::Report {
-//!                 answer: HealthAnswer::from_json(&serde_json::json!({})).unwrap(),
+//!                 answer: HealthReport::default(),
 //!                 response_time: started.elapsed(),
 //!             },
 //!             Err(e) => ProbeOutcome::Failed {
@@ -99,13 +99,14 @@ pub mod conformance;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
-pub use classify::{Classification, ComponentHealth, HealthAnswer, NotAnObject, classify};
+pub use classify::{Classification, classify};
 pub use clock::{Clock, SystemClock};
 pub use engine::{
     ConfigError, CycleSummary, ShutdownReport, StatsHandle, Tally, Work, Worker, WorkerConfig,
     WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats, check_now, check_once,
 };
 pub use events::{Event, EventStats, Events, Problem, Received, SubscriberStats, Subscription};
+pub use fleet_wire::{ComponentHealth, HealthReport, MetricsError, NotAnObject};
 pub use memory::InMemoryStore;
 pub use model::{
     ApiToken, GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer,

@@ -312,58 +312,8 @@ impl FromStr for Period {
     }
 }
 
-/// The values a server reports on its metrics endpoint, each optional.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct MetricValues {
-    /// Percent of the whole machine, 0 to 100.
-    pub cpu_percent: Option<f64>,
-    /// Percent of the whole machine, 0 to 100.
-    pub memory_percent: Option<f64>,
-    /// Percent of the whole machine, 0 to 100.
-    pub disk_percent: Option<f64>,
-    /// Counter since the server started.
-    pub network_rx_bytes: Option<i64>,
-    /// Counter since the server started.
-    pub network_tx_bytes: Option<i64>,
-    /// Gauge.
-    pub active_services: Option<i64>,
-    /// Gauge.
-    pub failed_services: Option<i64>,
-    /// Gauge.
-    pub total_services: Option<i64>,
-    /// Counter since the server started.
-    pub llm_requests: Option<i64>,
-    /// Counter since the server started, in US dollars.
-    pub llm_cost_usd: Option<f64>,
-    /// Gauge.
-    pub active_users: Option<i64>,
-    /// Gauge.
-    pub total_users: Option<i64>,
-}
-
-impl MetricValues {
-    /// How many of the twelve values are present.
-    pub fn count(&self) -> u64 {
-        let floats = [
-            self.cpu_percent,
-            self.memory_percent,
-            self.disk_percent,
-            self.llm_cost_usd,
-        ];
-        let ints = [
-            self.network_rx_bytes,
-            self.network_tx_bytes,
-            self.active_services,
-            self.failed_services,
-            self.total_services,
-            self.llm_requests,
-            self.active_users,
-            self.total_users,
-        ];
-        (floats.iter().filter(|v| v.is_some()).count()
-            + ints.iter().filter(|v| v.is_some()).count()) as u64
-    }
-}
+/// The values a server reports on its metrics endpoint: the wire format's own type.
+pub use fleet_wire::MetricValues;
 
 /// One stored metrics reading.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

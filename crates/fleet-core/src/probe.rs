@@ -6,8 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::classify::HealthAnswer;
 use crate::model::{HealthStatus, MetricValues, ProbeTarget};
+use fleet_wire::HealthReport;
 
 /// Why a health probe failed. Each variant's message is the short `error_message` stored with
 /// the result.
@@ -115,7 +115,7 @@ pub enum ProbeOutcome {
     /// A complete 2xx answer with a valid report.
     Report {
         /// The parsed report.
-        answer: HealthAnswer,
+        answer: HealthReport,
         /// From the request's start to the end of the body.
         response_time: Duration,
     },
@@ -146,19 +146,9 @@ pub enum CollectError {
     /// The exchange failed (no answer, an HTTP error, a cut body).
     #[error("{0}")]
     Transport(String),
-    /// The answer was not a JSON object.
-    #[error("invalid metrics response: {0}")]
-    Invalid(String),
-    /// A field had the wrong type or was out of range.
-    #[error("metrics response field {field} = {value} {reason}")]
-    Field {
-        /// The field's name.
-        field: &'static str,
-        /// The value as received (cut to a readable length).
-        value: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
+    /// The answer was not a valid metrics object.
+    #[error(transparent)]
+    Wire(#[from] fleet_wire::MetricsError),
     /// No answer within the deadline.
     #[error("timeout after {}", fmt_secs(*after))]
     Timeout {

@@ -12,12 +12,12 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use crate::classify::{ComponentHealth, HealthAnswer};
 use crate::clock::Clock;
 use crate::memory::InMemoryStore;
 use crate::model::{HealthCheck, MetricValues, MetricsRecord, ProbeTarget};
 use crate::probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, ProbeOutcome};
 use crate::store::{Store, StoreError};
+use fleet_wire::{ComponentHealth, HealthReport};
 
 /// How a fake answers.
 #[derive(Clone, Debug, PartialEq)]
@@ -33,13 +33,13 @@ pub enum Script<T, E> {
 }
 
 /// A health report with every component in `status`.
-pub fn report(status: &str) -> HealthAnswer {
+pub fn report(status: &str) -> HealthReport {
     let c = if ["ok", "healthy", "up", "pass"].contains(&status) {
         ComponentHealth::Healthy
     } else {
         ComponentHealth::Unhealthy(status.to_owned())
     };
-    HealthAnswer {
+    HealthReport {
         database: c.clone(),
         redis: c,
         services_healthy: Some(true),
@@ -48,12 +48,12 @@ pub fn report(status: &str) -> HealthAnswer {
 }
 
 /// A report of a healthy server.
-pub fn healthy() -> Script<HealthAnswer, ProbeFailure> {
+pub fn healthy() -> Script<HealthReport, ProbeFailure> {
     Script::Ok(report("ok"))
 }
 
 /// A report of a degraded server (`services.healthy` false).
-pub fn degraded() -> Script<HealthAnswer, ProbeFailure> {
+pub fn degraded() -> Script<HealthReport, ProbeFailure> {
     let mut r = report("ok");
     r.services_healthy = Some(false);
     Script::Ok(r)
@@ -200,13 +200,13 @@ macro_rules! recorder_methods {
 /// A [`HealthProbe`] that answers as scripted per target name.
 #[derive(Debug)]
 pub struct ScriptedProbe {
-    fake: Fake<HealthAnswer, ProbeFailure>,
+    fake: Fake<HealthReport, ProbeFailure>,
     response_time: Duration,
 }
 
 impl ScriptedProbe {
     /// A probe answering `default` for every target without a script of its own.
-    pub fn new(default: Script<HealthAnswer, ProbeFailure>) -> Self {
+    pub fn new(default: Script<HealthReport, ProbeFailure>) -> Self {
         Self {
             fake: Fake::new(default),
             response_time: Duration::from_millis(5),
@@ -214,7 +214,7 @@ impl ScriptedProbe {
     }
 
     /// Scripts the answer for the target `name`.
-    pub fn set(&self, name: &str, script: Script<HealthAnswer, ProbeFailure>) {
+    pub fn set(&self, name: &str, script: Script<HealthReport, ProbeFailure>) {
         self.fake.set(name, script);
     }
 

@@ -8,8 +8,8 @@ use fleet_core::testing::{
 };
 use fleet_core::{
     CancellationToken, CollectError, Event, Events, HealthStatus, HealthWork, History,
-    HistoryQuery, InMemoryStore, MetricValues, MetricsWork, NewServer, ProbeFailure, Problem,
-    Received, Registry, ServerId, ShutdownReport, Store, Subscription, WorkerConfig,
+    HistoryQuery, InMemoryStore, MetricValues, MetricsError, MetricsWork, NewServer, ProbeFailure,
+    Problem, Received, Registry, ServerId, ShutdownReport, Store, Subscription, WorkerConfig,
     WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats,
 };
 use time::macros::datetime;
@@ -440,11 +440,11 @@ async fn metrics_failures_are_counted_and_kept() {
         .unwrap();
     rig.collector.set(
         "s001",
-        Script::Err(CollectError::Field {
+        Script::Err(CollectError::Wire(MetricsError::Field {
             field: "cpu_percent",
             value: "140".into(),
             reason: "is out of range 0..=100",
-        }),
+        })),
     );
     let m = rig.metrics(WorkerConfig::builder(WorkerKind::Metrics));
     wait_until(10 * SEC, || m.stats().snapshot().written == 2).await;

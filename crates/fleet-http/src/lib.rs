@@ -6,9 +6,7 @@
 //! failure becomes a typed [`ProbeFailure`] whose message is the short `error_message` stored
 //! with the result; no token ever appears in one.
 //!
-//! [`wire`] holds the wire format, shared with the simulated fleet.
-
-pub mod wire;
+//! The wire format itself (paths, the report, the metrics object) is `fleet-wire`'s.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fleet_core::{
-    CollectError, HealthAnswer, HealthProbe, MetricValues, MetricsCollector, ProbeFailure,
+    CollectError, HealthProbe, HealthReport, MetricValues, MetricsCollector, ProbeFailure,
     ProbeOutcome, ProbeTarget,
 };
 use reqwest::dns::Resolve;
@@ -267,20 +265,18 @@ impl HttpProbe {
 }
 
 /// Reads a health report from a 2xx body.
-pub fn parse_health(body: &[u8]) -> Result<HealthAnswer, ProbeFailure> {
-    let invalid = |m: String| ProbeFailure::Invalid(cut(&m, 200));
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(invalid("empty body".into()));
-    }
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| invalid(format!("not JSON ({e})")))?;
-    HealthAnswer::from_json(&value).map_err(|e| invalid(e.to_string()))
+pub fn parse_health(body: &[u8]) -> Result<HealthReport, ProbeFailure> {
+    HealthReport::parse(body).map_err(|e| ProbeFailure::Invalid(cut(&e.to_string(), 200)))
 }
 
 #[async_trait]
 impl HealthProbe for HttpProbe {
     async fn probe(&self, target: &ProbeTarget, deadline: Instant) -> ProbeOutcome {
-        match self.client.get(target, wire::HEALTH_PATH, deadline).await {
+        match self
+            .client
+            .get(target, fleet_wire::HEALTH_PATH, deadline)
+            .await
+        {
             Err((failure, response_time)) => ProbeOutcome::Failed {
                 failure,
                 response_time,
@@ -334,7 +330,7 @@ impl MetricsCollector for HttpCollector {
     ) -> Result<MetricValues, CollectError> {
         let x = self
             .client
-            .get(target, wire::METRICS_PATH, deadline)
+            .get(target, fleet_wire::METRICS_PATH, deadline)
             .await
             .map_err(|(f, _)| match f {
                 ProbeFailure::Timeout { after } => CollectError::Timeout { after },
@@ -343,7 +339,7 @@ impl MetricsCollector for HttpCollector {
         if let Some(f) = status_failure(x.status) {
             return Err(CollectError::Transport(f.to_string()));
         }
-        wire::parse_metrics(&x.body)
+        fleet_wire::parse_metrics(&x.body).map_err(CollectError::from)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Property tests: arbitrary bytes and JSON never panic either parser.
 
 use fleet_http::parse_health;
-use fleet_http::wire::parse_metrics;
+use fleet_wire::parse_metrics;
 use proptest::prelude::*;
 use serde_json::Value;
 

@@ -1,12 +1,84 @@
-//! The wire format of the servers Fleet watches, shared with the simulated fleet.
+//! The metrics object a server answers on [`METRICS_PATH`](crate::METRICS_PATH), and its
+//! validation.
 
-use fleet_core::{CollectError, MetricValues};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 
-/// The health endpoint, under a server's `api_url`.
-pub const HEALTH_PATH: &str = "/health";
-/// The metrics endpoint, under a server's `api_url`.
-pub const METRICS_PATH: &str = "/api/v1/metrics/current";
+/// The values a server reports on its metrics endpoint, each optional.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricValues {
+    /// Percent of the whole machine, 0 to 100.
+    pub cpu_percent: Option<f64>,
+    /// Percent of the whole machine, 0 to 100.
+    pub memory_percent: Option<f64>,
+    /// Percent of the whole machine, 0 to 100.
+    pub disk_percent: Option<f64>,
+    /// Counter since the server started.
+    pub network_rx_bytes: Option<i64>,
+    /// Counter since the server started.
+    pub network_tx_bytes: Option<i64>,
+    /// Gauge.
+    pub active_services: Option<i64>,
+    /// Gauge.
+    pub failed_services: Option<i64>,
+    /// Gauge.
+    pub total_services: Option<i64>,
+    /// Counter since the server started.
+    pub llm_requests: Option<i64>,
+    /// Counter since the server started, in US dollars.
+    pub llm_cost_usd: Option<f64>,
+    /// Gauge.
+    pub active_users: Option<i64>,
+    /// Gauge.
+    pub total_users: Option<i64>,
+}
+
+impl MetricValues {
+    /// How many of the twelve values are present.
+    pub fn count(&self) -> u64 {
+        let floats = [
+            self.cpu_percent,
+            self.memory_percent,
+            self.disk_percent,
+            self.llm_cost_usd,
+        ];
+        let ints = [
+            self.network_rx_bytes,
+            self.network_tx_bytes,
+            self.active_services,
+            self.failed_services,
+            self.total_services,
+            self.llm_requests,
+            self.active_users,
+            self.total_users,
+        ];
+        (floats.iter().filter(|v| v.is_some()).count()
+            + ints.iter().filter(|v| v.is_some()).count()) as u64
+    }
+
+    /// The JSON a server answers on its metrics endpoint.
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Why a metrics answer was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MetricsError {
+    /// The answer was not a JSON object.
+    #[error("invalid metrics response: {0}")]
+    Invalid(String),
+    /// A field had the wrong type or was out of range.
+    #[error("metrics response field {field} = {value} {reason}")]
+    Field {
+        /// The field's name.
+        field: &'static str,
+        /// The value as received (cut to a readable length).
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
 
 /// Gauges in percent of the whole machine, 0 to 100.
 pub const PERCENT_FIELDS: [&str; 3] = ["cpu_percent", "memory_percent", "disk_percent"];
@@ -31,8 +103,8 @@ fn shown(v: &Value) -> String {
     }
 }
 
-fn field_error(field: &'static str, v: &Value, reason: &'static str) -> CollectError {
-    CollectError::Field {
+fn field_error(field: &'static str, v: &Value, reason: &'static str) -> MetricsError {
+    MetricsError::Field {
         field,
         value: shown(v),
         reason,
@@ -42,7 +114,7 @@ fn field_error(field: &'static str, v: &Value, reason: &'static str) -> CollectE
 fn number<'a>(
     obj: &'a Map<String, Value>,
     field: &'static str,
-) -> Result<Option<(&'a Value, &'a Number)>, CollectError> {
+) -> Result<Option<(&'a Value, &'a Number)>, MetricsError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(v @ Value::Number(n)) => Ok(Some((v, n))),
@@ -50,7 +122,7 @@ fn number<'a>(
     }
 }
 
-fn whole(obj: &Map<String, Value>, field: &'static str) -> Result<Option<i64>, CollectError> {
+fn whole(obj: &Map<String, Value>, field: &'static str) -> Result<Option<i64>, MetricsError> {
     let Some((v, n)) = number(obj, field)? else {
         return Ok(None);
     };
@@ -81,7 +153,7 @@ fn real(
     obj: &Map<String, Value>,
     field: &'static str,
     max: Option<f64>,
-) -> Result<Option<f64>, CollectError> {
+) -> Result<Option<f64>, MetricsError> {
     let Some((v, n)) = number(obj, field)? else {
         return Ok(None);
     };
@@ -102,17 +174,17 @@ fn real(
 
 /// Reads and validates a metrics answer. Absent or null keys are `None`, unknown keys are
 /// ignored; a value of the wrong type or out of range fails the whole answer, naming the field.
-pub fn parse_metrics(body: &[u8]) -> Result<MetricValues, CollectError> {
+pub fn parse_metrics(body: &[u8]) -> Result<MetricValues, MetricsError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         let e = e.to_string();
-        CollectError::Invalid(if body.is_empty() {
+        MetricsError::Invalid(if body.is_empty() {
             "empty body".into()
         } else {
             format!("not JSON ({e})")
         })
     })?;
     let Value::Object(obj) = value else {
-        return Err(CollectError::Invalid(format!(
+        return Err(MetricsError::Invalid(format!(
             "expected a JSON object, got {}",
             kind(&value)
         )));
@@ -145,11 +217,6 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// The JSON a server answers on its metrics endpoint for `values`.
-pub fn metrics_json(values: &MetricValues) -> Value {
-    serde_json::to_value(values).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]
@@ -282,7 +349,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            parse_metrics(metrics_json(&v).to_string().as_bytes()).unwrap(),
+            parse_metrics(v.to_json().to_string().as_bytes()).unwrap(),
             v
         );
     }
