@@ -16,12 +16,11 @@ use fleet_sim::{Behavior, Manifest, SimConfig, SimFleet};
 use rand::Rng;
 use tokio::net::TcpListener;
 
-use crate::api::{self, AppState, FullStore, Workers};
-use crate::auth;
 use crate::config::{
     ApiArgs, DbArgs, DemoArgs, LogArgs, LogFormat, ServeArgs, ServersCommand, TokenCommand,
     WorkerArgs, secret_key,
 };
+use fleet_api::{self as api, AppState, FullStore, Workers, auth};
 
 /// Sets up logging from `FLEET_LOG` and `FLEET_LOG_FORMAT`.
 pub fn init_logging(log: &LogArgs) -> anyhow::Result<()> {

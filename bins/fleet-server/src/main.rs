@@ -1,9 +1,7 @@
 //! `fleet-server`: the bundled binary. Thin: it parses config, builds the parts from the
 //! crates, wires them and runs.
 
-mod api;
 mod app;
-mod auth;
 mod config;
 
 use std::process::ExitCode;
@@ -13,7 +11,7 @@ use config::{Cli, Command};
 
 /// RFC 3339 in UTC, as the API shows times.
 pub(crate) fn api_ts(t: time::OffsetDateTime) -> String {
-    api::ts(t)
+    fleet_api::ts(t)
 }
 
 /// Parses the command line; a bad value's message names both the flag and its environment

@@ -1,10 +1,13 @@
-//! The admin API: a route table from which both the router and the OpenAPI document are
-//! built, bearer-token authentication, and JSON errors for every failure.
+//! Fleet's HTTP API as a library: a route table from which both the router and the OpenAPI
+//! document are built, bearer-token authentication, and JSON errors for every failure.
+//!
+//! An embedder mounts [`router`] in their own axum app; `fleet-server` serves it as is.
 
+pub mod auth;
 mod handlers;
 mod views;
 
-pub(crate) use views::ts;
+pub use views::ts;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -24,7 +27,7 @@ use fleet_core::{
 };
 use serde_json::json;
 
-use crate::auth::{self, Bootstrap, FailureLimiter};
+use crate::auth::{Bootstrap, FailureLimiter};
 
 /// Everything a store must offer the server.
 pub trait FullStore: Store + Registry + History + Groups + AdminTokens + Ping {}
@@ -236,6 +239,16 @@ pub struct Route {
     /// The JSON schema of its body, when it takes one.
     pub body: Option<fn() -> serde_json::Value>,
     handler: MethodRouter<AppState>,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
 }
 
 fn route(
