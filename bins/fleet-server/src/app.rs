@@ -5,22 +5,23 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use fleet_api::{ApiParts, AppState, FullStore, Workers, auth};
 use fleet_core::{
-    AdminTokens, ApiToken, CancellationToken, Clock, HealthProbe, HealthWork, MetricsCollector,
-    MetricsWork, NewServer, Registry, Role, ServerFilter, Store, StoreError, SystemClock,
-    WorkerConfig, WorkerHandle,
+    AdminTokens, ApiToken, CancellationToken, Clock, Events, HealthProbe, HealthWork,
+    MetricsCollector, MetricsWork, NewServer, Registry, Role, ServerFilter, Store, StoreError,
+    SystemClock, WorkerConfig, WorkerHandle,
 };
 use fleet_http::{HttpClient, HttpCollector, HttpConfig, HttpProbe};
 use fleet_pg::{PgStore, TokenVault};
 use fleet_sim::{Behavior, Manifest, SimConfig, SimFleet};
 use rand::Rng;
 use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{
     ApiArgs, DbArgs, DemoArgs, LogArgs, LogFormat, ServeArgs, ServersCommand, TokenCommand,
     WorkerArgs, secret_key,
 };
-use fleet_api::{self as api, AppState, FullStore, Workers, auth};
 
 /// Sets up logging from `FLEET_LOG` and `FLEET_LOG_FORMAT`.
 pub fn init_logging(log: &LogArgs) -> anyhow::Result<()> {
@@ -73,17 +74,144 @@ async fn bind(api: &ApiArgs) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on FLEET_LISTEN (--listen) = {}", api.listen))
 }
 
+/// What serve and demo each bring: a store and how to reach servers.
+struct Parts {
+    store: Arc<dyn FullStore>,
+    /// The PostgreSQL store behind `store`, when there is one: it is migrated before the
+    /// workers start, and its partitions are kept up while they run.
+    pg: Option<Arc<PgStore>>,
+    clock: Arc<dyn Clock>,
+    probe: Arc<dyn HealthProbe>,
+    collector: Arc<dyn MetricsCollector>,
+    configs: (WorkerConfig, WorkerConfig),
+    /// Start the metrics worker after the first health cycle, so a fresh registry has healthy
+    /// servers to collect from.
+    metrics_after_health: bool,
+}
+
 /// The running parts, and how to stop them.
 struct Running {
     cancel: CancellationToken,
+    /// Every background task: the API, the workers' supervisor, upkeep, the demo's changes.
+    tasks: TaskTracker,
     handles: Arc<Mutex<Vec<WorkerHandle>>>,
-    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    listen: SocketAddr,
     grace: Duration,
 }
 
+/// The one composition path of serve and demo: the API at once, then (once the store is
+/// ready) both workers on one event bus, and the store's upkeep.
+async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<Running> {
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let events = Events::new();
+    let (health_cfg, metrics_cfg) = parts.configs.clone();
+    let workers = Arc::new(RwLock::new(Workers {
+        intervals: (
+            health_cfg.interval.as_secs_f64(),
+            metrics_cfg.interval.as_secs_f64(),
+        ),
+        ..Default::default()
+    }));
+    let as_store: Arc<dyn Store> = parts.store.clone();
+    let health = HealthWork::new(as_store.clone(), parts.probe.clone());
+
+    let listener = bind(api).await?;
+    let listen = listener.local_addr()?;
+    let state = AppState::new(ApiParts {
+        store: parts.store.clone(),
+        health: health.clone(),
+        probe_timeout: health_cfg.timeout,
+        clock: parts.clock.clone(),
+        events: events.clone(),
+        workers: workers.clone(),
+        admin_token: api.admin_token.clone(),
+        auth_failure_limit: api.auth_failure_limit,
+    });
+    let app = fleet_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let stop_api = cancel.clone();
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop_api.cancelled_owned())
+            .await
+        {
+            tracing::error!(target: "fleet::server", error = %e, "API server failed: {e}");
+        }
+    });
+    tracing::info!(target: "fleet::server", "API listening on http://{listen}");
+
+    let handles = Arc::new(Mutex::new(Vec::new()));
+    let supervisor = {
+        let (cancel, handles, workers) = (cancel.clone(), handles.clone(), workers.clone());
+        async move {
+            if let Some(pg) = &parts.pg {
+                let ready = fleet_pg::supervise::until_ready(pg, &cancel, |e| {
+                    workers.write().unwrap_or_else(|p| p.into_inner()).error =
+                        Some(format!("workers not started: {e}"));
+                })
+                .await;
+                if !ready {
+                    return;
+                }
+            }
+            let interval = health_cfg.interval;
+            let h = health
+                .worker(health_cfg, parts.clock.clone())
+                .with_events(events.clone())
+                .spawn(cancel.clone());
+            workers.write().unwrap_or_else(|p| p.into_inner()).health = Some(h.stats().clone());
+            if parts.metrics_after_health {
+                let stats = h.stats().clone();
+                let first_cycle = async {
+                    while stats.snapshot().cycles == 0 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                };
+                let _ = tokio::time::timeout(interval, first_cycle).await;
+            }
+            let mut metrics = MetricsWork::new(as_store, parts.collector);
+            if let Some(pg) = &parts.pg {
+                metrics = metrics.with_storage_check(pg.clone());
+            }
+            let m = metrics
+                .worker(metrics_cfg, parts.clock)
+                .with_events(events)
+                .spawn(cancel.clone());
+            {
+                let mut w = workers.write().unwrap_or_else(|p| p.into_inner());
+                w.metrics = Some(m.stats().clone());
+                w.error = None;
+            }
+            handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend([h, m]);
+            tracing::info!(target: "fleet::server", "workers started");
+            if let Some(pg) = &parts.pg {
+                fleet_pg::supervise::maintain_every(pg, Duration::from_secs(3600), &cancel).await;
+            }
+        }
+    };
+    tasks.spawn(supervisor);
+    Ok(Running {
+        cancel,
+        tasks,
+        handles,
+        listen,
+        grace,
+    })
+}
+
 impl Running {
+    /// Runs until Ctrl-C or SIGTERM, then stops everything within the grace period.
+    async fn until_signalled(self) {
+        shutdown_signal().await;
+        self.stop().await;
+    }
+
     async fn stop(self) {
         self.cancel.cancel();
+        self.tasks.close();
         let handles: Vec<WorkerHandle> =
             std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()));
         let stop_workers = async {
@@ -99,95 +227,13 @@ impl Running {
         {
             tracing::error!(target: "fleet::server", "workers did not stop within the grace period");
         }
-        match tokio::time::timeout(Duration::from_secs(2), self.api).await {
-            Ok(Ok(Err(e))) => {
-                tracing::error!(target: "fleet::server", error = %e, "API server failed")
-            }
-            Err(_) => tracing::warn!(target: "fleet::server", "API connections still open at exit"),
-            _ => {}
+        if tokio::time::timeout(Duration::from_secs(2), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(target: "fleet::server", "API connections still open at exit");
         }
     }
-}
-
-/// The API task, and the slot through which it sees the workers.
-type Api = (
-    Arc<RwLock<Workers>>,
-    SocketAddr,
-    tokio::task::JoinHandle<std::io::Result<()>>,
-);
-
-/// Binds `FLEET_LISTEN` and serves the API until `cancel` fires.
-async fn start_api(
-    api: &ApiArgs,
-    store: Arc<dyn FullStore>,
-    probe: Arc<dyn HealthProbe>,
-    (health, metrics): &(WorkerConfig, WorkerConfig),
-    clock: Arc<dyn Clock>,
-    cancel: &CancellationToken,
-) -> anyhow::Result<Api> {
-    let workers = Arc::new(RwLock::new(Workers {
-        intervals: (
-            health.interval.as_secs_f64(),
-            metrics.interval.as_secs_f64(),
-        ),
-        ..Default::default()
-    }));
-    let listener = bind(api).await?;
-    let listen = listener.local_addr()?;
-    let state = AppState::new(
-        store,
-        probe,
-        health.timeout,
-        clock,
-        workers.clone(),
-        api.admin_token.as_deref(),
-        api.auth_failure_limit,
-    );
-    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let cancel = cancel.clone();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await
-    });
-    tracing::info!(target: "fleet::server", "API listening on http://{listen}");
-    Ok((workers, listen, task))
-}
-
-/// Starts both workers. With `metrics_after_health`, the metrics worker starts once the
-/// first health cycle is done (bounded by one health interval), so that a fresh registry
-/// has healthy servers to collect from.
-#[allow(clippy::too_many_arguments)]
-async fn spawn_workers(
-    store: Arc<dyn FullStore>,
-    pg: Option<Arc<PgStore>>,
-    probe: Arc<dyn HealthProbe>,
-    collector: Arc<dyn MetricsCollector>,
-    (health_cfg, metrics_cfg): (WorkerConfig, WorkerConfig),
-    clock: Arc<dyn Clock>,
-    cancel: &CancellationToken,
-    metrics_after_health: bool,
-) -> (WorkerHandle, WorkerHandle) {
-    let as_store: Arc<dyn Store> = store;
-    let interval = health_cfg.interval;
-    let health = HealthWork::new(as_store.clone(), probe)
-        .worker(health_cfg, clock.clone())
-        .spawn(cancel.clone());
-    if metrics_after_health {
-        let stats = health.stats().clone();
-        let first_cycle = async {
-            while stats.snapshot().cycles == 0 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        };
-        let _ = tokio::time::timeout(interval, first_cycle).await;
-    }
-    let mut metrics = MetricsWork::new(as_store, collector);
-    if let Some(pg) = pg {
-        metrics = metrics.with_storage_check(pg);
-    }
-    let metrics = metrics.worker(metrics_cfg, clock).spawn(cancel.clone());
-    (health, metrics)
 }
 
 /// `fleet-server serve`.
@@ -203,102 +249,20 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         clock.clone(),
         args.partitions.policy(),
     ));
-    let store: Arc<dyn FullStore> = pg.clone();
     let (probe, collector) = http_clients(&args.workers)?;
-    let cancel = CancellationToken::new();
-    let (workers, _, api) = start_api(
-        &args.api,
-        store.clone(),
-        probe.clone(),
-        &configs,
-        clock.clone(),
-        &cancel,
-    )
-    .await?;
-
-    // The workers start once the database is migrated; until then the API says why not.
-    let handles = Arc::new(Mutex::new(Vec::new()));
-    {
-        let (pg, store, workers, handles, cancel, clock) = (
-            pg.clone(),
-            store.clone(),
-            workers.clone(),
-            handles.clone(),
-            cancel.clone(),
-            clock.clone(),
-        );
-        let (probe, collector): (Arc<dyn HealthProbe>, Arc<dyn MetricsCollector>) =
-            (probe, collector);
-        tokio::spawn(async move {
-            let mut backoff = Duration::from_secs(1);
-            loop {
-                let ready = async {
-                    fleet_pg::migrate(pg.pool())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    pg.maintain().await.map_err(|e| e.to_string())
-                };
-                match ready.await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::error!(target: "fleet::server", error = %e, "workers not started: {e}; retrying in {backoff:?}");
-                        workers.write().unwrap_or_else(|p| p.into_inner()).error =
-                            Some(format!("workers not started: {e}"));
-                        tokio::select! {
-                            () = cancel.cancelled() => return,
-                            () = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                }
-            }
-            if cancel.is_cancelled() {
-                return;
-            }
-            let (h, m) = spawn_workers(
-                store,
-                Some(pg.clone()),
-                probe,
-                collector,
-                configs,
-                clock,
-                &cancel,
-                false,
-            )
-            .await;
-            {
-                let mut w = workers.write().unwrap_or_else(|p| p.into_inner());
-                w.health = Some(h.stats().clone());
-                w.metrics = Some(m.stats().clone());
-                w.error = None;
-            }
-            handles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend([h, m]);
-            tracing::info!(target: "fleet::server", "workers started");
-            // Partition maintenance: hourly, as well as at start.
-            loop {
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(3600)) => {}
-                }
-                if let Err(e) = pg.maintain().await {
-                    tracing::error!(target: "fleet::pg", error = %e, "partition maintenance failed: {e}");
-                }
-            }
-        });
-    }
-
-    shutdown_signal().await;
-    Running {
-        cancel,
-        handles,
-        api,
-        grace: args.workers.shutdown_grace,
-    }
-    .stop()
-    .await;
+    let parts = Parts {
+        store: pg.clone(),
+        pg: Some(pg),
+        clock,
+        probe,
+        collector,
+        configs,
+        metrics_after_health: false,
+    };
+    start(parts, &args.api, args.workers.shutdown_grace)
+        .await?
+        .until_signalled()
+        .await;
     pool.close();
     tracing::info!(target: "fleet::server", "stopped");
     Ok(())
@@ -347,16 +311,17 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .await?;
 
     let (probe, collector) = http_clients(&args.workers)?;
-    let cancel = CancellationToken::new();
-    let (workers, listen, api) = start_api(
-        &args.api,
-        store.clone(),
-        probe.clone(),
-        &configs,
-        clock.clone(),
-        &cancel,
-    )
-    .await?;
+    let parts = Parts {
+        store,
+        pg: None,
+        clock,
+        probe,
+        collector,
+        configs,
+        metrics_after_health: true,
+    };
+    let running = start(parts, &args.api, args.workers.shutdown_grace).await?;
+    let listen = running.listen;
 
     println!();
     println!(
@@ -373,17 +338,9 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!();
     println!("Stop with Ctrl-C.");
 
-    let (h, m) = spawn_workers(store, None, probe, collector, configs, clock, &cancel, true).await;
-    {
-        let mut w = workers.write().unwrap_or_else(|p| p.into_inner());
-        w.health = Some(h.stats().clone());
-        w.metrics = Some(m.stats().clone());
-    }
-    let handles = Arc::new(Mutex::new(vec![h, m]));
-
     if !args.change_every.is_zero() {
-        let (fleet, cancel, every) = (fleet.clone(), cancel.clone(), args.change_every);
-        tokio::spawn(async move {
+        let (fleet, cancel, every) = (fleet.clone(), running.cancel.clone(), args.change_every);
+        running.tasks.spawn(async move {
             let choices = [
                 Behavior::Healthy,
                 Behavior::Degraded,
@@ -413,15 +370,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         });
     }
 
-    shutdown_signal().await;
-    Running {
-        cancel,
-        handles,
-        api,
-        grace: args.workers.shutdown_grace,
-    }
-    .stop()
-    .await;
+    running.until_signalled().await;
     fleet.shutdown().await;
     Ok(())
 }

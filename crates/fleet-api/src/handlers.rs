@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -10,8 +9,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fleet_core::{
-    ApiToken, GroupFields, GroupId, HealthStatus, HealthWork, HistoryQuery, ManagedServer,
-    NewServer, ServerFilter, ServerId, ServerStatus, ServerUpdate, Work, check_once,
+    ApiToken, GroupFields, GroupId, HealthStatus, HistoryQuery, ManagedServer, NewServer,
+    ServerFilter, ServerId, ServerStatus, ServerUpdate,
 };
 use serde::de::{Deserialize, Deserializer};
 use serde_json::{Value, json};
@@ -228,6 +227,7 @@ pub(crate) async fn workers_status(State(app): State<AppState>) -> ApiResult {
     ok(json!({
         "health_worker": views::worker(health.as_ref(), w.intervals.0, w.error.as_deref(), false),
         "metrics_worker": views::worker(metrics.as_ref(), w.intervals.1, w.error.as_deref(), true),
+        "events": app.events.stats(),
         "timestamp": views::ts(app.clock.now()),
     }))
 }
@@ -304,6 +304,29 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
                 _ => writeln!(out, "{name}{{worker=\"{w}\"}} {}", u8::from(s.running)),
             };
         }
+    }
+    let events = app.events.stats();
+    let _ = writeln!(
+        out,
+        "# HELP fleet_events_published_total Result events published.\n# TYPE fleet_events_published_total counter\nfleet_events_published_total {}",
+        events.published
+    );
+    let _ = writeln!(
+        out,
+        "# HELP fleet_events_lost_total Events dropped because a subscriber's queue was full.\n# TYPE fleet_events_lost_total counter\nfleet_events_lost_total {}",
+        events.lost
+    );
+    let _ = writeln!(
+        out,
+        "# HELP fleet_event_subscriber_lost_total Events dropped for each current subscriber.\n# TYPE fleet_event_subscriber_lost_total counter"
+    );
+    for sub in &events.subscribers {
+        let _ = writeln!(
+            out,
+            "fleet_event_subscriber_lost_total{{subscriber=\"{}\"}} {}",
+            sub.name.replace(['\\', '"', '\n'], "_"),
+            sub.lost
+        );
     }
     if let Ok(servers) = app.store.list_servers(&ServerFilter::default()).await {
         let by = by_health(servers.iter().filter(|s| s.status == ServerStatus::Active));
@@ -509,11 +532,15 @@ pub(crate) async fn check_now(
     let Some(target) = app.store.probe_target(ServerId(id)).await? else {
         return Err(ApiError::not_found("server"));
     };
-    // The same check, deadline and recording as the health worker's.
-    let store: Arc<dyn fleet_core::Store> = app.store.clone();
-    let work = HealthWork::new(store, app.probe.clone());
-    let check = check_once(&work, &target, app.probe_timeout, &*app.clock).await;
-    work.record(std::slice::from_ref(&check)).await?;
+    // The same check, deadline, recording and event as the health worker's.
+    let check = fleet_core::check_now(
+        &app.health,
+        &target,
+        app.probe_timeout,
+        &*app.clock,
+        &app.events,
+    )
+    .await?;
     ok(views::check(&check))
 }
 

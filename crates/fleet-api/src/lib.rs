@@ -22,8 +22,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use axum::{Json, Router};
 use fleet_core::{
-    AdminTokens, Clock, Groups, HealthProbe, History, Ping, Registry, Role, StatsHandle, Store,
-    StoreError,
+    AdminTokens, Clock, Events, Groups, HealthWork, History, Ping, Registry, Role, StatsHandle,
+    Store, StoreError,
 };
 use serde_json::json;
 
@@ -50,12 +50,34 @@ pub struct Workers {
 #[derive(Clone)]
 pub struct AppState {
     pub(crate) store: Arc<dyn FullStore>,
-    pub(crate) probe: Arc<dyn HealthProbe>,
+    /// The health worker's work, shared with it, so that check-now publishes as a cycle does.
+    pub(crate) health: HealthWork,
     pub(crate) probe_timeout: Duration,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) events: Events,
     pub(crate) workers: Arc<RwLock<Workers>>,
     pub(crate) bootstrap: Bootstrap,
     pub(crate) limiter: Arc<FailureLimiter>,
+}
+
+/// What the API is built from.
+pub struct ApiParts {
+    /// The store.
+    pub store: Arc<dyn FullStore>,
+    /// The health worker's work (check-now runs it).
+    pub health: HealthWork,
+    /// A check-now's deadline (the health worker's timeout).
+    pub probe_timeout: Duration,
+    /// Where timestamps come from.
+    pub clock: Arc<dyn Clock>,
+    /// The workers' event bus, whose figures the API reports.
+    pub events: Events,
+    /// The workers' slot.
+    pub workers: Arc<RwLock<Workers>>,
+    /// The bootstrap admin token (`FLEET_ADMIN_TOKEN`), if any.
+    pub admin_token: Option<String>,
+    /// Failed authentications per address per minute before 429.
+    pub auth_failure_limit: u32,
 }
 
 impl std::fmt::Debug for AppState {
@@ -66,25 +88,30 @@ impl std::fmt::Debug for AppState {
     }
 }
 
+impl std::fmt::Debug for ApiParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiParts")
+            .field("probe_timeout", &self.probe_timeout)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 impl AppState {
     /// The API's state.
-    pub fn new(
-        store: Arc<dyn FullStore>,
-        probe: Arc<dyn HealthProbe>,
-        probe_timeout: Duration,
-        clock: Arc<dyn Clock>,
-        workers: Arc<RwLock<Workers>>,
-        admin_token: Option<&str>,
-        auth_failure_limit: u32,
-    ) -> Self {
+    pub fn new(parts: ApiParts) -> Self {
         Self {
-            store,
-            probe,
-            probe_timeout,
-            clock,
-            workers,
-            bootstrap: Bootstrap::new(admin_token),
-            limiter: Arc::new(FailureLimiter::new(auth_failure_limit)),
+            store: parts.store,
+            health: parts.health,
+            probe_timeout: parts.probe_timeout,
+            clock: parts.clock,
+            events: parts.events,
+            workers: parts.workers,
+            bootstrap: Bootstrap::new(parts.admin_token.as_deref()),
+            limiter: Arc::new(FailureLimiter::new(parts.auth_failure_limit)),
         }
     }
 }

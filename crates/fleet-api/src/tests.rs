@@ -9,7 +9,9 @@ use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode, header};
 use fleet_core::conformance::{base_time, sample_at};
 use fleet_core::testing::{ManualClock, Script, ScriptedProbe, degraded};
-use fleet_core::{AdminTokens, InMemoryStore, MetricsRecord, NewServer, Registry, Role, Store};
+use fleet_core::{
+    AdminTokens, Events, HealthWork, InMemoryStore, MetricsRecord, NewServer, Registry, Role, Store,
+};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -21,6 +23,7 @@ struct Api {
     router: Router,
     memory: Arc<InMemoryStore>,
     probe: Arc<ScriptedProbe>,
+    events: Events,
     admin: String,
     viewer: String,
 }
@@ -45,19 +48,22 @@ async fn api_with_limit(limit: u32) -> Api {
         intervals: (30.0, 60.0),
         ..Default::default()
     }));
-    let state = AppState::new(
-        memory.clone(),
-        probe.clone(),
-        Duration::from_secs(2),
+    let events = Events::new();
+    let state = AppState::new(ApiParts {
+        store: memory.clone(),
+        health: HealthWork::new(memory.clone(), probe.clone()),
+        probe_timeout: Duration::from_secs(2),
         clock,
+        events: events.clone(),
         workers,
-        Some(BOOTSTRAP),
-        limit,
-    );
+        admin_token: Some(BOOTSTRAP.to_owned()),
+        auth_failure_limit: limit,
+    });
     Api {
         router: router(state),
         memory,
         probe,
+        events,
         admin,
         viewer,
     }
@@ -401,8 +407,9 @@ async fn bad_bodies_get_a_clear_4xx_and_store_nothing() {
 }
 
 #[tokio::test]
-async fn check_now_probes_records_and_returns_the_check() {
+async fn check_now_probes_records_publishes_and_returns_the_check() {
     let a = api().await;
+    let mut sub = a.events.subscribe("test", 10);
     let id = a.server("s1").await;
     let (status, check) = a
         .admin(
@@ -437,6 +444,29 @@ async fn check_now_probes_records_and_returns_the_check() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(check["status"], "unreachable");
     assert_eq!(check["error_message"], "timeout after 2s");
+    // Each check-now is published once, marked manual, with the true previous health.
+    let published: Vec<_> = std::iter::from_fn(|| sub.try_recv())
+        .map(|r| match r {
+            fleet_core::Received::Event(e) => match &*e {
+                fleet_core::Event::Checked {
+                    server,
+                    check,
+                    previous,
+                    manual,
+                } => (server.clone(), *previous, check.status, *manual),
+                other => panic!("{other:?}"),
+            },
+            lagged => panic!("{lagged:?}"),
+        })
+        .collect();
+    use fleet_core::HealthStatus::*;
+    assert_eq!(
+        published,
+        [
+            ("s1".to_owned(), None, Degraded, true),
+            ("s1".to_owned(), Some(Degraded), Unreachable, true)
+        ]
+    );
     let (status, _) = a
         .admin(
             Method::POST,

@@ -25,6 +25,7 @@ mod migrate;
 mod partitions;
 mod settings;
 mod store;
+pub mod supervise;
 #[cfg(feature = "test-util")]
 pub mod testing;
 

@@ -1,0 +1,58 @@
+//! Long-running upkeep around a [`PgStore`]: bring the schema up before the workers start, and
+//! keep the partitions in shape while they run. Both stop when their token is cancelled.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store::PgStore;
+
+/// The first and longest wait between attempts of [`until_ready`].
+const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// Applies the migrations and the partition upkeep, retrying with backoff until both succeed.
+/// Each failure is logged and handed to `failed`, so the caller can say why it waits (the API
+/// reports it). Returns false when `cancel` fired first.
+pub async fn until_ready(
+    store: &PgStore,
+    cancel: &CancellationToken,
+    mut failed: impl FnMut(String),
+) -> bool {
+    let mut backoff = BACKOFF.0;
+    loop {
+        let ready = async {
+            crate::migrate(store.pool())
+                .await
+                .map_err(|e| e.to_string())?;
+            store.maintain().await.map_err(|e| e.to_string())
+        };
+        let error = tokio::select! {
+            () = cancel.cancelled() => return false,
+            ready = ready => match ready {
+                Ok(()) => return true,
+                Err(e) => e,
+            },
+        };
+        tracing::error!(target: "fleet::pg", error = %error, "the database is not ready: {error}; retrying in {backoff:?}");
+        failed(error);
+        tokio::select! {
+            () = cancel.cancelled() => return false,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}
+
+/// Runs the partition upkeep every `period` until `cancel` fires. Failures are logged and
+/// retried at the next period; the metrics worker's storage check repairs in between.
+pub async fn maintain_every(store: &PgStore, period: Duration, cancel: &CancellationToken) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        if let Err(e) = store.maintain().await {
+            tracing::error!(target: "fleet::pg", error = %e, "partition maintenance failed: {e}");
+        }
+    }
+}
