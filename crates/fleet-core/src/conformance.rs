@@ -1,11 +1,10 @@
 //! The store conformance suite: every [`Store`] runs it, so a new backend proves itself by
-//! passing it. Each case gets a fresh, empty store from the factory.
+//! passing it. [`store_conformance_tests!`](crate::store_conformance_tests) declares one test
+//! per case, each on a fresh, empty store from the factory.
 //!
 //! ```text
-//! fleet_core::conformance::run_all(|| async { MyStore::connect_fresh().await }).await;
+//! fleet_core::store_conformance_tests!(|| async { ((), MyStore::connect_fresh().await) });
 //! ```
-
-use std::future::Future;
 
 use serde_json::json;
 use time::{Duration, OffsetDateTime};
@@ -15,12 +14,14 @@ use crate::model::{
     MetricsSample, NewServer, Period, Role, ServerId, ServerStatus, ServerUpdate,
 };
 use crate::store::{
-    AdminTokens, Groups, History, HistoryQuery, Registry, ServerFilter, Store, StoreError,
+    AdminTokens, ChangeLog, ChangeQuery, Groups, History, HistoryQuery, Registry, ServerFilter,
+    Store, StoreError,
 };
 
-/// A store the suite can drive: the workers' side, the registry, groups, tokens and history.
-pub trait ConformingStore: Store + Registry + History + Groups + AdminTokens {}
-impl<T: Store + Registry + History + Groups + AdminTokens> ConformingStore for T {}
+/// A store the suite can drive: the workers' side, the registry, groups, tokens, history and
+/// the state-change log.
+pub trait ConformingStore: Store + Registry + History + Groups + AdminTokens + ChangeLog {}
+impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog> ConformingStore for T {}
 
 /// A fixed, whole-second base time (2026-03-31 23:59:00 UTC), so stores with microsecond
 /// precision compare equal.
@@ -68,27 +69,44 @@ fn secs(n: i64) -> Duration {
     Duration::seconds(n)
 }
 
-/// Runs every case against fresh stores from `make`.
-pub async fn run_all<S, F, Fut>(make: F)
-where
-    S: ConformingStore,
-    F: Fn() -> Fut,
-    Fut: Future<Output = S>,
-{
-    health_targets_are_active_servers_stalest_first(&make().await).await;
-    metrics_targets_are_healthy_or_degraded_most_recently_seen_first(&make().await).await;
-    health_batch_lands_once_with_its_values(&make().await).await;
-    state_only_moves_forward(&make().await).await;
-    last_seen_moves_only_on_an_answer(&make().await).await;
-    metrics_land_once_and_failures_are_kept(&make().await).await;
-    results_for_removed_servers_do_not_block_the_batch(&make().await).await;
-    registry_refuses_duplicates_and_filters(&make().await).await;
-    history_windows_are_newest_first(&make().await).await;
-    tokens_reach_the_probe(&make().await).await;
-    servers_can_be_changed(&make().await).await;
-    groups_hold_members_and_filter_servers(&make().await).await;
-    admin_tokens_are_found_by_hash_until_revoked(&make().await).await;
-    llm_usage_is_the_counters_increase_with_restarts(&make().await).await;
+/// Declares one `#[tokio::test]` per conformance case, so that the first failure does not hide
+/// the others. `$make` is an async closure returning `(guard, store)`: a fresh, empty store, and
+/// whatever must live as long as it (a test database; `()` when nothing must).
+///
+/// ```text
+/// fleet_core::store_conformance_tests!(|| async { ((), MyStore::connect_fresh().await) });
+/// ```
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($make:expr) => {
+        $crate::store_conformance_tests!(@cases $make;
+            health_targets_are_active_servers_stalest_first,
+            metrics_targets_are_healthy_or_degraded_most_recently_seen_first,
+            health_batch_lands_once_with_its_values,
+            state_only_moves_forward,
+            last_seen_moves_only_on_an_answer,
+            metrics_land_once_and_failures_are_kept,
+            results_for_removed_servers_do_not_block_the_batch,
+            registry_refuses_duplicates_and_filters,
+            history_windows_are_newest_first,
+            tokens_reach_the_probe,
+            servers_can_be_changed,
+            groups_hold_members_and_filter_servers,
+            admin_tokens_are_found_by_hash_until_revoked,
+            llm_usage_is_the_counters_increase_with_restarts,
+            state_changes_are_logged_once_with_the_check,
+            state_changes_page_newest_first_fleet_wide_and_per_server
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let (_guard, store) = ($make)().await;
+                $crate::conformance::$case(&store).await;
+            }
+        )*
+    };
 }
 
 async fn add(store: &impl ConformingStore, name: &str) -> ServerId {
@@ -112,7 +130,8 @@ async fn names(store: &impl ConformingStore, health: bool) -> Vec<String> {
         .collect()
 }
 
-async fn health_targets_are_active_servers_stalest_first(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn health_targets_are_active_servers_stalest_first(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
     let b = add(store, "b").await;
@@ -142,7 +161,8 @@ async fn health_targets_are_active_servers_stalest_first(store: &impl Conforming
     );
 }
 
-async fn metrics_targets_are_healthy_or_degraded_most_recently_seen_first(
+#[doc(hidden)]
+pub async fn metrics_targets_are_healthy_or_degraded_most_recently_seen_first(
     store: &impl ConformingStore,
 ) {
     let t0 = base_time();
@@ -175,7 +195,8 @@ async fn metrics_targets_are_healthy_or_degraded_most_recently_seen_first(
     );
 }
 
-async fn health_batch_lands_once_with_its_values(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn health_batch_lands_once_with_its_values(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
     let b = add(store, "b").await;
@@ -204,7 +225,8 @@ async fn health_batch_lands_once_with_its_values(store: &impl ConformingStore) {
     assert_eq!(sa.last_seen_at, Some(t0 + secs(90)));
 }
 
-async fn state_only_moves_forward(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn state_only_moves_forward(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
     store
@@ -234,7 +256,8 @@ async fn state_only_moves_forward(store: &impl ConformingStore) {
     );
 }
 
-async fn last_seen_moves_only_on_an_answer(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn last_seen_moves_only_on_an_answer(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
     store
@@ -255,7 +278,8 @@ async fn last_seen_moves_only_on_an_answer(store: &impl ConformingStore) {
     );
 }
 
-async fn metrics_land_once_and_failures_are_kept(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn metrics_land_once_and_failures_are_kept(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
     let batch = vec![
@@ -282,7 +306,8 @@ async fn metrics_land_once_and_failures_are_kept(store: &impl ConformingStore) {
     assert!(s.last_metrics_error.unwrap().contains("cpu_percent = 140"));
 }
 
-async fn results_for_removed_servers_do_not_block_the_batch(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn results_for_removed_servers_do_not_block_the_batch(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
     let gone = add(store, "gone").await;
@@ -321,7 +346,8 @@ async fn results_for_removed_servers_do_not_block_the_batch(store: &impl Conform
     assert!(store.get_server(gone).await.unwrap().is_none());
 }
 
-async fn registry_refuses_duplicates_and_filters(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn registry_refuses_duplicates_and_filters(store: &impl ConformingStore) {
     let mut web = NewServer::new("web-1", "https://127.0.0.1:8443");
     web.hostname = Some("Web-Host.example".into());
     web.region = Some("eu".into());
@@ -421,7 +447,8 @@ async fn registry_refuses_duplicates_and_filters(store: &impl ConformingStore) {
     );
 }
 
-async fn history_windows_are_newest_first(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn history_windows_are_newest_first(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
     let checks: Vec<HealthCheck> = (0..5)
@@ -448,7 +475,8 @@ async fn history_windows_are_newest_first(store: &impl ConformingStore) {
     assert_eq!(store.health_history(a, q).await.unwrap().len(), 2);
 }
 
-async fn tokens_reach_the_probe(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn tokens_reach_the_probe(store: &impl ConformingStore) {
     let new = NewServer::new("secret", "http://127.0.0.1:9").with_token(ApiToken::new("tok-123"));
     store.create_server(new).await.unwrap();
     add(store, "plain").await;
@@ -467,7 +495,8 @@ async fn tokens_reach_the_probe(store: &impl ConformingStore) {
     assert_eq!(store.probe_target(ServerId::new()).await.unwrap(), None);
 }
 
-async fn servers_can_be_changed(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn servers_can_be_changed(store: &impl ConformingStore) {
     let a = add(store, "a").await;
     add(store, "b").await;
     let update = ServerUpdate {
@@ -524,7 +553,8 @@ async fn servers_can_be_changed(store: &impl ConformingStore) {
     );
 }
 
-async fn groups_hold_members_and_filter_servers(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn groups_hold_members_and_filter_servers(store: &impl ConformingStore) {
     let a = add(store, "a").await;
     let b = add(store, "b").await;
     let fields = GroupFields {
@@ -593,7 +623,8 @@ async fn groups_hold_members_and_filter_servers(store: &impl ConformingStore) {
     );
 }
 
-async fn admin_tokens_are_found_by_hash_until_revoked(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn admin_tokens_are_found_by_hash_until_revoked(store: &impl ConformingStore) {
     let hash = [7u8; 32];
     let t = store.insert_token("ops", Role::Admin, hash).await.unwrap();
     assert_eq!(
@@ -627,7 +658,8 @@ async fn admin_tokens_are_found_by_hash_until_revoked(store: &impl ConformingSto
     assert!(all[0].revoked_at.is_some());
 }
 
-async fn llm_usage_is_the_counters_increase_with_restarts(store: &impl ConformingStore) {
+#[doc(hidden)]
+pub async fn llm_usage_is_the_counters_increase_with_restarts(store: &impl ConformingStore) {
     let t0 = base_time();
     let a = add(store, "a").await;
     let b = add(store, "b").await;
@@ -657,5 +689,158 @@ async fn llm_usage_is_the_counters_increase_with_restarts(store: &impl Conformin
     assert!(
         (usage[0].cost_usd - (0.5 + 0.25 + 0.25)).abs() < 1e-9,
         "{usage:?}"
+    );
+}
+
+/// (from, to) of the changes `query` lists.
+async fn transitions(
+    store: &impl ConformingStore,
+    query: ChangeQuery,
+) -> Vec<(Option<HealthStatus>, HealthStatus)> {
+    store
+        .state_changes(query)
+        .await
+        .expect("read the change log")
+        .into_iter()
+        .map(|c| (c.from_status, c.to_status))
+        .collect()
+}
+
+#[doc(hidden)]
+pub async fn state_changes_are_logged_once_with_the_check(store: &impl ConformingStore) {
+    use HealthStatus::*;
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let of_a = ChangeQuery {
+        server: Some(a),
+        ..Default::default()
+    };
+    // First check: never checked → healthy. Same status again: no change.
+    let first = [
+        check_at(a, t0, Healthy),
+        check_at(a, t0 + secs(30), Healthy),
+    ];
+    store.record_health(&first).await.unwrap();
+    assert_eq!(transitions(store, of_a).await, [(None, Healthy)]);
+    // One batch holding several changes of one server (written after an outage) logs each.
+    let mut down = check_at(a, t0 + secs(60), Unreachable);
+    down.error_message = Some("connect failed: connection refused".into());
+    down.response_time_ms = None;
+    let outage = [
+        down.clone(),
+        check_at(a, t0 + secs(90), Unreachable),
+        check_at(a, t0 + secs(120), Degraded),
+    ];
+    store.record_health(&outage).await.unwrap();
+    // A retried batch logs nothing again.
+    store.record_health(&outage).await.unwrap();
+    store.record_health(&first).await.unwrap();
+    assert_eq!(
+        transitions(store, of_a).await,
+        [
+            (Some(Unreachable), Degraded),
+            (Some(Healthy), Unreachable),
+            (None, Healthy)
+        ]
+    );
+    let log = store.state_changes(of_a).await.unwrap();
+    assert_eq!(
+        log[1].changed_at,
+        t0 + secs(60),
+        "the change is its check's"
+    );
+    assert_eq!(log[1].error_message, down.error_message);
+    assert_eq!(log[1].server_name, "a");
+    assert!(log[0].id > log[1].id && log[1].id > log[2].id, "ids grow");
+    // A late check older than the state changes nothing.
+    store
+        .record_health(&[check_at(a, t0 + secs(100), Critical)])
+        .await
+        .unwrap();
+    assert_eq!(store.state_changes(of_a).await.unwrap().len(), 3);
+    // The last check's response time and error are on the server.
+    let s = store.get_server(a).await.unwrap().unwrap();
+    assert_eq!(s.last_response_time_ms, Some(12));
+    assert_eq!(
+        s.last_error.as_deref(),
+        Some("unhealthy: services (unhealthy)")
+    );
+    store
+        .record_health(&[down_at(a, t0 + secs(150))])
+        .await
+        .unwrap();
+    let s = store.get_server(a).await.unwrap().unwrap();
+    assert_eq!(s.last_response_time_ms, None);
+    assert_eq!(
+        s.last_error.as_deref(),
+        Some("connect failed: connection refused")
+    );
+}
+
+fn down_at(server: ServerId, at: OffsetDateTime) -> HealthCheck {
+    let mut c = check_at(server, at, HealthStatus::Unreachable);
+    c.error_message = Some("connect failed: connection refused".into());
+    c.response_time_ms = None;
+    c
+}
+
+#[doc(hidden)]
+pub async fn state_changes_page_newest_first_fleet_wide_and_per_server(
+    store: &impl ConformingStore,
+) {
+    use HealthStatus::*;
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let b = add(store, "b").await;
+    for (i, status) in [Healthy, Critical, Healthy].into_iter().enumerate() {
+        let at = t0 + secs(30 * i as i64);
+        store
+            .record_health(&[check_at(a, at, status), check_at(b, at + secs(1), status)])
+            .await
+            .unwrap();
+    }
+    let all = store.state_changes(ChangeQuery::default()).await.unwrap();
+    let order: Vec<(&str, OffsetDateTime)> = all
+        .iter()
+        .map(|c| (c.server_name.as_str(), c.changed_at))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("b", t0 + secs(61)),
+            ("a", t0 + secs(60)),
+            ("b", t0 + secs(31)),
+            ("a", t0 + secs(30)),
+            ("b", t0 + secs(1)),
+            ("a", t0),
+        ]
+    );
+    let page = store
+        .state_changes(ChangeQuery {
+            limit: 2,
+            offset: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page, all[2..4]);
+    let of_b = store
+        .state_changes(ChangeQuery {
+            server: Some(b),
+            limit: 10,
+            offset: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(of_b, [all[2].clone(), all[4].clone()]);
+    // Removing a server removes its log.
+    assert!(store.delete_server(b).await.unwrap());
+    assert_eq!(
+        store
+            .state_changes(ChangeQuery::default())
+            .await
+            .unwrap()
+            .len(),
+        3
     );
 }

@@ -111,13 +111,13 @@ pub use memory::InMemoryStore;
 pub use model::{
     ApiToken, GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer,
     MetricValues, MetricsFailure, MetricsRecord, MetricsSample, NewServer, ParseEnumError, Period,
-    ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate, TokenRecord,
+    ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate, StateChange, TokenRecord,
     counter_increase,
 };
 pub use probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, ProbeOutcome};
 pub use store::{
-    AdminTokens, BoxError, Findings, Groups, History, HistoryQuery, Ping, Registry, ServerFilter,
-    StorageCheck, Store, StoreError,
+    AdminTokens, BoxError, ChangeLog, ChangeQuery, Findings, Groups, History, HistoryQuery, Ping,
+    Registry, ServerFilter, StorageCheck, Store, StoreError,
 };
 pub use workers::{HealthWork, MetricsWork, health_check};
 

@@ -1,7 +1,7 @@
 //! The in-memory store: the embedded default for the demo, and the reference implementation
 //! that the conformance suite holds every other store to.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -10,10 +10,11 @@ use time::OffsetDateTime;
 use crate::model::{
     ApiToken, GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer,
     MetricsRecord, MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId,
-    ServerStatus, ServerUpdate, TokenRecord, counter_increase,
+    ServerStatus, ServerUpdate, StateChange, TokenRecord, counter_increase,
 };
 use crate::store::{
-    AdminTokens, Groups, History, HistoryQuery, Ping, Registry, ServerFilter, Store, StoreError,
+    AdminTokens, ChangeLog, ChangeQuery, Groups, History, HistoryQuery, Ping, Registry,
+    ServerFilter, Store, StoreError,
 };
 
 /// Keeps the registry and a bounded history in memory.
@@ -31,6 +32,10 @@ struct State {
     servers: HashMap<ServerId, Entry>,
     groups: HashMap<GroupId, ServerGroup>,
     tokens: Vec<(TokenRecord, [u8; 32])>,
+    /// The state-change log, oldest first, capped at `history_limit` times
+    /// [`InMemoryStore::CHANGES_PER_LIMIT`].
+    changes: VecDeque<StateChange>,
+    last_change_id: i64,
 }
 
 impl State {
@@ -72,6 +77,9 @@ impl InMemoryStore {
             history_limit: limit.max(1),
         }
     }
+
+    /// The state-change log keeps this many times the per-server history limit, fleet-wide.
+    pub const CHANGES_PER_LIMIT: usize = 10;
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -128,19 +136,51 @@ impl Store for InMemoryStore {
 
     async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError> {
         let mut state = self.state();
+        let mut changes = Vec::new();
         for check in checks {
             let Some(entry) = state.servers.get_mut(&check.server_id) else {
                 continue;
             };
-            entry.health.insert(check.timestamp, check.clone());
+            if entry
+                .health
+                .insert(check.timestamp, check.clone())
+                .is_some()
+            {
+                // Written before: a retried batch moves nothing and logs no change again.
+                continue;
+            }
             trim(&mut entry.health, self.history_limit);
             let s = &mut entry.server;
+            let newer = s.last_health_check_at.is_none_or(|t| t < check.timestamp);
+            if newer && s.health_status != Some(check.status) {
+                let change = StateChange {
+                    id: 0,
+                    server_id: s.id,
+                    server_name: s.name.clone(),
+                    changed_at: check.timestamp,
+                    from_status: s.health_status,
+                    to_status: check.status,
+                    error_message: check.error_message.clone(),
+                };
+                changes.push(change);
+            }
             if s.last_health_check_at.is_none_or(|t| t <= check.timestamp) {
                 s.last_health_check_at = Some(check.timestamp);
                 s.health_status = Some(check.status);
+                s.last_response_time_ms = check.response_time_ms;
+                s.last_error = check.error_message.clone();
             }
             if check.responded && s.last_seen_at.is_none_or(|t| t < check.timestamp) {
                 s.last_seen_at = Some(check.timestamp);
+            }
+        }
+        let cap = self.history_limit.saturating_mul(Self::CHANGES_PER_LIMIT);
+        for mut change in changes {
+            state.last_change_id += 1;
+            change.id = state.last_change_id;
+            state.changes.push_back(change);
+            if state.changes.len() > cap {
+                state.changes.pop_front();
             }
         }
         Ok(())
@@ -171,6 +211,28 @@ impl Store for InMemoryStore {
 }
 
 #[async_trait]
+impl ChangeLog for InMemoryStore {
+    async fn state_changes(&self, query: ChangeQuery) -> Result<Vec<StateChange>, StoreError> {
+        let state = self.state();
+        Ok(state
+            .changes
+            .iter()
+            .rev()
+            .filter(|c| query.server.is_none_or(|id| c.server_id == id))
+            .skip(query.offset)
+            .take(query.limit)
+            .map(|c| StateChange {
+                server_name: state
+                    .servers
+                    .get(&c.server_id)
+                    .map_or_else(|| c.server_name.clone(), |e| e.server.name.clone()),
+                ..c.clone()
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
 impl Registry for InMemoryStore {
     async fn create_server(&self, new: NewServer) -> Result<ManagedServer, StoreError> {
         let mut state = self.state();
@@ -196,6 +258,8 @@ impl Registry for InMemoryStore {
             last_health_check_at: None,
             last_metrics_error: None,
             last_metrics_error_at: None,
+            last_response_time_ms: None,
+            last_error: None,
         };
         state.servers.insert(
             server.id,
@@ -288,6 +352,7 @@ impl Registry for InMemoryStore {
         for g in state.groups.values_mut() {
             g.members.retain(|m| *m != id);
         }
+        state.changes.retain(|c| c.server_id != id);
         Ok(state.servers.remove(&id).is_some())
     }
 
@@ -584,9 +649,10 @@ impl History for InMemoryStore {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn passes_the_conformance_suite() {
-        crate::conformance::run_all(|| async { InMemoryStore::new() }).await;
+    mod conformance {
+        use super::*;
+
+        crate::store_conformance_tests!(|| async { ((), InMemoryStore::new()) });
     }
 
     #[tokio::test]

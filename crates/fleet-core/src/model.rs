@@ -172,6 +172,32 @@ pub struct ManagedServer {
     /// When the last metrics collection failed.
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_metrics_error_at: Option<OffsetDateTime>,
+    /// The last health check's response time, when an answer came.
+    pub last_response_time_ms: Option<u32>,
+    /// The last health check's error, `None` when it had none.
+    pub last_error: Option<String>,
+}
+
+/// One change of a server's health, recorded with the check that made it.
+///
+/// The check is the history row of the same server at `changed_at`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// The log's own id: increasing, unique across servers.
+    pub id: i64,
+    /// The server that changed.
+    pub server_id: ServerId,
+    /// Its name now, for display.
+    pub server_name: String,
+    /// When the check that made the change started.
+    #[serde(with = "time::serde::rfc3339")]
+    pub changed_at: OffsetDateTime,
+    /// The health before, `None` when the server had never been checked.
+    pub from_status: Option<HealthStatus>,
+    /// The health after.
+    pub to_status: HealthStatus,
+    /// The check's error, if it had one.
+    pub error_message: Option<String>,
 }
 
 /// What a new server is registered with.

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use crate::model::{
     GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer, MetricsRecord,
     MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate,
-    TokenRecord,
+    StateChange, TokenRecord,
 };
 
 /// A boxed error source.
@@ -79,7 +79,8 @@ pub trait Store: Send + Sync {
     /// first.
     async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError>;
 
-    /// Records a batch of health checks: history rows and each server's current state.
+    /// Records a batch of health checks: history rows, each server's current state, and a
+    /// state-change row for each check that changed a server's health (see [`ChangeLog`]).
     async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError>;
 
     /// Records a batch of metrics samples and failures.
@@ -238,6 +239,36 @@ pub trait History: Send + Sync {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<LlmUsage>, StoreError>;
+}
+
+/// A page of the state-change log, newest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeQuery {
+    /// Only this server's changes; every server's when `None`.
+    pub server: Option<ServerId>,
+    /// At most this many.
+    pub limit: usize,
+    /// Skip this many first.
+    pub offset: usize,
+}
+
+impl Default for ChangeQuery {
+    fn default() -> Self {
+        Self {
+            server: None,
+            limit: 100,
+            offset: 0,
+        }
+    }
+}
+
+/// Reading the state-change log back. Stores write it themselves, in the same step as the
+/// forward-only state update of [`Store::record_health`], so that each change is recorded
+/// exactly once, retries included.
+#[async_trait]
+pub trait ChangeLog: Send + Sync {
+    /// A page of changes, newest first.
+    async fn state_changes(&self, query: ChangeQuery) -> Result<Vec<StateChange>, StoreError>;
 }
 
 /// Whether a store is reachable now, for readiness checks.

@@ -2,8 +2,12 @@
 
 use time::{Date, Month, OffsetDateTime, UtcOffset};
 
-/// The two partitioned tables.
-pub const PARTITIONED: [&str; 2] = ["server_health_checks", "server_metrics_aggregated"];
+/// The partitioned tables: health history, metrics history and the state-change log.
+pub const PARTITIONED: [&str; 3] = [
+    "server_health_checks",
+    "server_metrics_aggregated",
+    "server_state_changes",
+];
 
 /// What the partition lifecycle keeps. Plain data with the documented defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,6 +18,19 @@ pub struct PartitionPolicy {
     pub health_retention_months: u32,
     /// Months of metrics kept before the current one; 0 keeps forever. Default 13.
     pub metrics_retention_months: u32,
+}
+
+impl PartitionPolicy {
+    /// Months of the state-change log kept: as long as the longest history tier, and forever
+    /// when either tier is kept forever.
+    pub fn change_log_retention_months(&self) -> u32 {
+        if self.health_retention_months == 0 || self.metrics_retention_months == 0 {
+            0
+        } else {
+            self.health_retention_months
+                .max(self.metrics_retention_months)
+        }
+    }
 }
 
 impl Default for PartitionPolicy {

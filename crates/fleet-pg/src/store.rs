@@ -6,9 +6,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use fleet_core::{
-    ApiToken, Clock, Findings, HealthCheck, HealthStatus, History, HistoryQuery, LlmUsage,
-    ManagedServer, MetricValues, MetricsRecord, MetricsSample, NewServer, Period, ProbeTarget,
-    Registry, ServerFilter, ServerId, ServerStatus, ServerUpdate, StorageCheck, Store, StoreError,
+    ApiToken, ChangeLog, ChangeQuery, Clock, Findings, HealthCheck, HealthStatus, History,
+    HistoryQuery, LlmUsage, ManagedServer, MetricValues, MetricsRecord, MetricsSample, NewServer,
+    Period, ProbeTarget, Registry, ServerFilter, ServerId, ServerStatus, ServerUpdate, StateChange,
+    StorageCheck, Store, StoreError,
 };
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
@@ -93,7 +94,8 @@ fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
 }
 
 pub(crate) const SERVER_COLUMNS: &str = "id, name, description, hostname, api_url, region, environment, tags, metadata, status, \
-     health_status, last_seen_at, last_health_check_at, last_metrics_error, last_metrics_error_at";
+     health_status, last_seen_at, last_health_check_at, last_metrics_error, last_metrics_error_at, \
+     last_response_time_ms, last_error";
 
 pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
     let bad =
@@ -121,7 +123,65 @@ pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
         last_health_check_at: row.get("last_health_check_at"),
         last_metrics_error: row.get("last_metrics_error"),
         last_metrics_error_at: row.get("last_metrics_error_at"),
+        last_response_time_ms: row
+            .get::<_, Option<i32>>("last_response_time_ms")
+            .map(|v| u32::try_from(v).unwrap_or(0)),
+        last_error: row.get("last_error"),
     })
+}
+
+fn health_of(column: &str, h: &str) -> Result<HealthStatus, StoreError> {
+    h.parse()
+        .map_err(|_| StoreError::backend(format!("{column} holds `{h}`")))
+}
+
+const STATE_CHANGES: &str = "SELECT c.id, c.server_id, m.name, c.changed_at, c.from_status, c.to_status, c.error_message \
+     FROM server_state_changes c JOIN managed_servers m ON m.id = c.server_id \
+     ORDER BY c.changed_at DESC, c.id DESC LIMIT $1 OFFSET $2";
+const SERVER_STATE_CHANGES: &str = "SELECT c.id, c.server_id, m.name, c.changed_at, c.from_status, c.to_status, c.error_message \
+     FROM server_state_changes c JOIN managed_servers m ON m.id = c.server_id \
+     WHERE c.server_id = $3 ORDER BY c.changed_at DESC, c.id DESC LIMIT $1 OFFSET $2";
+
+#[async_trait]
+impl ChangeLog for PgStore {
+    async fn state_changes(&self, query: ChangeQuery) -> Result<Vec<StateChange>, StoreError> {
+        let client = self.client().await?;
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
+        let rows = match query.server {
+            None => {
+                let stmt = client
+                    .prepare_cached(STATE_CHANGES)
+                    .await
+                    .map_err(db_error)?;
+                client.query(&stmt, &[&limit, &offset]).await
+            }
+            Some(id) => {
+                let stmt = client
+                    .prepare_cached(SERVER_STATE_CHANGES)
+                    .await
+                    .map_err(db_error)?;
+                client.query(&stmt, &[&limit, &offset, &id.0]).await
+            }
+        }
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let from: Option<&str> = r.get(4);
+                Ok(StateChange {
+                    id: r.get(0),
+                    server_id: ServerId(r.get(1)),
+                    server_name: r.get(2),
+                    changed_at: r.get(3),
+                    from_status: from
+                        .map(|h| health_of("server_state_changes.from_status", h))
+                        .transpose()?,
+                    to_status: health_of("server_state_changes.to_status", r.get(5))?,
+                    error_message: r.get(6),
+                })
+            })
+            .collect()
+    }
 }
 
 impl PgStore {
@@ -273,6 +333,7 @@ impl PgStore {
         for (table, keep) in [
             (PARTITIONED[0], self.policy.health_retention_months),
             (PARTITIONED[1], self.policy.metrics_retention_months),
+            (PARTITIONED[2], self.policy.change_log_retention_months()),
         ] {
             if keep == 0 {
                 continue;
@@ -338,20 +399,43 @@ const METRICS_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_t
 
 /// One round trip for a whole batch: history rows (skipping servers that no longer exist and
 /// rows already stored) and each server's current state, moved only forward in time.
+/// One statement per batch: the history rows, each server's forward-only state, and a
+/// change-log row for every check newer than the stored state whose health differs from the
+/// one before it (the stored one for a server's first fresh check, the previous check in the
+/// batch otherwise). A retried batch has no fresh check, so it logs nothing again.
 const RECORD_HEALTH: &str = "\
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::int4[], $5::bool[], $6::bool[],
                          $7::bool[], $8::bool[], $9::text[], $10::jsonb[])
         AS u(server_id, ts, status, response_time_ms, database_healthy, redis_healthy, services_healthy,
              successful, error_message, error_details)
+), old AS (
+    SELECT m.id, m.health_status, m.last_health_check_at FROM managed_servers m
+    WHERE m.id IN (SELECT server_id FROM input)
+    FOR UPDATE
+), fresh AS (
+    SELECT i.server_id, i.ts, i.status, i.error_message,
+           CASE WHEN row_number() OVER w = 1 THEN o.health_status ELSE lag(i.status) OVER w END AS before
+    FROM input i JOIN old o ON o.id = i.server_id
+    WHERE o.last_health_check_at IS NULL OR i.ts > o.last_health_check_at
+    WINDOW w AS (PARTITION BY i.server_id ORDER BY i.ts)
+), changes AS (
+    INSERT INTO server_state_changes (server_id, changed_at, from_status, to_status, error_message)
+    SELECT server_id, ts, before, status, error_message FROM fresh
+    WHERE status IS DISTINCT FROM before
+    ORDER BY ts, server_id
+    ON CONFLICT DO NOTHING
 ), latest AS (
-    SELECT DISTINCT ON (server_id) server_id, ts, status FROM input ORDER BY server_id, ts DESC
+    SELECT DISTINCT ON (i.server_id) i.server_id, i.ts, i.status, i.response_time_ms, i.error_message,
+           o.last_health_check_at IS NULL OR o.last_health_check_at <= i.ts AS forward
+    FROM input i JOIN old o ON o.id = i.server_id ORDER BY i.server_id, i.ts DESC
 ), seen AS (
     SELECT server_id, max(ts) FILTER (WHERE status <> 'unreachable') AS seen_at FROM input GROUP BY server_id
 ), updated AS (
     UPDATE managed_servers m SET
-        health_status = CASE WHEN m.last_health_check_at IS NULL OR m.last_health_check_at <= l.ts
-                             THEN l.status ELSE m.health_status END,
+        health_status = CASE WHEN l.forward THEN l.status ELSE m.health_status END,
+        last_response_time_ms = CASE WHEN l.forward THEN l.response_time_ms ELSE m.last_response_time_ms END,
+        last_error = CASE WHEN l.forward THEN l.error_message ELSE m.last_error END,
         last_health_check_at = GREATEST(m.last_health_check_at, l.ts),
         last_seen_at = GREATEST(m.last_seen_at, s.seen_at)
     FROM latest l JOIN seen s USING (server_id)
@@ -680,6 +764,12 @@ impl Registry for PgStore {
         .map_err(db_error)?;
         tx.execute(
             "DELETE FROM server_metrics_aggregated WHERE server_id = $1",
+            &[&id.0],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM server_state_changes WHERE server_id = $1",
             &[&id.0],
         )
         .await

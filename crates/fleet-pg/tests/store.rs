@@ -1,6 +1,6 @@
 //! PgStore against a real PostgreSQL: each test in a database of its own.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_core::conformance::{base_time, check_at, sample_at};
@@ -22,9 +22,8 @@ async fn partitions(store: &PgStore) -> Vec<String> {
     client
         .query(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname IN ('server_health_checks', 'server_metrics_aggregated') \
-             ORDER BY 1",
-            &[],
+             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = ANY($1) ORDER BY 1",
+            &[&fleet_pg::PARTITIONED.as_slice()],
         )
         .await
         .unwrap()
@@ -33,23 +32,24 @@ async fn partitions(store: &PgStore) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn passes_the_conformance_suite() {
-    let dbs = Mutex::new(Vec::new());
-    fleet_core::conformance::run_all(|| async {
+mod conformance {
+    use super::*;
+
+    fleet_core::store_conformance_tests!(|| async {
         let db = TestDb::create().await;
         let store = db.store(Arc::new(SystemClock)).await;
-        dbs.lock().unwrap().push(db);
-        store
-    })
-    .await;
+        (db, store)
+    });
 }
 
 #[tokio::test]
 async fn migrations_apply_once() {
     let db = TestDb::create().await;
     let pool = db.settings.pool().unwrap();
-    assert_eq!(migrate(&pool).await.unwrap(), ["V1__initial"]);
+    assert_eq!(
+        migrate(&pool).await.unwrap(),
+        ["V1__initial", "V2__state_changes"]
+    );
     assert!(migrate(&pool).await.unwrap().is_empty());
 }
 
@@ -135,7 +135,7 @@ async fn partitions_are_premade_and_expire_by_retention() {
     let clock = clock_at(datetime!(2026-11-15 12:00 UTC));
     let store = db.store(clock.clone()).await;
     let made = store.ensure_partitions().await.unwrap();
-    assert_eq!(made.len(), 8);
+    assert_eq!(made.len(), 12, "4 months of 3 tables");
     assert!(
         store.ensure_partitions().await.unwrap().is_empty(),
         "premaking is idempotent"
@@ -150,9 +150,14 @@ async fn partitions_are_premade_and_expire_by_retention() {
             names.contains(&format!("server_metrics_aggregated_{m}")),
             "{names:?}"
         );
+        assert!(
+            names.contains(&format!("server_state_changes_{m}")),
+            "{names:?}"
+        );
     }
 
-    // Five months later, health keeps 3 months back and metrics 13.
+    // Five months later, health keeps 3 months back and metrics 13; the change log is kept
+    // as long as the longest tier.
     clock.set(datetime!(2027-04-02 00:00 UTC));
     store.ensure_partitions().await.unwrap();
     let dropped = store.drop_expired_partitions().await.unwrap();
@@ -166,6 +171,7 @@ async fn partitions_are_premade_and_expire_by_retention() {
     let names = partitions(&store).await;
     assert!(names.contains(&"server_health_checks_2027_01".to_owned()));
     assert!(names.contains(&"server_metrics_aggregated_2026_11".to_owned()));
+    assert!(names.contains(&"server_state_changes_2026_11".to_owned()));
 
     // 0 keeps forever; the current month is never dropped.
     let keep = PgStore::new(
@@ -183,7 +189,7 @@ async fn partitions_are_premade_and_expire_by_retention() {
         dropped
             .iter()
             .all(|n| n.starts_with("server_metrics_aggregated_")),
-        "{dropped:?}"
+        "health kept forever keeps the change log forever too: {dropped:?}"
     );
     assert!(
         partitions(&keep)
@@ -210,7 +216,7 @@ async fn concurrent_maintenance_is_safe() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(partitions(&store).await.len(), 8);
+    assert_eq!(partitions(&store).await.len(), 12, "4 months of 3 tables");
 }
 
 #[tokio::test]
