@@ -9,13 +9,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fleet_core::{
-    ApiToken, GroupFields, GroupId, HealthStatus, HistoryQuery, ManagedServer, NewServer,
-    ServerFilter, ServerId, ServerStatus, ServerUpdate,
+    ApiToken, ChangeQuery, GroupFields, GroupId, HealthStatus, HistoryQuery, ManagedServer,
+    NewServer, ServerFilter, ServerId, ServerStatus, ServerUpdate,
 };
 use serde::de::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::views;
@@ -23,7 +24,7 @@ use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState};
 
 type ApiResult = Result<Response, ApiError>;
 
-fn ok(v: Value) -> ApiResult {
+fn ok(v: impl serde::Serialize) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
@@ -146,34 +147,6 @@ fn time_param(field: &str, value: &Option<String>) -> Result<Option<OffsetDateTi
         .transpose()
 }
 
-/// The JSON schema of a group's body, for the OpenAPI document.
-pub(crate) fn group_body() -> Value {
-    let strings = json!({"type": "array", "items": {"type": "string"}});
-    json!({"type": "object", "additionalProperties": false, "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
-        "description": {"type": "string", "nullable": true},
-        "color": {"type": "string", "nullable": true},
-        "tags": strings, "regions": strings, "environments": strings,
-    }})
-}
-
-/// The JSON schema of a server's body, for the OpenAPI document.
-pub(crate) fn server_body() -> Value {
-    let strings = json!({"type": "array", "items": {"type": "string"}});
-    json!({"type": "object", "additionalProperties": false, "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
-        "api_url": {"type": "string", "format": "uri"},
-        "api_token": {"type": "string", "minLength": 1},
-        "description": {"type": "string", "nullable": true},
-        "hostname": {"type": "string", "nullable": true},
-        "region": {"type": "string", "nullable": true},
-        "environment": {"type": "string", "nullable": true},
-        "tags": strings,
-        "metadata": {"type": "object"},
-        "status": {"type": "string", "enum": ["active", "inactive", "maintenance"]},
-    }})
-}
-
 /// Servers by current health, every status present, `unknown` for never checked.
 fn by_health<'a>(servers: impl Iterator<Item = &'a ManagedServer>) -> BTreeMap<&'static str, u64> {
     let mut by: BTreeMap<&'static str, u64> =
@@ -187,7 +160,9 @@ fn by_health<'a>(servers: impl Iterator<Item = &'a ManagedServer>) -> BTreeMap<&
 }
 
 pub(crate) async fn healthz() -> ApiResult {
-    ok(json!({"status": "ok"}))
+    ok(views::Alive {
+        status: "ok".into(),
+    })
 }
 
 pub(crate) async fn readyz(State(app): State<AppState>) -> ApiResult {
@@ -202,12 +177,15 @@ pub(crate) async fn readyz(State(app): State<AppState>) -> ApiResult {
         (running, w.error.clone())
     };
     let ready = store.is_ok();
-    let body = json!({
-        "ready": ready,
-        "store": match &store { Ok(()) => "ok".to_owned(), Err(e) => e.clone() },
-        "workers_running": running,
-        "workers_error": error,
-    });
+    let body = views::Ready {
+        ready,
+        store: match store {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => e,
+        },
+        workers_running: running,
+        workers_error: error,
+    };
     let status = if ready {
         StatusCode::OK
     } else {
@@ -224,12 +202,16 @@ pub(crate) async fn workers_status(State(app): State<AppState>) -> ApiResult {
     let w = app.workers.read().unwrap_or_else(|e| e.into_inner());
     let health = w.health.as_ref().map(|h| h.snapshot());
     let metrics = w.metrics.as_ref().map(|h| h.snapshot());
-    ok(json!({
-        "health_worker": views::worker(health.as_ref(), w.intervals.0, w.error.as_deref(), false),
-        "metrics_worker": views::worker(metrics.as_ref(), w.intervals.1, w.error.as_deref(), true),
-        "events": app.events.stats(),
-        "timestamp": views::ts(app.clock.now()),
-    }))
+    ok(views::WorkersStatus {
+        health_worker: views::HealthWorker::new(health.as_ref(), w.intervals.0, w.error.as_deref()),
+        metrics_worker: views::MetricsWorker::new(
+            metrics.as_ref(),
+            w.intervals.1,
+            w.error.as_deref(),
+        ),
+        events: app.events.stats().into(),
+        timestamp: views::ts(app.clock.now()),
+    })
 }
 
 pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
@@ -390,18 +372,24 @@ pub(crate) async fn list_servers(
         offset: q.offset.unwrap_or(0).min(1_000_000_000),
     };
     let servers = app.store.list_servers(&filter).await?;
-    ok(json!({
-        "servers": servers.iter().map(views::server).collect::<Vec<_>>(),
-        "limit": limit,
-        "offset": filter.offset,
-    }))
+    ok(views::ServerList {
+        servers: servers.iter().map(Into::into).collect(),
+        limit,
+        offset: filter.offset,
+    })
 }
 
-#[derive(Debug, serde::Deserialize)]
+/// A server to register.
+#[derive(Debug, serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct CreateServer {
+pub struct CreateServer {
+    #[schema(min_length = 1, max_length = 200)]
     name: String,
+    /// An absolute http or https URL without credentials.
+    #[schema(format = "uri")]
     api_url: String,
+    /// Sent to the server as a bearer token; sealed at rest, never shown again.
+    #[schema(min_length = 1, max_length = 1024)]
     api_token: String,
     description: Option<String>,
     hostname: Option<String>,
@@ -409,7 +397,9 @@ pub(crate) struct CreateServer {
     environment: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
+    #[schema(value_type = Option<Object>)]
     metadata: Option<Value>,
+    #[schema(value_type = Option<views::Status>)]
     status: Option<ServerStatus>,
 }
 
@@ -440,7 +430,7 @@ pub(crate) async fn create_server(
         status: b.status.unwrap_or(ServerStatus::Active),
     };
     let server = app.store.create_server(new).await?;
-    Ok((StatusCode::CREATED, Json(views::server(&server))).into_response())
+    Ok((StatusCode::CREATED, Json(views::Server::from(&server))).into_response())
 }
 
 pub(crate) async fn get_server(
@@ -448,16 +438,20 @@ pub(crate) async fn get_server(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
     match app.store.get_server(ServerId(id)).await? {
-        Some(s) => ok(views::server(&s)),
+        Some(s) => ok(views::Server::from(&s)),
         None => Err(ApiError::not_found("server")),
     }
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
+/// Changes to a server; absent fields stay, `null` clears.
+#[derive(Debug, Default, serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct UpdateServer {
+pub struct UpdateServer {
+    #[schema(min_length = 1, max_length = 200)]
     name: Option<String>,
+    #[schema(format = "uri")]
     api_url: Option<String>,
+    /// A new token rotates the old one.
     api_token: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     description: Option<Option<String>>,
@@ -468,7 +462,9 @@ pub(crate) struct UpdateServer {
     #[serde(default, deserialize_with = "nullable")]
     environment: Option<Option<String>>,
     tags: Option<Vec<String>>,
+    #[schema(value_type = Option<Object>)]
     metadata: Option<Value>,
+    #[schema(value_type = Option<views::Status>)]
     status: Option<ServerStatus>,
 }
 
@@ -509,7 +505,7 @@ pub(crate) async fn update_server(
         status: b.status,
     };
     match app.store.update_server(ServerId(id), update).await? {
-        Some(s) => ok(views::server(&s)),
+        Some(s) => ok(views::Server::from(&s)),
         None => Err(ApiError::not_found("server")),
     }
 }
@@ -541,7 +537,7 @@ pub(crate) async fn check_now(
         &app.events,
     )
     .await?;
-    ok(views::check(&check))
+    ok(views::Check::from(&check))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -576,9 +572,10 @@ pub(crate) async fn health_history(
         return Err(ApiError::not_found("server"));
     }
     let checks = app.store.health_history(ServerId(id), query).await?;
-    ok(
-        json!({"server_id": id, "health_checks": checks.iter().map(views::check).collect::<Vec<_>>()}),
-    )
+    ok(views::HealthHistory {
+        server_id: id,
+        health_checks: checks.iter().map(Into::into).collect(),
+    })
 }
 
 pub(crate) async fn metrics_history(
@@ -591,12 +588,17 @@ pub(crate) async fn metrics_history(
         return Err(ApiError::not_found("server"));
     }
     let samples = app.store.metrics_history(ServerId(id), query).await?;
-    ok(json!({"server_id": id, "metrics": samples.iter().map(views::sample).collect::<Vec<_>>()}))
+    ok(views::MetricsHistory {
+        server_id: id,
+        metrics: samples.iter().map(Into::into).collect(),
+    })
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
+/// A group's fields; `name` is required to create one.
+#[derive(Debug, Default, serde::Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct GroupBody {
+pub struct GroupBody {
+    #[schema(min_length = 1, max_length = 200)]
     name: Option<String>,
     #[serde(default, deserialize_with = "nullable")]
     description: Option<Option<String>>,
@@ -633,7 +635,9 @@ impl GroupBody {
 
 pub(crate) async fn list_groups(State(app): State<AppState>) -> ApiResult {
     let groups = app.store.list_groups().await?;
-    ok(json!({"groups": groups.iter().map(views::group).collect::<Vec<_>>()}))
+    ok(views::GroupList {
+        groups: groups.iter().map(Into::into).collect(),
+    })
 }
 
 pub(crate) async fn create_group(
@@ -648,7 +652,7 @@ pub(crate) async fn create_group(
         ));
     }
     let group = app.store.create_group(b.fields()?).await?;
-    Ok((StatusCode::CREATED, Json(views::group(&group))).into_response())
+    Ok((StatusCode::CREATED, Json(views::Group::from(&group))).into_response())
 }
 
 pub(crate) async fn get_group(
@@ -656,7 +660,7 @@ pub(crate) async fn get_group(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
     match app.store.get_group(GroupId(id)).await? {
-        Some(g) => ok(views::group(&g)),
+        Some(g) => ok(views::Group::from(&g)),
         None => Err(ApiError::not_found("group")),
     }
 }
@@ -667,7 +671,7 @@ pub(crate) async fn update_group(
     ApiJson(b): ApiJson<GroupBody>,
 ) -> ApiResult {
     match app.store.update_group(GroupId(id), b.fields()?).await? {
-        Some(g) => ok(views::group(&g)),
+        Some(g) => ok(views::Group::from(&g)),
         None => Err(ApiError::not_found("group")),
     }
 }
@@ -755,32 +759,93 @@ pub(crate) async fn summary(
     let usage = app.store.llm_usage(from, to).await?;
     let total_requests: i64 = usage.iter().map(|u| u.requests).sum();
     let total_cost: f64 = usage.iter().map(|u| u.cost_usd).sum();
-    let per_server: Vec<Value> = usage
+    let per_server = usage
         .iter()
-        .map(|u| {
-            json!({
-                "server_id": u.server_id,
-                "name": names.get(&u.server_id),
-                "llm_requests": u.requests,
-                "llm_cost_usd": (u.cost_usd * 1e6).round() / 1e6,
-            })
+        .map(|u| views::ServerLlm {
+            server_id: u.server_id.0,
+            name: names.get(&u.server_id).cloned(),
+            llm_requests: u.requests,
+            llm_cost_usd: (u.cost_usd * 1e6).round() / 1e6,
         })
         .collect();
-    ok(json!({
-        "servers": {
-            "total": servers.len(),
-            "by_status": by_status,
-            "by_health_status": by_health,
-            "by_region": regions,
-            "by_environment": environments,
+    let owned = |m: BTreeMap<&str, u64>| m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    ok(views::Summary {
+        servers: views::ServerCounts {
+            total: servers.len(),
+            by_status: owned(by_status),
+            by_health_status: owned(by_health),
+            by_region: regions,
+            by_environment: environments,
         },
-        "llm": {
-            "from": views::ts(from),
-            "to": views::ts(to),
-            "total_requests": total_requests,
-            "total_cost_usd": (total_cost * 1e6).round() / 1e6,
-            "per_server": per_server,
+        llm: views::Llm {
+            from: views::ts(from),
+            to: views::ts(to),
+            total_requests,
+            total_cost_usd: (total_cost * 1e6).round() / 1e6,
+            per_server,
         },
-        "timestamp": views::ts(now),
-    }))
+        timestamp: views::ts(now),
+    })
+}
+
+/// A page: `limit` 1 to 1,000 (default 100) from `offset` (at most 100,000, since a deep
+/// offset costs the store the rows it skips).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageQuery {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+impl PageQuery {
+    const MAX_OFFSET: usize = 100_000;
+
+    fn query(&self, server: Option<ServerId>) -> Result<ChangeQuery, ApiError> {
+        let limit = self.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(ApiError::bad_request("limit must be 1 to 1000"));
+        }
+        let offset = self.offset.unwrap_or(0);
+        if offset > Self::MAX_OFFSET {
+            return Err(ApiError::bad_request(format!(
+                "offset must be at most {}",
+                Self::MAX_OFFSET
+            )));
+        }
+        Ok(ChangeQuery {
+            server,
+            limit,
+            offset,
+        })
+    }
+}
+
+fn changes(query: ChangeQuery, log: &[fleet_core::StateChange]) -> views::ChangeList {
+    views::ChangeList {
+        state_changes: log.iter().map(Into::into).collect(),
+        limit: query.limit,
+        offset: query.offset,
+    }
+}
+
+pub(crate) async fn state_changes(
+    State(app): State<AppState>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult {
+    let query = q.query(None)?;
+    let log = app.store.state_changes(query).await?;
+    ok(changes(query, &log))
+}
+
+pub(crate) async fn server_state_changes(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult {
+    let query = q.query(Some(ServerId(id)))?;
+    if app.store.get_server(ServerId(id)).await?.is_none() {
+        return Err(ApiError::not_found("server"));
+    }
+    let log = app.store.state_changes(query).await?;
+    ok(changes(query, &log))
 }

@@ -22,16 +22,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use axum::{Json, Router};
 use fleet_core::{
-    AdminTokens, Clock, Events, Groups, HealthWork, History, Ping, Registry, Role, StatsHandle,
-    Store, StoreError,
+    AdminTokens, ChangeLog, Clock, Events, Groups, HealthWork, History, Ping, Registry, Role,
+    StatsHandle, Store, StoreError,
 };
 use serde_json::json;
 
 use crate::auth::{Bootstrap, FailureLimiter};
 
 /// Everything a store must offer the server.
-pub trait FullStore: Store + Registry + History + Groups + AdminTokens + Ping {}
-impl<T: Store + Registry + History + Groups + AdminTokens + Ping> FullStore for T {}
+pub trait FullStore: Store + Registry + History + Groups + AdminTokens + ChangeLog + Ping {}
+impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog + Ping> FullStore for T {}
 
 /// The workers as the API sees them.
 #[derive(Debug, Default)]
@@ -251,6 +251,46 @@ pub enum Access {
     Admin,
 }
 
+/// Writes a type's JSON schema, and those it refers to, into the document's components and
+/// returns a reference to it.
+pub type SchemaFn = fn(&mut serde_json::Map<String, serde_json::Value>) -> serde_json::Value;
+
+fn schema<T: utoipa::ToSchema>(
+    components: &mut serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Value {
+    let mut nested = Vec::new();
+    T::schemas(&mut nested);
+    nested.push((T::name().into_owned(), T::schema()));
+    for (name, s) in nested {
+        components.insert(name, serde_json::to_value(s).unwrap_or_default());
+    }
+    json!({"$ref": format!("#/components/schemas/{}", T::name())})
+}
+
+/// What a route answers on success.
+#[derive(Clone, Copy)]
+pub enum Reply {
+    /// JSON of a schema, with this status.
+    Json(StatusCode, SchemaFn),
+    /// Prometheus text.
+    Text,
+    /// `204 No Content`.
+    Empty,
+    /// The OpenAPI document itself.
+    Document,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Json(status, _) => write!(f, "Json({status})"),
+            Reply::Text => f.write_str("Text"),
+            Reply::Empty => f.write_str("Empty"),
+            Reply::Document => f.write_str("Document"),
+        }
+    }
+}
+
 /// One route: where, who, what, and its handler.
 pub struct Route {
     /// The method.
@@ -263,8 +303,10 @@ pub struct Route {
     pub summary: &'static str,
     /// Its query parameters.
     pub query: &'static [&'static str],
-    /// The JSON schema of its body, when it takes one.
-    pub body: Option<fn() -> serde_json::Value>,
+    /// The schema of its JSON body, when it takes one.
+    pub body: Option<SchemaFn>,
+    /// What it answers on success.
+    pub reply: Reply,
     handler: MethodRouter<AppState>,
 }
 
@@ -274,16 +316,16 @@ impl std::fmt::Debug for Route {
             .field("method", &self.method)
             .field("path", &self.path)
             .field("access", &self.access)
+            .field("reply", &self.reply)
             .finish_non_exhaustive()
     }
 }
 
 fn route(
-    method: Method,
-    path: &'static str,
+    (method, path): (Method, &'static str),
     access: Access,
     summary: &'static str,
-    query: &'static [&'static str],
+    reply: Reply,
     handler: MethodRouter<AppState>,
 ) -> Route {
     Route {
@@ -291,24 +333,37 @@ fn route(
         path,
         access,
         summary,
-        query,
+        query: &[],
         body: None,
+        reply,
         handler,
     }
 }
 
 impl Route {
-    /// Declares the route's JSON body by its schema.
-    fn with_body(mut self, schema: fn() -> serde_json::Value) -> Self {
+    /// Declares the route's JSON body by its type.
+    fn with_body(mut self, schema: SchemaFn) -> Self {
         self.body = Some(schema);
         self
     }
+
+    /// Declares the route's query parameters.
+    fn with_query(mut self, query: &'static [&'static str]) -> Self {
+        self.query = query;
+        self
+    }
+}
+
+fn ok_json(schema: SchemaFn) -> Reply {
+    Reply::Json(StatusCode::OK, schema)
 }
 
 /// Every route of the API. The router and the OpenAPI document are both built from this.
 pub fn routes() -> Vec<Route> {
     use Access::*;
+    use Method as M;
     use handlers as h;
+    use views as v;
     const SERVER_FILTERS: &[&str] = &[
         "status",
         "health_status",
@@ -321,179 +376,42 @@ pub fn routes() -> Vec<Route> {
         "offset",
     ];
     const WINDOW: &[&str] = &["from", "to", "limit"];
+    const PAGE: &[&str] = &["limit", "offset"];
+    let created = |schema| Reply::Json(StatusCode::CREATED, schema);
     vec![
-        route(
-            Method::GET,
-            "/healthz",
-            Public,
-            "The process is alive.",
-            &[],
-            get(h::healthz),
-        ),
-        route(
-            Method::GET,
-            "/readyz",
-            Public,
-            "The store is reachable and the workers run.",
-            &[],
-            get(h::readyz),
-        ),
-        route(
-            Method::GET,
-            "/metrics",
-            Public,
-            "Prometheus text: worker counters, cycle durations, fleet health.",
-            &[],
-            get(h::prometheus),
-        ),
-        route(
-            Method::GET,
-            "/api/v1/openapi.json",
-            Public,
-            "This document.",
-            &[],
-            get(h::openapi),
-        ),
-        route(
-            Method::GET,
-            "/api/v1/fleet/workers/status",
-            Admin,
-            "Both workers' statistics.",
-            &[],
-            get(h::workers_status),
-        ),
-        route(
-            Method::GET,
-            "/api/v1/fleet/servers",
-            Viewer,
-            "List servers, filtered and paginated.",
-            SERVER_FILTERS,
-            get(h::list_servers),
-        ),
-        route(
-            Method::POST,
-            "/api/v1/fleet/servers",
-            Admin,
-            "Register a server.",
-            &[],
-            post(h::create_server),
-        )
-        .with_body(h::server_body),
-        route(
-            Method::GET,
-            "/api/v1/fleet/servers/{id}",
-            Viewer,
-            "One server.",
-            &[],
-            get(h::get_server),
-        ),
-        route(
-            Method::PATCH,
-            "/api/v1/fleet/servers/{id}",
-            Admin,
-            "Change a server; a new api_token rotates it.",
-            &[],
-            patch(h::update_server),
-        )
-        .with_body(h::server_body),
-        route(
-            Method::DELETE,
-            "/api/v1/fleet/servers/{id}",
-            Admin,
-            "Remove a server and its history.",
-            &[],
-            delete(h::delete_server),
-        ),
-        route(
-            Method::POST,
-            "/api/v1/fleet/servers/{id}/check",
-            Admin,
-            "Run a health check now and return it.",
-            &[],
-            post(h::check_now),
-        ),
-        route(
-            Method::GET,
-            "/api/v1/fleet/servers/{id}/health-checks",
-            Viewer,
-            "A server's health history, newest first.",
-            WINDOW,
-            get(h::health_history),
-        ),
-        route(
-            Method::GET,
-            "/api/v1/fleet/servers/{id}/metrics",
-            Viewer,
-            "A server's metrics history, newest first.",
-            WINDOW,
-            get(h::metrics_history),
-        ),
-        route(
-            Method::GET,
-            "/api/v1/fleet/groups",
-            Viewer,
-            "List groups.",
-            &[],
-            get(h::list_groups),
-        ),
-        route(
-            Method::POST,
-            "/api/v1/fleet/groups",
-            Admin,
-            "Create a group.",
-            &[],
-            post(h::create_group),
-        )
-        .with_body(h::group_body),
-        route(
-            Method::GET,
-            "/api/v1/fleet/groups/{id}",
-            Viewer,
-            "One group.",
-            &[],
-            get(h::get_group),
-        ),
-        route(
-            Method::PATCH,
-            "/api/v1/fleet/groups/{id}",
-            Admin,
-            "Change a group.",
-            &[],
-            patch(h::update_group),
-        )
-        .with_body(h::group_body),
-        route(
-            Method::DELETE,
-            "/api/v1/fleet/groups/{id}",
-            Admin,
-            "Remove a group (not its servers).",
-            &[],
-            delete(h::delete_group),
-        ),
-        route(
-            Method::PUT,
-            "/api/v1/fleet/groups/{id}/members/{server_id}",
-            Admin,
-            "Add a server to a group.",
-            &[],
-            put(h::add_member),
-        ),
-        route(
-            Method::DELETE,
-            "/api/v1/fleet/groups/{id}/members/{server_id}",
-            Admin,
-            "Remove a server from a group.",
-            &[],
-            delete(h::remove_member),
-        ),
-        route(
-            Method::GET,
-            "/api/v1/fleet/summary",
-            Viewer,
-            "Servers by status, health, region and environment; LLM cost and requests over a window.",
-            &["from", "to", "hours"],
-            get(h::summary),
-        ),
+        route((M::GET, "/healthz"), Public, "The process is alive.", ok_json(schema::<v::Alive>), get(h::healthz)),
+        route((M::GET, "/readyz"), Public, "The store is reachable and the workers run.", ok_json(schema::<v::Ready>), get(h::readyz)),
+        route((M::GET, "/metrics"), Public, "Prometheus text: worker counters, cycle durations, events, fleet health.", Reply::Text, get(h::prometheus)),
+        route((M::GET, "/api/v1/openapi.json"), Public, "This document.", Reply::Document, get(h::openapi)),
+        route((M::GET, "/api/v1/fleet/workers/status"), Admin, "Both workers' statistics and the result events' figures.", ok_json(schema::<v::WorkersStatus>), get(h::workers_status)),
+        route((M::GET, "/api/v1/fleet/servers"), Viewer, "List servers, filtered and paginated.", ok_json(schema::<v::ServerList>), get(h::list_servers))
+            .with_query(SERVER_FILTERS),
+        route((M::POST, "/api/v1/fleet/servers"), Admin, "Register a server.", created(schema::<v::Server>), post(h::create_server))
+            .with_body(schema::<h::CreateServer>),
+        route((M::GET, "/api/v1/fleet/servers/{id}"), Viewer, "One server.", ok_json(schema::<v::Server>), get(h::get_server)),
+        route((M::PATCH, "/api/v1/fleet/servers/{id}"), Admin, "Change a server; a new api_token rotates it.", ok_json(schema::<v::Server>), patch(h::update_server))
+            .with_body(schema::<h::UpdateServer>),
+        route((M::DELETE, "/api/v1/fleet/servers/{id}"), Admin, "Remove a server and its history.", Reply::Empty, delete(h::delete_server)),
+        route((M::POST, "/api/v1/fleet/servers/{id}/check"), Admin, "Run a health check now, record and publish it, and return it.", ok_json(schema::<v::Check>), post(h::check_now)),
+        route((M::GET, "/api/v1/fleet/servers/{id}/health-checks"), Viewer, "A server's health history, newest first.", ok_json(schema::<v::HealthHistory>), get(h::health_history))
+            .with_query(WINDOW),
+        route((M::GET, "/api/v1/fleet/servers/{id}/metrics"), Viewer, "A server's metrics history, newest first.", ok_json(schema::<v::MetricsHistory>), get(h::metrics_history))
+            .with_query(WINDOW),
+        route((M::GET, "/api/v1/fleet/servers/{id}/state-changes"), Viewer, "A server's changes of health, newest first.", ok_json(schema::<v::ChangeList>), get(h::server_state_changes))
+            .with_query(PAGE),
+        route((M::GET, "/api/v1/fleet/state-changes"), Viewer, "Every server's changes of health, newest first.", ok_json(schema::<v::ChangeList>), get(h::state_changes))
+            .with_query(PAGE),
+        route((M::GET, "/api/v1/fleet/groups"), Viewer, "List groups.", ok_json(schema::<v::GroupList>), get(h::list_groups)),
+        route((M::POST, "/api/v1/fleet/groups"), Admin, "Create a group.", created(schema::<v::Group>), post(h::create_group))
+            .with_body(schema::<h::GroupBody>),
+        route((M::GET, "/api/v1/fleet/groups/{id}"), Viewer, "One group.", ok_json(schema::<v::Group>), get(h::get_group)),
+        route((M::PATCH, "/api/v1/fleet/groups/{id}"), Admin, "Change a group.", ok_json(schema::<v::Group>), patch(h::update_group))
+            .with_body(schema::<h::GroupBody>),
+        route((M::DELETE, "/api/v1/fleet/groups/{id}"), Admin, "Remove a group (not its servers).", Reply::Empty, delete(h::delete_group)),
+        route((M::PUT, "/api/v1/fleet/groups/{id}/members/{server_id}"), Admin, "Add a server to a group.", Reply::Empty, put(h::add_member)),
+        route((M::DELETE, "/api/v1/fleet/groups/{id}/members/{server_id}"), Admin, "Remove a server from a group.", Reply::Empty, delete(h::remove_member)),
+        route((M::GET, "/api/v1/fleet/summary"), Viewer, "Servers by status, health, region and environment; LLM cost and requests over a window.", ok_json(schema::<v::Summary>), get(h::summary))
+            .with_query(&["from", "to", "hours"]),
     ]
 }
 
@@ -600,8 +518,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The OpenAPI document of every route, from the route table.
+/// The OpenAPI document of every route, from the route table: request and response schemas
+/// are derived from the very types the handlers read and write.
 pub fn openapi() -> serde_json::Value {
+    let mut components = serde_json::Map::new();
+    let error = schema::<views::ErrorBody>(&mut components);
     let mut paths = serde_json::Map::new();
     for r in routes() {
         let mut params: Vec<serde_json::Value> = Vec::new();
@@ -625,38 +546,56 @@ pub fn openapi() -> serde_json::Value {
             };
             params.push(json!({"name": q, "in": "query", "required": false, "schema": schema}));
         }
+        let (status, success) = match r.reply {
+            Reply::Json(status, schema) => (
+                status,
+                json!({"description": "OK", "content": {"application/json": {"schema": schema(&mut components)}}}),
+            ),
+            Reply::Text => (
+                StatusCode::OK,
+                json!({"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}),
+            ),
+            Reply::Empty => (StatusCode::NO_CONTENT, json!({"description": "Done"})),
+            Reply::Document => (
+                StatusCode::OK,
+                json!({"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}),
+            ),
+        };
+        let mut responses = serde_json::Map::new();
+        responses.insert(status.as_u16().to_string(), success);
+        let mut errors = vec!["400", "404"];
+        if r.body.is_some() {
+            errors.extend(["409", "413", "415", "422"]);
+        }
+        if r.access != Access::Public {
+            errors.extend(["401", "403", "429"]);
+        }
+        for e in errors {
+            responses.insert(e.into(), json!({"$ref": "#/components/responses/Error"}));
+        }
         let mut op = json!({
             "summary": r.summary,
             "operationId": format!("{}_{}", r.method.as_str().to_lowercase(), r.path.trim_start_matches('/').replace(['/', '{', '}', '.', '-'], "_")),
             "parameters": params,
-            "responses": {
-                "200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
-                "400": {"$ref": "#/components/responses/Error"},
-                "404": {"$ref": "#/components/responses/Error"},
-            },
+            "responses": responses,
         });
         if r.access != Access::Public {
             op["security"] = json!([{"bearer": []}]);
-            op["responses"]["401"] = json!({"$ref": "#/components/responses/Error"});
-            op["responses"]["403"] = json!({"$ref": "#/components/responses/Error"});
         }
         if let Some(schema) = r.body {
-            op["requestBody"] =
-                json!({"required": true, "content": {"application/json": {"schema": schema()}}});
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema(&mut components)}}});
         }
         let entry = paths.entry(r.path.to_owned()).or_insert_with(|| json!({}));
         entry[r.method.as_str().to_lowercase()] = op;
     }
     json!({
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "Fleet admin API", "version": env!("CARGO_PKG_VERSION")},
         "paths": paths,
         "components": {
+            "schemas": components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "responses": {"Error": {"description": "An error", "content": {"application/json": {"schema": {
-                "type": "object",
-                "properties": {"error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}
-            }}}}},
+            "responses": {"Error": {"description": "An error", "content": {"application/json": {"schema": error}}}},
         },
     })
 }

@@ -7,10 +7,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Method, Request, StatusCode, header};
-use fleet_core::conformance::{base_time, sample_at};
+use fleet_core::conformance::{base_time, check_at, sample_at};
 use fleet_core::testing::{ManualClock, Script, ScriptedProbe, degraded};
 use fleet_core::{
-    AdminTokens, Events, HealthWork, InMemoryStore, MetricsRecord, NewServer, Registry, Role, Store,
+    AdminTokens, Events, HealthWork, InMemoryStore, MetricsRecord, NewServer, Registry, Role,
+    ServerId, Store,
 };
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -231,6 +232,185 @@ async fn the_openapi_document_lists_every_route() {
         );
         assert_eq!(op["security"].is_array(), r.access != Access::Public);
     }
+}
+
+/// Validates `body` against the document's schema of what `route` answers with `status`.
+#[track_caller]
+fn conforms(doc: &Value, method: &Method, path: &str, status: StatusCode, body: &Value) {
+    let op = &doc["paths"][path][method.as_str().to_lowercase()];
+    let response = &op["responses"][status.as_str()];
+    let response = match response["$ref"].as_str() {
+        Some("#/components/responses/Error") => &doc["components"]["responses"]["Error"],
+        _ => response,
+    };
+    let schema = &response["content"]["application/json"]["schema"];
+    assert!(
+        schema.is_object(),
+        "{method} {path} answered {status}, which the document does not list"
+    );
+    let root = json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "components": doc["components"],
+        "allOf": [schema],
+    });
+    let validator = jsonschema::validator_for(&root).expect("the document's schemas compile");
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {status} does not match the document: {errors:?}\n{body}"
+    );
+}
+
+#[tokio::test]
+async fn every_route_answers_what_the_openapi_document_says() {
+    let a = api().await;
+    let (_, doc) = a
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    assert_eq!(doc["openapi"], "3.1.0");
+    // Something in every list: two servers with checks, a change of health, metrics with LLM
+    // counters, and a group holding one of them.
+    let server = a.server("s1").await;
+    let other = a.server("s2").await;
+    let id = ServerId(server.parse().unwrap());
+    let t0 = base_time();
+    a.memory
+        .record_health(&[
+            check_at(id, t0, fleet_core::HealthStatus::Healthy),
+            check_at(
+                id,
+                t0 + time::Duration::minutes(1),
+                fleet_core::HealthStatus::Critical,
+            ),
+        ])
+        .await
+        .unwrap();
+    a.memory
+        .record_metrics(&[
+            MetricsRecord::Sample(sample_at(id, t0, 10.0)),
+            MetricsRecord::Sample(sample_at(id, t0 + time::Duration::minutes(1), 20.0)),
+        ])
+        .await
+        .unwrap();
+    let (status, group) = a
+        .admin(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            Some(r#"{"name": "g1"}"#),
+        )
+        .await;
+    conforms(&doc, &Method::POST, "/api/v1/fleet/groups", status, &group);
+    let group = group["id"].as_str().unwrap().to_owned();
+
+    // Deletions last, the server's after its membership's and its group's.
+    let mut all = routes();
+    all.sort_by_key(|r| match (r.method.clone(), r.path) {
+        (Method::DELETE, p) if p.contains("members") => 1,
+        (Method::DELETE, p) if p.contains("groups") => 2,
+        (Method::DELETE, _) => 3,
+        _ => 0,
+    });
+    for r in all {
+        let path = r
+            .path
+            .replace(
+                "{id}",
+                if r.path.starts_with("/api/v1/fleet/groups") {
+                    &group
+                } else {
+                    &other
+                },
+            )
+            .replace("{server_id}", &other);
+        let path = if r.method == Method::DELETE && r.path == "/api/v1/fleet/servers/{id}" {
+            path.replace(&other, &server)
+        } else {
+            path
+        };
+        let body = match (r.method.as_str(), r.path) {
+            ("POST", "/api/v1/fleet/servers") => Some(
+                json!({"name": "s3", "api_url": "http://127.0.0.1:9", "api_token": "probe-secret"})
+                    .to_string(),
+            ),
+            ("PATCH", "/api/v1/fleet/servers/{id}") => Some(r#"{"description": "edge"}"#.into()),
+            ("POST", "/api/v1/fleet/groups") => Some(r#"{"name": "g2"}"#.into()),
+            ("PATCH", "/api/v1/fleet/groups/{id}") => Some(r#"{"color": "ff8800"}"#.into()),
+            _ => None,
+        };
+        // Histories and logs of the server that has them.
+        let path = if r.path.ends_with("health-checks")
+            || r.path.ends_with("metrics")
+            || r.path.ends_with("state-changes")
+        {
+            path.replace(&other, &server)
+        } else {
+            path
+        };
+        let (status, value) = a.admin(r.method.clone(), &path, body.as_deref()).await;
+        match r.reply {
+            Reply::Json(expected, _) => {
+                assert_eq!(status, expected, "{} {path}: {value}", r.method);
+                conforms(&doc, &r.method, r.path, status, &value);
+                if let Some(list) = [
+                    "servers",
+                    "health_checks",
+                    "metrics",
+                    "state_changes",
+                    "groups",
+                ]
+                .iter()
+                .find_map(|k| value[k].as_array())
+                {
+                    assert!(
+                        !list.is_empty(),
+                        "{} {path}: an empty list proves little",
+                        r.method
+                    );
+                }
+            }
+            Reply::Empty => {
+                assert_eq!(
+                    status,
+                    StatusCode::NO_CONTENT,
+                    "{} {path}: {value}",
+                    r.method
+                );
+                assert_eq!(value, Value::String(String::new()));
+            }
+            Reply::Text => {
+                assert_eq!(status, StatusCode::OK);
+                assert!(value.as_str().unwrap().contains("# TYPE"));
+            }
+            Reply::Document => assert_eq!(value, doc),
+        }
+    }
+    // Errors have their documented shape too.
+    let (status, value) = a
+        .admin(
+            Method::GET,
+            "/api/v1/fleet/servers/00000000-0000-4000-8000-000000000009",
+            None,
+        )
+        .await;
+    conforms(
+        &doc,
+        &Method::GET,
+        "/api/v1/fleet/servers/{id}",
+        status,
+        &value,
+    );
+    let (status, value) = a
+        .admin(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            Some(r#"{"name": ""}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    conforms(&doc, &Method::POST, "/api/v1/fleet/groups", status, &value);
 }
 
 #[tokio::test]

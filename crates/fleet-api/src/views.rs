@@ -1,133 +1,565 @@
-//! The API's JSON shapes, mapped from core types. Timestamps are RFC 3339 in UTC.
+//! The API's JSON shapes, mapped from core types. Each is a typed struct from which both the
+//! response and its OpenAPI schema are derived, so the document cannot drift from what the
+//! API sends. Timestamps are RFC 3339 in UTC.
 
-use fleet_core::{HealthCheck, ManagedServer, MetricsSample, ServerGroup, WorkerStats};
-use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+use fleet_core::{
+    EventStats, HealthCheck, HealthStatus, ManagedServer, MetricsSample, ServerGroup, ServerStatus,
+    StateChange, WorkerStats,
+};
+use serde::Serialize;
+use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use utoipa::ToSchema;
+use uuid::Uuid;
 
+/// RFC 3339 in UTC, as the API shows times.
 pub fn ts(t: OffsetDateTime) -> String {
     t.to_offset(time::UtcOffset::UTC)
         .format(&Rfc3339)
         .unwrap_or_default()
 }
 
-pub(crate) fn opt_ts(t: Option<OffsetDateTime>) -> Value {
-    t.map_or(Value::Null, |t| Value::String(ts(t)))
+fn opt_ts(t: Option<OffsetDateTime>) -> Option<String> {
+    t.map(ts)
 }
 
-pub(crate) fn server(s: &ManagedServer) -> Value {
-    json!({
-        "id": s.id,
-        "name": s.name,
-        "description": s.description,
-        "hostname": s.hostname,
-        "api_url": s.api_url,
-        "region": s.region,
-        "environment": s.environment,
-        "tags": s.tags,
-        "metadata": s.metadata,
-        "status": s.status.as_str(),
-        "health_status": s.health_status.map(|h| h.as_str()),
-        "last_seen_at": opt_ts(s.last_seen_at),
-        "last_health_check_at": opt_ts(s.last_health_check_at),
-        "last_metrics_error": s.last_metrics_error,
-        "last_metrics_error_at": opt_ts(s.last_metrics_error_at),
-    })
+/// A server's health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Every component reported healthy.
+    Healthy,
+    /// Something other than the database or redis is unhealthy.
+    Degraded,
+    /// The database or redis is unhealthy.
+    Critical,
+    /// No complete answer.
+    Unreachable,
 }
 
-pub(crate) fn check(c: &HealthCheck) -> Value {
-    json!({
-        "server_id": c.server_id,
-        "timestamp": ts(c.timestamp),
-        "status": c.status.as_str(),
-        "successful": c.successful,
-        "response_time_ms": c.response_time_ms,
-        "database_healthy": c.database_healthy,
-        "redis_healthy": c.redis_healthy,
-        "services_healthy": c.services_healthy,
-        "error_message": c.error_message,
-        "error_details": c.error_details,
-    })
-}
-
-pub(crate) fn sample(s: &MetricsSample) -> Value {
-    let v = &s.values;
-    json!({
-        "server_id": s.server_id,
-        "timestamp": ts(s.timestamp),
-        "period": s.period.as_str(),
-        "cpu_percent": v.cpu_percent,
-        "memory_percent": v.memory_percent,
-        "disk_percent": v.disk_percent,
-        "network_rx_bytes": v.network_rx_bytes,
-        "network_tx_bytes": v.network_tx_bytes,
-        "active_services": v.active_services,
-        "failed_services": v.failed_services,
-        "total_services": v.total_services,
-        "llm_requests": v.llm_requests,
-        "llm_cost_usd": v.llm_cost_usd,
-        "active_users": v.active_users,
-        "total_users": v.total_users,
-    })
-}
-
-pub(crate) fn group(g: &ServerGroup) -> Value {
-    json!({
-        "id": g.id,
-        "name": g.name,
-        "description": g.description,
-        "color": g.color,
-        "tags": g.tags,
-        "regions": g.regions,
-        "environments": g.environments,
-        "members": g.members,
-    })
-}
-
-/// The seed's worker status shape, with Fleet's extra keys beside it.
-pub(crate) fn worker(
-    stats: Option<&WorkerStats>,
-    interval: f64,
-    error: Option<&str>,
-    metrics: bool,
-) -> Value {
-    let default = WorkerStats::default();
-    let s = stats.unwrap_or(&default);
-    let (performed, successful, failed) = if metrics {
-        (
-            "collections_performed",
-            "collections_successful",
-            "collections_failed",
-        )
-    } else {
-        ("checks_performed", "checks_successful", "checks_failed")
-    };
-    let mut v = json!({
-        "running": stats.is_some_and(|s| s.running),
-        "interval_seconds": if stats.is_some() { s.interval_seconds } else { interval },
-        performed: s.performed,
-        successful: s.successful,
-        failed: s.failed,
-        "success_rate": s.success_rate,
-        "last_run": opt_ts(s.last_run),
-        "last_duration_seconds": s.last_duration_seconds,
-        "cycles": s.cycles,
-        "overruns": s.overruns,
-        "in_flight": s.in_flight,
-        "results_pending": s.pending,
-        "results_written": s.written,
-        "results_dropped": s.dropped,
-        "last_cycle_targets": s.last_cycle_targets,
-        "batch_delay_seconds": s.batch_delay_seconds,
-        "by_status": s.by_status,
-        "last_error": error.map(str::to_owned).or_else(|| s.last_error.clone()),
-    });
-    if metrics {
-        v["total_metrics_collected"] = json!(s.values_collected);
-        v["partition_health"] = json!({
-            "ok": s.storage_findings.is_empty(),
-            "findings": s.storage_findings,
-        });
+impl From<HealthStatus> for Health {
+    fn from(h: HealthStatus) -> Self {
+        match h {
+            HealthStatus::Healthy => Health::Healthy,
+            HealthStatus::Degraded => Health::Degraded,
+            HealthStatus::Critical => Health::Critical,
+            HealthStatus::Unreachable => Health::Unreachable,
+        }
     }
-    v
+}
+
+/// Whether a server is under watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Probed and collected from.
+    Active,
+    /// Not probed.
+    Inactive,
+    /// Not probed, on purpose for a while.
+    Maintenance,
+}
+
+impl From<ServerStatus> for Status {
+    fn from(s: ServerStatus) -> Self {
+        match s {
+            ServerStatus::Active => Status::Active,
+            ServerStatus::Inactive => Status::Inactive,
+            ServerStatus::Maintenance => Status::Maintenance,
+        }
+    }
+}
+
+/// A managed server. Its probe token is never shown.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+    pub hostname: Option<String>,
+    pub api_url: String,
+    pub region: Option<String>,
+    pub environment: Option<String>,
+    pub tags: Vec<String>,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    pub status: Status,
+    /// `null` until the first check.
+    pub health_status: Option<Health>,
+    #[schema(format = DateTime)]
+    pub last_seen_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub last_health_check_at: Option<String>,
+    pub last_metrics_error: Option<String>,
+    #[schema(format = DateTime)]
+    pub last_metrics_error_at: Option<String>,
+    /// The last health check's response time.
+    pub last_response_time_ms: Option<u32>,
+    /// The last health check's error.
+    pub last_error: Option<String>,
+}
+
+impl From<&ManagedServer> for Server {
+    fn from(s: &ManagedServer) -> Self {
+        Self {
+            id: s.id.0,
+            name: s.name.clone(),
+            description: s.description.clone(),
+            hostname: s.hostname.clone(),
+            api_url: s.api_url.clone(),
+            region: s.region.clone(),
+            environment: s.environment.clone(),
+            tags: s.tags.clone(),
+            metadata: s.metadata.clone(),
+            status: s.status.into(),
+            health_status: s.health_status.map(Into::into),
+            last_seen_at: opt_ts(s.last_seen_at),
+            last_health_check_at: opt_ts(s.last_health_check_at),
+            last_metrics_error: s.last_metrics_error.clone(),
+            last_metrics_error_at: opt_ts(s.last_metrics_error_at),
+            last_response_time_ms: s.last_response_time_ms,
+            last_error: s.last_error.clone(),
+        }
+    }
+}
+
+/// A page of servers.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerList {
+    pub servers: Vec<Server>,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// One health check.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub server_id: Uuid,
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    pub status: Health,
+    pub successful: bool,
+    pub response_time_ms: Option<u32>,
+    pub database_healthy: Option<bool>,
+    pub redis_healthy: Option<bool>,
+    pub services_healthy: Option<bool>,
+    pub error_message: Option<String>,
+    /// The unhealthy components and their statuses.
+    #[schema(value_type = Option<Object>)]
+    pub error_details: Option<Value>,
+}
+
+impl From<&HealthCheck> for Check {
+    fn from(c: &HealthCheck) -> Self {
+        Self {
+            server_id: c.server_id.0,
+            timestamp: ts(c.timestamp),
+            status: c.status.into(),
+            successful: c.successful,
+            response_time_ms: c.response_time_ms,
+            database_healthy: c.database_healthy,
+            redis_healthy: c.redis_healthy,
+            services_healthy: c.services_healthy,
+            error_message: c.error_message.clone(),
+            error_details: c.error_details.clone(),
+        }
+    }
+}
+
+/// A server's health checks, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthHistory {
+    pub server_id: Uuid,
+    pub health_checks: Vec<Check>,
+}
+
+/// One metrics sample.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Sample {
+    pub server_id: Uuid,
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+    /// `raw`, `hour` or `day`.
+    pub period: String,
+    pub cpu_percent: Option<f64>,
+    pub memory_percent: Option<f64>,
+    pub disk_percent: Option<f64>,
+    pub network_rx_bytes: Option<i64>,
+    pub network_tx_bytes: Option<i64>,
+    pub active_services: Option<i64>,
+    pub failed_services: Option<i64>,
+    pub total_services: Option<i64>,
+    pub llm_requests: Option<i64>,
+    pub llm_cost_usd: Option<f64>,
+    pub active_users: Option<i64>,
+    pub total_users: Option<i64>,
+}
+
+impl From<&MetricsSample> for Sample {
+    fn from(s: &MetricsSample) -> Self {
+        let v = &s.values;
+        Self {
+            server_id: s.server_id.0,
+            timestamp: ts(s.timestamp),
+            period: s.period.as_str().to_owned(),
+            cpu_percent: v.cpu_percent,
+            memory_percent: v.memory_percent,
+            disk_percent: v.disk_percent,
+            network_rx_bytes: v.network_rx_bytes,
+            network_tx_bytes: v.network_tx_bytes,
+            active_services: v.active_services,
+            failed_services: v.failed_services,
+            total_services: v.total_services,
+            llm_requests: v.llm_requests,
+            llm_cost_usd: v.llm_cost_usd,
+            active_users: v.active_users,
+            total_users: v.total_users,
+        }
+    }
+}
+
+/// A server's metrics samples, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsHistory {
+    pub server_id: Uuid,
+    pub metrics: Vec<Sample>,
+}
+
+/// One change of a server's health.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    /// The log's id, increasing.
+    pub id: i64,
+    pub server_id: Uuid,
+    pub server_name: String,
+    /// When the check that made the change started.
+    #[schema(format = DateTime)]
+    pub changed_at: String,
+    /// `null` when the server had never been checked.
+    pub from_status: Option<Health>,
+    pub to_status: Health,
+    pub error_message: Option<String>,
+}
+
+impl From<&StateChange> for Change {
+    fn from(c: &StateChange) -> Self {
+        Self {
+            id: c.id,
+            server_id: c.server_id.0,
+            server_name: c.server_name.clone(),
+            changed_at: ts(c.changed_at),
+            from_status: c.from_status.map(Into::into),
+            to_status: c.to_status.into(),
+            error_message: c.error_message.clone(),
+        }
+    }
+}
+
+/// A page of the state-change log, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeList {
+    pub state_changes: Vec<Change>,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// A server group.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+    pub color: Option<String>,
+    pub tags: Vec<String>,
+    pub regions: Vec<String>,
+    pub environments: Vec<String>,
+    pub members: Vec<Uuid>,
+}
+
+impl From<&ServerGroup> for Group {
+    fn from(g: &ServerGroup) -> Self {
+        Self {
+            id: g.id.0,
+            name: g.name.clone(),
+            description: g.description.clone(),
+            color: g.color.clone(),
+            tags: g.tags.clone(),
+            regions: g.regions.clone(),
+            environments: g.environments.clone(),
+            members: g.members.iter().map(|m| m.0).collect(),
+        }
+    }
+}
+
+/// Every group, by name.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupList {
+    pub groups: Vec<Group>,
+}
+
+/// What both workers share in the status shape.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkerCommon {
+    pub running: bool,
+    pub interval_seconds: f64,
+    /// `successful / performed` in percent, one decimal.
+    pub success_rate: f64,
+    /// When the last completed cycle started.
+    #[schema(format = DateTime)]
+    pub last_run: Option<String>,
+    pub last_duration_seconds: Option<f64>,
+    pub cycles: u64,
+    /// Ticks that fell while a cycle still ran.
+    pub overruns: u64,
+    pub in_flight: u64,
+    pub results_pending: u64,
+    pub results_written: u64,
+    pub results_dropped: u64,
+    pub last_cycle_targets: u64,
+    pub batch_delay_seconds: f64,
+    /// Checks since start by resulting label.
+    pub by_status: BTreeMap<String, u64>,
+    pub last_error: Option<String>,
+}
+
+impl WorkerCommon {
+    fn new(stats: Option<&WorkerStats>, interval: f64, error: Option<&str>) -> Self {
+        let default = WorkerStats::default();
+        let s = stats.unwrap_or(&default);
+        Self {
+            running: stats.is_some_and(|s| s.running),
+            interval_seconds: if stats.is_some() {
+                s.interval_seconds
+            } else {
+                interval
+            },
+            success_rate: s.success_rate,
+            last_run: opt_ts(s.last_run),
+            last_duration_seconds: s.last_duration_seconds,
+            cycles: s.cycles,
+            overruns: s.overruns,
+            in_flight: s.in_flight,
+            results_pending: s.pending,
+            results_written: s.written,
+            results_dropped: s.dropped,
+            last_cycle_targets: s.last_cycle_targets,
+            batch_delay_seconds: s.batch_delay_seconds,
+            by_status: s
+                .by_status
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+            last_error: error.map(str::to_owned).or_else(|| s.last_error.clone()),
+        }
+    }
+}
+
+/// The health worker in the seed's status shape, with Fleet's extra keys beside it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthWorker {
+    pub checks_performed: u64,
+    pub checks_successful: u64,
+    pub checks_failed: u64,
+    #[serde(flatten)]
+    pub common: WorkerCommon,
+}
+
+impl HealthWorker {
+    /// The health worker's shape, from its statistics once it runs.
+    pub fn new(stats: Option<&WorkerStats>, interval: f64, error: Option<&str>) -> Self {
+        let s = stats.cloned().unwrap_or_default();
+        Self {
+            checks_performed: s.performed,
+            checks_successful: s.successful,
+            checks_failed: s.failed,
+            common: WorkerCommon::new(stats, interval, error),
+        }
+    }
+}
+
+/// Whether the storage self-check found anything wrong after the last cycle.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionHealth {
+    pub ok: bool,
+    pub findings: Vec<String>,
+}
+
+/// The metrics worker in the seed's status shape, with Fleet's extra keys beside it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MetricsWorker {
+    pub collections_performed: u64,
+    pub collections_successful: u64,
+    pub collections_failed: u64,
+    #[serde(flatten)]
+    pub common: WorkerCommon,
+    pub total_metrics_collected: u64,
+    pub partition_health: PartitionHealth,
+}
+
+impl MetricsWorker {
+    /// The metrics worker's shape, from its statistics once it runs.
+    pub fn new(stats: Option<&WorkerStats>, interval: f64, error: Option<&str>) -> Self {
+        let s = stats.cloned().unwrap_or_default();
+        Self {
+            collections_performed: s.performed,
+            collections_successful: s.successful,
+            collections_failed: s.failed,
+            common: WorkerCommon::new(stats, interval, error),
+            total_metrics_collected: s.values_collected,
+            partition_health: PartitionHealth {
+                ok: s.storage_findings.is_empty(),
+                findings: s.storage_findings,
+            },
+        }
+    }
+}
+
+/// One subscriber of the result events.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Subscriber {
+    pub name: String,
+    /// Its queue's bound.
+    pub capacity: usize,
+    /// Events waiting in its queue.
+    pub queued: usize,
+    pub delivered: u64,
+    /// Events dropped because its queue was full.
+    pub lost: u64,
+}
+
+/// The result events' figures.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Events {
+    pub published: u64,
+    /// Dropped for any subscriber since start.
+    pub lost: u64,
+    pub subscribers: Vec<Subscriber>,
+}
+
+impl From<EventStats> for Events {
+    fn from(e: EventStats) -> Self {
+        Self {
+            published: e.published,
+            lost: e.lost,
+            subscribers: e
+                .subscribers
+                .into_iter()
+                .map(|s| Subscriber {
+                    name: s.name,
+                    capacity: s.capacity,
+                    queued: s.queued,
+                    delivered: s.delivered,
+                    lost: s.lost,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Both workers' statistics.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersStatus {
+    pub health_worker: HealthWorker,
+    pub metrics_worker: MetricsWorker,
+    pub events: Events,
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+}
+
+/// `/healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Alive {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Ready {
+    pub ready: bool,
+    /// `ok`, or why the store does not answer.
+    pub store: String,
+    pub workers_running: bool,
+    pub workers_error: Option<String>,
+}
+
+/// Servers counted several ways.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerCounts {
+    pub total: usize,
+    pub by_status: BTreeMap<String, u64>,
+    /// Every health, and `unknown` for never checked.
+    pub by_health_status: BTreeMap<String, u64>,
+    pub by_region: BTreeMap<String, u64>,
+    pub by_environment: BTreeMap<String, u64>,
+}
+
+/// One server's LLM use in the window.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerLlm {
+    pub server_id: Uuid,
+    pub name: Option<String>,
+    pub llm_requests: i64,
+    pub llm_cost_usd: f64,
+}
+
+/// The fleet's LLM use in a window.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Llm {
+    #[schema(format = DateTime)]
+    pub from: String,
+    #[schema(format = DateTime)]
+    pub to: String,
+    pub total_requests: i64,
+    pub total_cost_usd: f64,
+    pub per_server: Vec<ServerLlm>,
+}
+
+/// `/summary`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Summary {
+    pub servers: ServerCounts,
+    pub llm: Llm,
+    #[schema(format = DateTime)]
+    pub timestamp: String,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    /// A stable, machine-readable code.
+    pub code: String,
+    /// For people; names the field or parameter at fault.
+    pub message: String,
+}
+
+/// Every error: a status and this body.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
 }
