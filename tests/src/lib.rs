@@ -1,8 +1,9 @@
-//! Helpers for the end-to-end tests: find and run the real binaries, talk to them over
-//! loopback, wait on conditions with a bound.
+//! Helpers for the end-to-end tests and the load benchmark: find and run the real binaries,
+//! read their CPU time and memory, stop them, talk to them over loopback, wait on conditions
+//! with a bound.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,13 +20,91 @@ pub fn binary(name: &str) -> PathBuf {
         .parent()
         .and_then(|d| d.parent())
         .expect("target folder");
+    binary_in(dir, name, "cargo build --workspace --bins")
+}
+
+/// The binary `name` in the profile folder `dir`, which `build` makes.
+pub fn binary_in(dir: &Path, name: &str, build: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built: run `cargo build --workspace --bins` first (scripts/test does)",
+        "{} is not built: run `{build}` first",
         path.display()
     );
     path
+}
+
+/// Runs `fleet-server servers import` of `manifest` (a fleet-sim manifest) through `server`, a
+/// fleet-server command with its environment set; panics with its error output if it fails.
+pub fn import(mut server: Command, manifest: &Path) -> String {
+    let out = server
+        .args(["servers", "import"])
+        .arg(manifest)
+        .output()
+        .expect("run fleet-server servers import");
+    assert!(
+        out.status.success(),
+        "import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A process's peak resident memory, in MiB (Linux; 0 when it cannot be read).
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A process's CPU time so far, user plus system, in seconds (Linux).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, utime 14, stime 15 (1-based in proc(5)).
+    let ticks = |i: usize| {
+        fields
+            .get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// Sends SIGTERM and waits at most `limit` for the exit code; kills it past that.
+pub fn terminate(child: &mut Child, limit: Duration) -> Option<i32> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let code = wait_exit(child, limit);
+    if code.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    code
+}
+
+/// Waits at most `limit` for `child` to exit; its exit code.
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.code();
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The secret key the end-to-end tests give fleet-server.
@@ -98,14 +177,7 @@ impl Proc {
 
     /// Peak resident memory so far, in MiB (Linux).
     pub fn peak_rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
+        peak_rss_mib(self.child.id())
     }
 
     /// Sends SIGTERM.
@@ -119,16 +191,7 @@ impl Proc {
 
     /// Waits for the process to exit, at most `limit`; its exit code.
     pub fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > end {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit(&mut self.child, limit)
     }
 
     /// What it wrote to standard error.

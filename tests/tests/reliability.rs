@@ -25,14 +25,7 @@ fn server_cmd(db_url: &str, args: &[&str]) -> Command {
 fn import(db_url: &str, fleet: &SimFleet) {
     let manifest = std::env::temp_dir().join(format!("fleet-rel-{}.json", free_port()));
     std::fs::write(&manifest, serde_json::to_string(&fleet.manifest()).unwrap()).unwrap();
-    let out = server_cmd(db_url, &["servers", "import", manifest.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fleet_tests::import(server_cmd(db_url, &[]), &manifest);
     let _ = std::fs::remove_file(manifest);
 }
 

@@ -7,13 +7,15 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fleet_pg::testing::TestDb;
+use fleet_tests::{
+    SECRET_KEY as KEY, binary_in, cpu_seconds, free_port, import, peak_rss_mib, terminate,
+};
 use serde_json::Value;
 
-const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const TOKEN: &str = "bench-admin-token-0123456789abcdef";
 const MIX: &str = "healthy=95,degraded=2,critical=1,unreachable=1,slow=1";
 const MIX_HANG: &str = "healthy=94,degraded=2,critical=1,unreachable=1,slow=1,hang=1";
@@ -64,65 +66,11 @@ struct Outcome {
 }
 
 fn binary(target: &Path, name: &str) -> PathBuf {
-    let p = target.join("release").join(name);
-    assert!(
-        p.exists(),
-        "{} is not built: run `cargo build --release --bins` (scripts/bench-load does)",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    // After the command name: state is field 3, utime 14, stime 15 (1-based in proc(5)).
-    let ticks = |i: usize| {
-        fields
-            .get(i - 3)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(14) + ticks(15)) / 100.0
-}
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn terminate(child: &mut Child, limit: Duration) -> Option<i32> {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if let Ok(Some(s)) = child.try_wait() {
-            return s.code();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
+    binary_in(
+        &target.join("release"),
+        name,
+        "cargo build --release --bins (scripts/bench-load does)",
+    )
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -203,14 +151,7 @@ async fn run(scenario: &Scenario, target: &Path, db_url: &str) -> Outcome {
             .status
             .success()
     );
-    let out = base_cmd(&["servers", "import", manifest.to_str().expect("path")])
-        .output()
-        .expect("import");
-    assert!(
-        out.status.success(),
-        "import: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    import(base_cmd(&[]), &manifest);
 
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
@@ -306,7 +247,7 @@ async fn run(scenario: &Scenario, target: &Path, db_url: &str) -> Outcome {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    o.peak_rss_mb = peak_rss_mb(pid);
+    o.peak_rss_mb = peak_rss_mib(pid);
     o.exit_code = terminate(&mut server, Duration::from_secs(20));
     let _ = terminate(&mut sim, Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);

@@ -128,16 +128,37 @@ impl Api {
         (status, value)
     }
 
+    /// The one request-and-assert of these tests: sends `method path` with `token` and
+    /// `body`, asserts the status, and returns the body.
+    async fn check(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        expected: StatusCode,
+    ) -> Value {
+        let m = method.clone();
+        let (status, value) = self.call(method, path, token, body).await;
+        assert_eq!(status, expected, "{m} {path}: {value}");
+        value
+    }
+
     async fn admin(&self, method: Method, path: &str, body: Option<&str>) -> (StatusCode, Value) {
         self.call(method, path, Some(&self.admin), body).await
     }
 
     async fn server(&self, name: &str) -> String {
         let body = json!({"name": name, "api_url": "http://127.0.0.1:9", "api_token": format!("probe-secret-{name}")}).to_string();
-        let (status, v) = self
-            .admin(Method::POST, "/api/v1/fleet/servers", Some(&body))
+        let v = self
+            .check(
+                Method::POST,
+                "/api/v1/fleet/servers",
+                Some(&self.admin),
+                Some(&body),
+                StatusCode::CREATED,
+            )
             .await;
-        assert_eq!(status, StatusCode::CREATED, "{v}");
         v["id"].as_str().unwrap().to_owned()
     }
 }
@@ -180,13 +201,8 @@ async fn every_route_enforces_its_access_uniformly() {
             Some("fleet_unknownunknownunknownunknown"),
             Some(revoked.as_str()),
         ] {
-            let (status, _) = a.call(m.clone(), &path, bad, body).await;
-            assert_eq!(
-                status,
-                StatusCode::UNAUTHORIZED,
-                "{} {path} with {bad:?}",
-                r.method
-            );
+            a.check(m.clone(), &path, bad, body, StatusCode::UNAUTHORIZED)
+                .await;
         }
         let (status, _) = a.call(m.clone(), &path, Some(&a.viewer), body).await;
         if r.access == Access::Admin {
@@ -218,10 +234,15 @@ async fn every_route_enforces_its_access_uniformly() {
 #[tokio::test]
 async fn the_openapi_document_lists_every_route() {
     let a = api().await;
-    let (status, doc) = a
-        .call(Method::GET, "/api/v1/openapi.json", None, None)
+    let doc = a
+        .check(
+            Method::GET,
+            "/api/v1/openapi.json",
+            None,
+            None,
+            StatusCode::OK,
+        )
         .await;
-    assert_eq!(status, StatusCode::OK);
     for r in routes() {
         let op = &doc["paths"][r.path][r.method.as_str().to_lowercase()];
         assert!(
@@ -402,14 +423,15 @@ async fn every_route_answers_what_the_openapi_document_says() {
         status,
         &value,
     );
-    let (status, value) = a
-        .admin(
+    let value = a
+        .check(
             Method::POST,
             "/api/v1/fleet/groups",
+            Some(&a.admin),
             Some(r#"{"name": ""}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
         )
         .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     conforms(&doc, &Method::POST, "/api/v1/fleet/groups", status, &value);
 }
 
@@ -420,14 +442,15 @@ async fn servers_are_created_listed_changed_and_deleted_without_their_token() {
         "name": "web-1", "api_url": "https://127.0.0.1:8443", "api_token": "probe-secret-xyz",
         "region": "eu", "environment": "production", "tags": ["edge"], "metadata": {"rack": 3}, "hostname": "web-1.local"
     });
-    let (status, created) = a
-        .admin(
+    let created = a
+        .check(
             Method::POST,
             "/api/v1/fleet/servers",
+            Some(&a.admin),
             Some(&body.to_string()),
+            StatusCode::CREATED,
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     assert!(
         !created.to_string().contains("probe-secret"),
         "the token came back: {created}"
@@ -436,24 +459,25 @@ async fn servers_are_created_listed_changed_and_deleted_without_their_token() {
     assert_eq!(created["health_status"], Value::Null);
     let id = created["id"].as_str().unwrap();
 
-    let (status, v) = a
-        .admin(
+    let v = a
+        .check(
             Method::POST,
             "/api/v1/fleet/servers",
+            Some(&a.admin),
             Some(&body.to_string()),
+            StatusCode::CONFLICT,
         )
         .await;
-    assert_eq!(status, StatusCode::CONFLICT, "{v}");
 
-    let (status, list) = a
-        .call(
+    let list = a
+        .check(
             Method::GET,
             "/api/v1/fleet/servers?region=eu&tag=edge&search=WEB",
             Some(&a.viewer),
             None,
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
     assert_eq!(list["servers"].as_array().unwrap().len(), 1);
     let (_, list) = a
         .call(
@@ -464,44 +488,42 @@ async fn servers_are_created_listed_changed_and_deleted_without_their_token() {
         )
         .await;
     assert!(list["servers"].as_array().unwrap().is_empty());
-    let (status, _) = a
-        .call(
-            Method::GET,
-            "/api/v1/fleet/servers?status=sleepy",
-            Some(&a.viewer),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = a
-        .call(
-            Method::GET,
-            "/api/v1/fleet/servers?limit=0",
-            Some(&a.viewer),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _) = a
-        .call(
-            Method::GET,
-            "/api/v1/fleet/servers?colour=red",
-            Some(&a.viewer),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/servers?status=sleepy",
+        Some(&a.viewer),
+        None,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/servers?limit=0",
+        Some(&a.viewer),
+        None,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/servers?colour=red",
+        Some(&a.viewer),
+        None,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
 
     let patch =
         json!({"api_token": "rotated-secret", "region": null, "status": "maintenance"}).to_string();
-    let (status, changed) = a
-        .admin(
+    let changed = a
+        .check(
             Method::PATCH,
             &format!("/api/v1/fleet/servers/{id}"),
+            Some(&a.admin),
             Some(&patch),
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{changed}");
     assert_eq!(changed["region"], Value::Null);
     assert_eq!(changed["status"], "maintenance");
     assert!(!changed.to_string().contains("rotated-secret"));
@@ -513,18 +535,30 @@ async fn servers_are_created_listed_changed_and_deleted_without_their_token() {
         .unwrap();
     assert_eq!(target.token.unwrap().expose(), "rotated-secret");
 
-    let (status, _) = a
-        .admin(Method::DELETE, &format!("/api/v1/fleet/servers/{id}"), None)
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = a
-        .admin(Method::GET, &format!("/api/v1/fleet/servers/{id}"), None)
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = a
-        .admin(Method::DELETE, &format!("/api/v1/fleet/servers/{id}"), None)
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    a.check(
+        Method::DELETE,
+        &format!("/api/v1/fleet/servers/{id}"),
+        Some(&a.admin),
+        None,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
+    a.check(
+        Method::GET,
+        &format!("/api/v1/fleet/servers/{id}"),
+        Some(&a.admin),
+        None,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    a.check(
+        Method::DELETE,
+        &format!("/api/v1/fleet/servers/{id}"),
+        Some(&a.admin),
+        None,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -574,16 +608,31 @@ async fn bad_bodies_get_a_clear_4xx_and_store_nothing() {
     let res = a.router.clone().oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
-    let (status, v) = a
-        .admin(Method::GET, "/api/v1/fleet/servers/not-a-uuid", None)
+    let v = a
+        .check(
+            Method::GET,
+            "/api/v1/fleet/servers/not-a-uuid",
+            Some(&a.admin),
+            None,
+            StatusCode::BAD_REQUEST,
+        )
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
-    let (status, _) = a.admin(Method::GET, "/api/v1/nowhere", None).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, _) = a
-        .admin(Method::PUT, "/api/v1/fleet/servers", Some("{}"))
-        .await;
-    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    a.check(
+        Method::GET,
+        "/api/v1/nowhere",
+        Some(&a.admin),
+        None,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    a.check(
+        Method::PUT,
+        "/api/v1/fleet/servers",
+        Some(&a.admin),
+        Some("{}"),
+        StatusCode::METHOD_NOT_ALLOWED,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -591,14 +640,15 @@ async fn check_now_probes_records_publishes_and_returns_the_check() {
     let a = api().await;
     let mut sub = a.events.subscribe("test", 10);
     let id = a.server("s1").await;
-    let (status, check) = a
-        .admin(
+    let check = a
+        .check(
             Method::POST,
             &format!("/api/v1/fleet/servers/{id}/check"),
+            Some(&a.admin),
             None,
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{check}");
     assert_eq!(check["status"], "degraded");
     assert_eq!(check["successful"], true);
     let (_, server) = a
@@ -614,14 +664,15 @@ async fn check_now_probes_records_publishes_and_returns_the_check() {
         .await;
     assert_eq!(history["health_checks"].as_array().unwrap().len(), 1);
     a.probe.set("s1", Script::Never);
-    let (status, check) = a
-        .admin(
+    let check = a
+        .check(
             Method::POST,
             &format!("/api/v1/fleet/servers/{id}/check"),
+            Some(&a.admin),
             None,
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
     assert_eq!(check["status"], "unreachable");
     assert_eq!(check["error_message"], "timeout after 2s");
     // Each check-now is published once, marked manual, with the true previous health.
@@ -647,14 +698,14 @@ async fn check_now_probes_records_publishes_and_returns_the_check() {
             ("s1".to_owned(), Some(Degraded), Unreachable, true)
         ]
     );
-    let (status, _) = a
-        .admin(
-            Method::POST,
-            "/api/v1/fleet/servers/00000000-0000-4000-8000-000000000009/check",
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    a.check(
+        Method::POST,
+        "/api/v1/fleet/servers/00000000-0000-4000-8000-000000000009/check",
+        Some(&a.admin),
+        None,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -670,29 +721,29 @@ async fn history_windows_parse_times_and_refuse_bad_ones() {
     let path = format!(
         "/api/v1/fleet/servers/{id}/metrics?from=2026-03-31T23:59:00Z&to=2026-04-01T00:02:00Z"
     );
-    let (status, v) = a.call(Method::GET, &path, Some(&a.viewer), None).await;
-    assert_eq!(status, StatusCode::OK, "{v}");
+    let v = a
+        .check(Method::GET, &path, Some(&a.viewer), None, StatusCode::OK)
+        .await;
     assert_eq!(v["metrics"].as_array().unwrap().len(), 3);
     assert_eq!(v["metrics"][0]["timestamp"], "2026-04-01T00:01:00Z");
-    let (status, v) = a
-        .call(
+    let v = a
+        .check(
             Method::GET,
             &format!("/api/v1/fleet/servers/{id}/metrics?from=yesterday"),
             Some(&a.viewer),
             None,
+            StatusCode::BAD_REQUEST,
         )
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(v["error"]["message"].as_str().unwrap().contains("RFC 3339"));
-    let (status, _) = a
-        .call(
-            Method::GET,
-            "/api/v1/fleet/servers/00000000-0000-4000-8000-000000000009/metrics",
-            Some(&a.viewer),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/servers/00000000-0000-4000-8000-000000000009/metrics",
+        Some(&a.viewer),
+        None,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -700,39 +751,40 @@ async fn groups_gather_servers_and_filter_the_list() {
     let a = api().await;
     let s1 = a.server("s1").await;
     a.server("s2").await;
-    let (status, g) = a
-        .admin(
+    let g = a
+        .check(
             Method::POST,
             "/api/v1/fleet/groups",
+            Some(&a.admin),
             Some(r##"{"name": "edge", "color": "#00ff00"}"##),
+            StatusCode::CREATED,
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{g}");
     let gid = g["id"].as_str().unwrap();
-    let (status, _) = a
-        .admin(
-            Method::POST,
-            "/api/v1/fleet/groups",
-            Some(r#"{"name": "edge"}"#),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    let (status, _) = a
-        .admin(
-            Method::POST,
-            "/api/v1/fleet/groups",
-            Some(r#"{"color": "red"}"#),
-        )
-        .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    let (status, _) = a
-        .admin(
-            Method::PUT,
-            &format!("/api/v1/fleet/groups/{gid}/members/{s1}"),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    a.check(
+        Method::POST,
+        "/api/v1/fleet/groups",
+        Some(&a.admin),
+        Some(r#"{"name": "edge"}"#),
+        StatusCode::CONFLICT,
+    )
+    .await;
+    a.check(
+        Method::POST,
+        "/api/v1/fleet/groups",
+        Some(&a.admin),
+        Some(r#"{"color": "red"}"#),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    a.check(
+        Method::PUT,
+        &format!("/api/v1/fleet/groups/{gid}/members/{s1}"),
+        Some(&a.admin),
+        None,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
     let (_, list) = a
         .admin(
             Method::GET,
@@ -753,22 +805,30 @@ async fn groups_gather_servers_and_filter_the_list() {
         (status, g["description"].as_str()),
         (StatusCode::OK, Some("the edge"))
     );
-    let (status, _) = a
-        .admin(
-            Method::DELETE,
-            &format!("/api/v1/fleet/groups/{gid}/members/{s1}"),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = a
-        .admin(Method::DELETE, &format!("/api/v1/fleet/groups/{gid}"), None)
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = a
-        .admin(Method::GET, &format!("/api/v1/fleet/groups/{gid}"), None)
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    a.check(
+        Method::DELETE,
+        &format!("/api/v1/fleet/groups/{gid}/members/{s1}"),
+        Some(&a.admin),
+        None,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
+    a.check(
+        Method::DELETE,
+        &format!("/api/v1/fleet/groups/{gid}"),
+        Some(&a.admin),
+        None,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
+    a.check(
+        Method::GET,
+        &format!("/api/v1/fleet/groups/{gid}"),
+        Some(&a.admin),
+        None,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -788,15 +848,15 @@ async fn the_summary_counts_servers_and_llm_spend_over_a_window() {
         .record_metrics(&[sample(0, 10, 1.0), sample(1, 30, 2.0), sample(2, 5, 0.5)])
         .await
         .unwrap();
-    let (status, v) = a
-        .call(
+    let v = a
+        .check(
             Method::GET,
             "/api/v1/fleet/summary?hours=1",
             Some(&a.viewer),
             None,
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK, "{v}");
     assert_eq!(v["servers"]["total"], 1);
     assert_eq!(v["servers"]["by_status"]["active"], 1);
     assert_eq!(v["servers"]["by_health_status"]["unknown"], 1);
@@ -804,24 +864,28 @@ async fn the_summary_counts_servers_and_llm_spend_over_a_window() {
     assert_eq!(v["llm"]["total_requests"], 20 + 5);
     assert_eq!(v["llm"]["total_cost_usd"], 1.5);
     assert_eq!(v["llm"]["per_server"][0]["name"], "a");
-    let (status, _) = a
-        .call(
-            Method::GET,
-            "/api/v1/fleet/summary?hours=0",
-            Some(&a.viewer),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST);
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/summary?hours=0",
+        Some(&a.viewer),
+        None,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn the_status_endpoint_has_the_seeds_shape_and_says_why_workers_are_down() {
     let a = api().await;
-    let (status, v) = a
-        .admin(Method::GET, "/api/v1/fleet/workers/status", None)
+    let v = a
+        .check(
+            Method::GET,
+            "/api/v1/fleet/workers/status",
+            Some(&a.admin),
+            None,
+            StatusCode::OK,
+        )
         .await;
-    assert_eq!(status, StatusCode::OK);
     for key in [
         "running",
         "interval_seconds",
@@ -909,11 +973,13 @@ async fn the_public_endpoints_answer() {
     a.server("s1").await;
     let (status, v) = a.call(Method::GET, "/healthz", None, None).await;
     assert_eq!((status, v["status"].as_str()), (StatusCode::OK, Some("ok")));
-    let (status, v) = a.call(Method::GET, "/readyz", None, None).await;
-    assert_eq!(status, StatusCode::OK);
+    let v = a
+        .check(Method::GET, "/readyz", None, None, StatusCode::OK)
+        .await;
     assert_eq!(v["store"], "ok");
-    let (status, v) = a.call(Method::GET, "/metrics", None, None).await;
-    assert_eq!(status, StatusCode::OK);
+    let v = a
+        .check(Method::GET, "/metrics", None, None, StatusCode::OK)
+        .await;
     let text = v.as_str().unwrap();
     assert!(
         text.contains("fleet_servers{health_status=\"unknown\"} 1"),
