@@ -459,15 +459,14 @@ async fn servers_are_created_listed_changed_and_deleted_without_their_token() {
     assert_eq!(created["health_status"], Value::Null);
     let id = created["id"].as_str().unwrap();
 
-    let v = a
-        .check(
-            Method::POST,
-            "/api/v1/fleet/servers",
-            Some(&a.admin),
-            Some(&body.to_string()),
-            StatusCode::CONFLICT,
-        )
-        .await;
+    a.check(
+        Method::POST,
+        "/api/v1/fleet/servers",
+        Some(&a.admin),
+        Some(&body.to_string()),
+        StatusCode::CONFLICT,
+    )
+    .await;
 
     let list = a
         .check(
@@ -608,15 +607,14 @@ async fn bad_bodies_get_a_clear_4xx_and_store_nothing() {
     let res = a.router.clone().oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
-    let v = a
-        .check(
-            Method::GET,
-            "/api/v1/fleet/servers/not-a-uuid",
-            Some(&a.admin),
-            None,
-            StatusCode::BAD_REQUEST,
-        )
-        .await;
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/servers/not-a-uuid",
+        Some(&a.admin),
+        None,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     a.check(
         Method::GET,
         "/api/v1/nowhere",
