@@ -253,6 +253,48 @@ async fn a_server_that_changes_state_shows_each_state_in_its_history() {
         ["healthy", "critical", "healthy"],
         "the history in time order"
     );
+    // The change log holds each change once, newest first, in the server's log and the
+    // fleet's, and the log says each one at info.
+    let changes = |v: &Value| -> Vec<(String, String)> {
+        v["state_changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["server_id"] == id.as_str())
+            .map(|c| {
+                (
+                    c["from_status"].as_str().unwrap_or("never").to_owned(),
+                    c["to_status"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let expected = [
+        ("critical", "healthy"),
+        ("healthy", "critical"),
+        ("never", "healthy"),
+    ]
+    .map(|(a, b)| (a.to_owned(), b.to_owned()));
+    let (_, own) = api
+        .get(&format!("/api/v1/fleet/servers/{id}/state-changes"))
+        .await
+        .unwrap();
+    assert_eq!(changes(&own), expected, "{own}");
+    let (_, all) = api
+        .get("/api/v1/fleet/state-changes?limit=1000")
+        .await
+        .unwrap();
+    assert_eq!(changes(&all), expected, "{all}");
+    let logs = server.stderr();
+    for line in [
+        format!(
+            "{}: healthy → critical (unhealthy: database (down))",
+            target.name()
+        ),
+        format!("{}: critical → healthy", target.name()),
+    ] {
+        assert!(logs.contains(&line), "no `{line}` in the log");
+    }
     server.terminate();
     assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
     assert_no_secrets(&server.stderr(), &fleet);

@@ -414,3 +414,51 @@ impl Work for MetricsWork {
         Some(found)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn check(counts: &[(&'static str, u64)], names: &[(&'static str, &[&str])], expected: &str) {
+        let summary = CycleSummary {
+            by_label: counts.iter().copied().collect(),
+            names_by_label: names
+                .iter()
+                .map(|(l, n)| (*l, n.iter().map(|s| (*s).to_owned()).collect()))
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(health_alert(&summary), expected);
+    }
+
+    #[test]
+    fn the_cycle_warning_names_at_most_five_servers() {
+        check(
+            &[("critical", 1), ("unreachable", 1), ("healthy", 9)],
+            &[("critical", &["web-3"]), ("unreachable", &["db-1"])],
+            "1 critical (web-3), 1 unreachable (db-1)",
+        );
+        check(
+            &[("unreachable", 7)],
+            &[("unreachable", &["a", "b", "c", "d", "e"])],
+            "7 unreachable (a, b, c, d, e and 2 more)",
+        );
+        check(
+            &[("critical", 4), ("unreachable", 3)],
+            &[
+                ("critical", &["c1", "c2", "c3", "c4"]),
+                ("unreachable", &["u1", "u2", "u3"]),
+            ],
+            "4 critical (c1, c2, c3, c4), 3 unreachable (u1 and 2 more)",
+        );
+        check(
+            &[("critical", 6), ("unreachable", 2)],
+            &[
+                ("critical", &["c1", "c2", "c3", "c4", "c5"]),
+                ("unreachable", &["u1", "u2"]),
+            ],
+            "6 critical (c1, c2, c3, c4, c5 and 1 more), 2 unreachable",
+        );
+    }
+}
