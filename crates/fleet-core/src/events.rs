@@ -92,6 +92,16 @@ pub enum Problem {
     StorageFinding(String),
     /// The store's self-check itself failed.
     StorageCheckFailed(String),
+    /// Targets were not checked through Fleet's own fault (a local resource ran out, a token
+    /// no configured key opens); raised once per cycle in which it happened.
+    NotChecked {
+        /// [`NotChecked::kind`](crate::NotChecked::kind).
+        kind: &'static str,
+        /// How many targets in the cycle.
+        count: u64,
+        /// The first one, and why.
+        example: String,
+    },
 }
 
 impl std::fmt::Display for Problem {
@@ -107,6 +117,9 @@ impl std::fmt::Display for Problem {
             }
             Problem::StorageFinding(s) => f.write_str(s),
             Problem::StorageCheckFailed(e) => write!(f, "storage check failed: {e}"),
+            Problem::NotChecked { count, example, .. } => {
+                write!(f, "{count} targets not checked, e.g. {example}")
+            }
         }
     }
 }

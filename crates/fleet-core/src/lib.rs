@@ -102,8 +102,9 @@ pub mod testing;
 pub use classify::{Classification, classify};
 pub use clock::{Clock, SystemClock};
 pub use engine::{
-    ConfigError, CycleSummary, ShutdownReport, StatsHandle, Tally, Work, Worker, WorkerConfig,
-    WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats, check_now, check_once,
+    CheckError, ConfigError, CycleSummary, ShutdownReport, StatsHandle, Tally, Work, Worker,
+    WorkerConfig, WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats, check_now,
+    check_once,
 };
 pub use events::{Event, EventStats, Events, Problem, Received, SubscriberStats, Subscription};
 pub use fleet_wire::{ComponentHealth, HealthReport, MetricsError, NotAnObject};
@@ -114,7 +115,9 @@ pub use model::{
     ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate, StateChange, TokenRecord,
     counter_increase,
 };
-pub use probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, ProbeOutcome};
+pub use probe::{
+    CollectError, HealthProbe, MetricsCollector, NotChecked, ProbeFailure, ProbeOutcome,
+};
 pub use store::{
     AdminTokens, BoxError, ChangeLog, ChangeQuery, Findings, Groups, History, HistoryQuery, Ping,
     Registry, ServerFilter, StorageCheck, Store, StoreError,

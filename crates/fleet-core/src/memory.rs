@@ -2,6 +2,7 @@
 //! that the conformance suite holds every other store to.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -25,6 +26,7 @@ use crate::store::{
 pub struct InMemoryStore {
     state: Mutex<State>,
     history_limit: usize,
+    token_lookups: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -75,7 +77,14 @@ impl InMemoryStore {
         Self {
             state: Mutex::new(State::default()),
             history_limit: limit.max(1),
+            token_lookups: AtomicU64::new(0),
         }
+    }
+
+    /// How many token lookups the store has answered (a client over its failure limit must
+    /// cause none).
+    pub fn token_lookups(&self) -> u64 {
+        self.token_lookups.load(Ordering::Relaxed)
     }
 
     /// The state-change log keeps this many times the per-server history limit, fleet-wide.
@@ -92,6 +101,7 @@ fn target(entry: &Entry) -> ProbeTarget {
         name: entry.server.name.clone(),
         api_url: entry.server.api_url.clone(),
         token: entry.token.clone(),
+        unreadable_token: None,
         health: entry.server.health_status,
     }
 }
@@ -546,6 +556,7 @@ impl AdminTokens for InMemoryStore {
     }
 
     async fn find_token(&self, sha256: [u8; 32]) -> Result<Option<TokenRecord>, StoreError> {
+        self.token_lookups.fetch_add(1, Ordering::Relaxed);
         Ok(self
             .state()
             .tokens

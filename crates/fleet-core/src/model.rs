@@ -266,6 +266,9 @@ pub struct ProbeTarget {
     pub api_url: String,
     /// The token to send, if the server has one.
     pub token: Option<ApiToken>,
+    /// The id of the key that sealed the server's token, when no configured key opens it: the
+    /// server is then not checked (see [`NotChecked::TokenUnreadable`](crate::NotChecked)).
+    pub unreadable_token: Option<String>,
     /// The server's stored health when it was selected; `None` when never checked.
     pub health: Option<HealthStatus>,
 }
@@ -543,6 +546,7 @@ mod tests {
             name: "a".into(),
             api_url: "http://127.0.0.1:1".into(),
             token: Some(t),
+            unreadable_token: None,
             health: None,
         };
         assert!(!format!("{target:?}").contains("s3cret"));

@@ -28,6 +28,10 @@ pub enum ProbeFailure {
     /// Another failure before a response head.
     #[error("connect failed: {0}")]
     Connect(String),
+    /// The server's address is one a probe must not connect to (link-local, unspecified,
+    /// multicast, or a denied network).
+    #[error("{0}")]
+    Refused(String),
     /// No complete response head within the deadline.
     #[error("timeout after {}", fmt_secs(*after))]
     Timeout {
@@ -76,6 +80,7 @@ impl ProbeFailure {
                 | ProbeFailure::Dns(_)
                 | ProbeFailure::Tls(_)
                 | ProbeFailure::Connect(_)
+                | ProbeFailure::Refused(_)
                 | ProbeFailure::Timeout { .. }
         )
     }
@@ -109,6 +114,33 @@ fn fmt_bytes(n: u64) -> String {
     }
 }
 
+/// Why Fleet did not check a server. It is Fleet's own fault, never the server's: nothing is
+/// stored for the server, its state does not move, and the worker counts it, logs it once per
+/// cycle at error level and raises a problem event.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotChecked {
+    /// Fleet ran out of a local resource (open files, memory) while checking.
+    #[error("local resource failure: {0}")]
+    LocalResource(String),
+    /// The server's probe token is sealed under a key that no configured key opens, so it is
+    /// not sent a request that would only be refused.
+    #[error("probe token sealed under key {key_id}, which no configured key opens")]
+    TokenUnreadable {
+        /// The id of the key that sealed it.
+        key_id: String,
+    },
+}
+
+impl NotChecked {
+    /// A stable name for counting: `local_resource` or `token_unreadable`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NotChecked::LocalResource(_) => "local_resource",
+            NotChecked::TokenUnreadable { .. } => "token_unreadable",
+        }
+    }
+}
+
 /// What one health probe found.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ProbeOutcome {
@@ -126,6 +158,8 @@ pub enum ProbeOutcome {
         /// From the request's start to the end of the body, when a head arrived.
         response_time: Option<Duration>,
     },
+    /// Fleet could not check, through no fault of the server's.
+    NotChecked(NotChecked),
 }
 
 /// Asks one server how it is.
@@ -149,6 +183,9 @@ pub enum CollectError {
     /// The answer was not a valid metrics object.
     #[error(transparent)]
     Wire(#[from] fleet_wire::MetricsError),
+    /// Fleet could not collect, through no fault of the server's.
+    #[error(transparent)]
+    NotChecked(#[from] NotChecked),
     /// No answer within the deadline.
     #[error("timeout after {}", fmt_secs(*after))]
     Timeout {

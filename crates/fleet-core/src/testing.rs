@@ -15,7 +15,9 @@ use tokio::time::Instant;
 use crate::clock::Clock;
 use crate::memory::InMemoryStore;
 use crate::model::{HealthCheck, MetricValues, MetricsRecord, ProbeTarget};
-use crate::probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, ProbeOutcome};
+use crate::probe::{
+    CollectError, HealthProbe, MetricsCollector, NotChecked, ProbeFailure, ProbeOutcome,
+};
 use crate::store::{Store, StoreError};
 use fleet_wire::{ComponentHealth, HealthReport};
 
@@ -30,6 +32,8 @@ pub enum Script<T, E> {
     Slow(Duration, Box<Script<T, E>>),
     /// Never answers.
     Never,
+    /// Fleet fails to check through its own fault (a local resource ran out).
+    NotChecked(NotChecked),
 }
 
 /// A health report with every component in `status`.
@@ -105,7 +109,7 @@ impl<T: Clone + Send + Sync, E: Clone + Send + Sync> Fake<T, E> {
             .insert(name.to_owned(), script);
     }
 
-    async fn answer(&self, name: &str) -> Result<T, E> {
+    async fn answer(&self, name: &str) -> Result<Result<T, E>, NotChecked> {
         let script = {
             let scripts = self.scripts.lock().unwrap_or_else(|e| e.into_inner());
             scripts
@@ -141,8 +145,9 @@ impl<T: Clone + Send + Sync, E: Clone + Send + Sync> Fake<T, E> {
         let mut script = script;
         loop {
             match script {
-                Script::Ok(v) => return Ok(v),
-                Script::Err(e) => return Err(e),
+                Script::Ok(v) => return Ok(Ok(v)),
+                Script::Err(e) => return Ok(Err(e)),
+                Script::NotChecked(why) => return Err(why),
                 Script::Slow(d, next) => {
                     tokio::time::sleep(d).await;
                     script = *next;
@@ -226,11 +231,12 @@ impl HealthProbe for ScriptedProbe {
     async fn probe(&self, target: &ProbeTarget, _deadline: Instant) -> ProbeOutcome {
         let started = Instant::now();
         match self.fake.answer(&target.name).await {
-            Ok(answer) => ProbeOutcome::Report {
+            Err(why) => ProbeOutcome::NotChecked(why),
+            Ok(Ok(answer)) => ProbeOutcome::Report {
                 answer,
                 response_time: started.elapsed().max(self.response_time),
             },
-            Err(failure) => {
+            Ok(Err(failure)) => {
                 let response_time = failure.responded().then(|| started.elapsed());
                 ProbeOutcome::Failed {
                     failure,
@@ -270,7 +276,7 @@ impl MetricsCollector for ScriptedCollector {
         target: &ProbeTarget,
         _deadline: Instant,
     ) -> Result<MetricValues, CollectError> {
-        self.fake.answer(&target.name).await
+        self.fake.answer(&target.name).await?
     }
 }
 

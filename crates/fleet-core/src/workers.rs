@@ -16,17 +16,21 @@ use crate::model::{
     HealthCheck, HealthStatus, MetricsFailure, MetricsRecord, MetricsSample, Period, ProbeTarget,
     ServerId,
 };
-use crate::probe::{CollectError, HealthProbe, MetricsCollector, ProbeFailure, ProbeOutcome};
+use crate::probe::{
+    CollectError, HealthProbe, MetricsCollector, NotChecked, ProbeFailure, ProbeOutcome,
+};
 use crate::store::{Findings, StorageCheck, Store, StoreError};
 
-/// Turns a probe's outcome into the health check that is stored.
+/// Turns a probe's outcome into the health check that is stored; `Err` when Fleet could not
+/// check, which stores nothing.
 pub fn health_check(
     target: &ProbeTarget,
     timestamp: OffsetDateTime,
     outcome: ProbeOutcome,
-) -> HealthCheck {
+) -> Result<HealthCheck, NotChecked> {
     let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
-    match outcome {
+    Ok(match outcome {
+        ProbeOutcome::NotChecked(why) => return Err(why),
         ProbeOutcome::Report {
             answer,
             response_time,
@@ -49,20 +53,8 @@ pub fn health_check(
         ProbeOutcome::Failed {
             failure,
             response_time,
-        } => HealthCheck {
-            server_id: target.id,
-            timestamp,
-            status: failure.status(),
-            response_time_ms: response_time.map(millis),
-            database_healthy: None,
-            redis_healthy: None,
-            services_healthy: None,
-            error_message: Some(failure.to_string()),
-            error_details: None,
-            responded: failure.responded(),
-            successful: false,
-        },
-    }
+        } => failed_check(target, timestamp, &failure, response_time),
+    })
 }
 
 /// The cycle summary's warning: `1 critical (web-3), 2 unreachable (db-1, db-2)`, naming at
@@ -95,6 +87,28 @@ fn health_alert(s: &CycleSummary) -> String {
         parts.push(format!("{count} {label} ({listed})"));
     }
     parts.join(", ")
+}
+
+/// The stored check of a probe that failed.
+fn failed_check(
+    target: &ProbeTarget,
+    timestamp: OffsetDateTime,
+    failure: &ProbeFailure,
+    response_time: Option<Duration>,
+) -> HealthCheck {
+    HealthCheck {
+        server_id: target.id,
+        timestamp,
+        status: failure.status(),
+        response_time_ms: response_time.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+        database_healthy: None,
+        redis_healthy: None,
+        services_healthy: None,
+        error_message: Some(failure.to_string()),
+        error_details: None,
+        responded: failure.responded(),
+        successful: false,
+    }
 }
 
 /// The health worker's work: probe every active server, stalest first.
@@ -164,13 +178,18 @@ impl Work for HealthWork {
         target: &ProbeTarget,
         started: OffsetDateTime,
         deadline: Instant,
-    ) -> HealthCheck {
+    ) -> Result<HealthCheck, NotChecked> {
+        if let Some(key_id) = &target.unreadable_token {
+            return Err(NotChecked::TokenUnreadable {
+                key_id: key_id.clone(),
+            });
+        }
         let outcome = self.probe.probe(target, deadline).await;
-        let check = health_check(target, started, outcome);
+        let check = health_check(target, started, outcome)?;
         if !check.successful {
             tracing::debug!(target: "fleet::health", server = %target.name, error = check.error_message.as_deref().unwrap_or(""), "health check of {} failed", target.name);
         }
-        check
+        Ok(check)
     }
 
     fn timed_out(
@@ -179,11 +198,7 @@ impl Work for HealthWork {
         started: OffsetDateTime,
         after: Duration,
     ) -> HealthCheck {
-        let outcome = ProbeOutcome::Failed {
-            failure: ProbeFailure::Timeout { after },
-            response_time: None,
-        };
-        health_check(target, started, outcome)
+        failed_check(target, started, &ProbeFailure::Timeout { after }, None)
     }
 
     fn tally(&self, output: &HealthCheck) -> Tally {
@@ -330,15 +345,21 @@ impl Work for MetricsWork {
         target: &ProbeTarget,
         started: OffsetDateTime,
         deadline: Instant,
-    ) -> MetricsRecord {
+    ) -> Result<MetricsRecord, NotChecked> {
+        if let Some(key_id) = &target.unreadable_token {
+            return Err(NotChecked::TokenUnreadable {
+                key_id: key_id.clone(),
+            });
+        }
         match self.collector.collect(target, deadline).await {
-            Ok(values) => MetricsRecord::Sample(MetricsSample {
+            Ok(values) => Ok(MetricsRecord::Sample(MetricsSample {
                 server_id: target.id,
                 timestamp: started,
                 period: Period::Raw,
                 values,
-            }),
-            Err(e) => self.failure(target, started, e),
+            })),
+            Err(CollectError::NotChecked(why)) => Err(why),
+            Err(e) => Ok(self.failure(target, started, e)),
         }
     }
 

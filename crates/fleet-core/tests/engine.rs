@@ -8,9 +8,9 @@ use fleet_core::testing::{
 };
 use fleet_core::{
     CancellationToken, CollectError, Event, Events, HealthStatus, HealthWork, History,
-    HistoryQuery, InMemoryStore, MetricValues, MetricsError, MetricsWork, NewServer, ProbeFailure,
-    Problem, Received, Registry, ServerId, ShutdownReport, Store, Subscription, WorkerConfig,
-    WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats,
+    HistoryQuery, InMemoryStore, MetricValues, MetricsError, MetricsWork, NewServer, NotChecked,
+    ProbeFailure, Problem, Received, Registry, ServerId, ShutdownReport, Store, Subscription,
+    WorkerConfig, WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats,
 };
 use time::macros::datetime;
 use tokio::time::{Instant, sleep};
@@ -620,6 +620,7 @@ async fn one_cycle_makes_one_selection_and_one_write_for_its_batch() {
             name: name(i),
             api_url: "http://127.0.0.1:9".into(),
             token: None,
+            unreadable_token: None,
             health: None,
         })
         .collect();
@@ -866,4 +867,132 @@ async fn previous_and_new_health_stay_true_through_a_store_outage() {
     let server = rig.memory.get_server(rig.ids[0]).await.unwrap().unwrap();
     assert_eq!(server.health_status, Some(Healthy));
     rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_local_resource_failure_is_fleets_own_it_stores_nothing_and_moves_no_state() {
+    let mut rig = Rig::new(3).await;
+    let mut sub = rig.events.subscribe("problems", 1000);
+    let h = rig.health(health().interval(10 * SEC).timeout(2 * SEC));
+    wait_until(5 * SEC, || h.stats().snapshot().cycles == 1).await;
+    // The process runs out of files while checking two servers.
+    for i in [0, 1] {
+        rig.probe.set(
+            &name(i),
+            Script::NotChecked(NotChecked::LocalResource(
+                "Too many open files (os error 24)".into(),
+            )),
+        );
+    }
+    wait_until(25 * SEC, || {
+        let s = h.stats().snapshot();
+        s.cycles == 3 && s.pending == 0
+    })
+    .await;
+    let s = h.stats().snapshot();
+    assert_eq!(s.not_checked.get("local_resource"), Some(&4));
+    assert_eq!(
+        s.performed, 5,
+        "not-checked servers are not counted as checks"
+    );
+    assert_eq!(s.by_status.get("unreachable"), None);
+    for i in [0, 1] {
+        let server = rig.memory.get_server(rig.ids[i]).await.unwrap().unwrap();
+        assert_eq!(
+            server.health_status,
+            Some(HealthStatus::Healthy),
+            "{}",
+            name(i)
+        );
+    }
+    assert_eq!(
+        rig.history_len().await,
+        5,
+        "nothing stored for what was not checked"
+    );
+    let got = drain_events(&mut sub);
+    let raised: Vec<Problem> = problems(&got);
+    assert_eq!(raised.len(), 2, "raised once per cycle: {raised:?}");
+    for p in raised {
+        let Problem::NotChecked {
+            kind,
+            count,
+            example,
+        } = p
+        else {
+            panic!("{p:?}")
+        };
+        assert_eq!((kind, count), ("local_resource", 2));
+        assert!(
+            example.ends_with(": local resource failure: Too many open files (os error 24)"),
+            "{example}"
+        );
+    }
+    assert_eq!(
+        checks(&got).iter().filter(|(n, ..)| *n != name(2)).count(),
+        2,
+        "only the first cycle's checks of s000 and s001"
+    );
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_whose_token_no_key_opens_is_not_probed() {
+    let targets: Vec<fleet_core::ProbeTarget> = (0..3)
+        .map(|i| fleet_core::ProbeTarget {
+            id: ServerId::new(),
+            name: name(i),
+            api_url: "http://127.0.0.1:9".into(),
+            token: None,
+            unreadable_token: (i < 2).then(|| "0123abcd".to_owned()),
+            health: None,
+        })
+        .collect();
+    let mut store = MockStore::new();
+    store
+        .expect_health_targets()
+        .returning(move || Ok(targets.clone()));
+    store
+        .expect_record_health()
+        .withf(|checks| checks.len() == 1)
+        .returning(|_| Ok(()));
+    let probe = Arc::new(ScriptedProbe::new(healthy()));
+    let cancel = CancellationToken::new();
+    let events = Events::new();
+    let mut sub = events.subscribe("problems", 100);
+    let h = HealthWork::new(Arc::new(store), probe.clone())
+        .worker(
+            health()
+                .interval(10 * SEC)
+                .timeout(2 * SEC)
+                .build()
+                .unwrap(),
+            Rig::clock(),
+        )
+        .with_events(events)
+        .spawn(cancel.clone());
+    wait_until(5 * SEC, || h.stats().snapshot().cycles == 1).await;
+    assert_eq!(
+        probe.call_names(),
+        [name(2)],
+        "servers with unreadable tokens were probed"
+    );
+    assert_eq!(
+        h.stats().snapshot().not_checked.get("token_unreadable"),
+        Some(&2)
+    );
+    let raised = problems(&drain_events(&mut sub));
+    assert_eq!(
+        raised,
+        [Problem::NotChecked {
+            kind: "token_unreadable",
+            count: 2,
+            example: format!(
+                "{}: probe token sealed under key 0123abcd, which no configured key opens",
+                name(0)
+            ),
+        }]
+    );
+    cancel.cancel();
+    h.stopped().await;
 }

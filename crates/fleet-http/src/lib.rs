@@ -14,12 +14,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fleet_core::{
-    CollectError, HealthProbe, HealthReport, MetricValues, MetricsCollector, ProbeFailure,
-    ProbeOutcome, ProbeTarget,
+    CollectError, HealthProbe, HealthReport, MetricValues, MetricsCollector, NotChecked,
+    ProbeFailure, ProbeOutcome, ProbeTarget,
 };
 use reqwest::dns::Resolve;
 use tokio::time::{Instant, timeout_at};
 
+mod guard;
+
+pub use guard::{AddressGuard, DnsError, Refused};
+pub use ipnet::IpNet;
 pub use reqwest::Certificate;
 
 /// The `User-Agent` sent with every request.
@@ -41,6 +45,8 @@ pub struct HttpConfig {
     pub extra_roots: Vec<Certificate>,
     /// A resolver to use instead of the system's (tests use one that never leaves the machine).
     pub resolver: Option<Arc<dyn Resolve>>,
+    /// The addresses never connected to.
+    pub guard: AddressGuard,
 }
 
 impl std::fmt::Debug for HttpConfig {
@@ -52,6 +58,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("extra_roots", &self.extra_roots.len())
             .field("resolver", &self.resolver.is_some())
+            .field("guard", &self.guard)
             .finish()
     }
 }
@@ -65,6 +72,7 @@ impl Default for HttpConfig {
             idle_timeout: Duration::from_secs(90),
             extra_roots: Vec::new(),
             resolver: None,
+            guard: AddressGuard::default(),
         }
     }
 }
@@ -81,6 +89,15 @@ pub struct BuildError(#[from] reqwest::Error);
 pub struct HttpClient {
     http: reqwest::Client,
     body_limit: u64,
+    guard: Arc<AddressGuard>,
+}
+
+/// Why an exchange gave no answer.
+enum Failure {
+    /// The server's failure, with the time to its head when one came.
+    Server(ProbeFailure, Option<Duration>),
+    /// Fleet's own.
+    Local(NotChecked),
 }
 
 /// A complete 2xx (or other) answer: its status, body and the time from the request's start to
@@ -106,12 +123,15 @@ impl HttpClient {
         for root in &config.extra_roots {
             b = b.add_root_certificate(root.clone());
         }
-        if let Some(resolver) = &config.resolver {
-            b = b.dns_resolver(Arc::new(DynResolver(resolver.clone())));
-        }
+        let guard = Arc::new(config.guard.clone());
+        b = b.dns_resolver(Arc::new(guard::GuardedResolver {
+            inner: config.resolver.clone(),
+            guard: guard.clone(),
+        }));
         Ok(Self {
             http: b.build()?,
             body_limit: config.body_limit,
+            guard,
         })
     }
 
@@ -121,14 +141,29 @@ impl HttpClient {
         target: &ProbeTarget,
         path: &str,
         deadline: Instant,
-    ) -> Result<Exchange, (ProbeFailure, Option<Duration>)> {
+    ) -> Result<Exchange, Failure> {
         let started = Instant::now();
         let timeout = || ProbeFailure::Timeout {
             after: round_ms(deadline.saturating_duration_since(started)),
         };
         let url = format!("{}{path}", target.api_url.trim_end_matches('/'));
-        let url = reqwest::Url::parse(&url)
-            .map_err(|e| (ProbeFailure::Connect(format!("invalid api_url: {e}")), None))?;
+        let url = reqwest::Url::parse(&url).map_err(|e| {
+            Failure::Server(ProbeFailure::Connect(format!("invalid api_url: {e}")), None)
+        })?;
+        // An address given as such is never resolved, so it is checked here.
+        let literal = match url.host() {
+            Some(url::Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
+            Some(url::Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
+            _ => None,
+        };
+        if let Some(addr) = literal
+            && let Some(why) = self.guard.refuses(addr)
+        {
+            return Err(Failure::Server(
+                ProbeFailure::Refused(Refused { addr, why }.to_string()),
+                None,
+            ));
+        }
         let mut request = self
             .http
             .get(url)
@@ -137,8 +172,13 @@ impl HttpClient {
             request = request.bearer_auth(token.expose());
         }
         let mut response = match timeout_at(deadline, request.send()).await {
-            Err(_) => return Err((timeout(), None)),
-            Ok(Err(e)) => return Err((send_failure(&e), None)),
+            Err(_) => return Err(Failure::Server(timeout(), None)),
+            Ok(Err(e)) => {
+                return Err(match send_failure(&e) {
+                    Ok(failure) => Failure::Server(failure, None),
+                    Err(local) => Failure::Local(local),
+                });
+            }
             Ok(Ok(r)) => r,
         };
         let status = response.status().as_u16();
@@ -147,14 +187,20 @@ impl HttpClient {
         let mut body = Vec::new();
         loop {
             match timeout_at(deadline, response.chunk()).await {
-                Err(_) => return Err((body_timeout(), Some(started.elapsed()))),
+                Err(_) => return Err(Failure::Server(body_timeout(), Some(started.elapsed()))),
                 Ok(Err(e)) => {
-                    return Err((ProbeFailure::Body(body_error(&e)), Some(started.elapsed())));
+                    if let Some(local) = local_failure(&e) {
+                        return Err(Failure::Local(local));
+                    }
+                    return Err(Failure::Server(
+                        ProbeFailure::Body(body_error(&e)),
+                        Some(started.elapsed()),
+                    ));
                 }
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(chunk))) => {
                     if body.len() as u64 + chunk.len() as u64 > self.body_limit {
-                        return Err((
+                        return Err(Failure::Server(
                             ProbeFailure::BodyTooLarge {
                                 limit: self.body_limit,
                             },
@@ -184,34 +230,55 @@ fn causes<'a>(
     std::iter::successors(Some(e), |e| e.source())
 }
 
-fn send_failure(e: &reqwest::Error) -> ProbeFailure {
+/// Fleet's own resource failures: out of file descriptors (EMFILE, ENFILE) or memory.
+fn local_failure(e: &reqwest::Error) -> Option<NotChecked> {
+    const ENOMEM: i32 = 12;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    causes(e)
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .find(|io| {
+            matches!(io.raw_os_error(), Some(ENOMEM | ENFILE | EMFILE))
+                || io.kind() == std::io::ErrorKind::OutOfMemory
+        })
+        .map(|io| NotChecked::LocalResource(io.to_string()))
+}
+
+/// Classifies a failed send by the types in its error chain, never by message text. `Err`
+/// when the failure is Fleet's own.
+fn send_failure(e: &reqwest::Error) -> Result<ProbeFailure, NotChecked> {
+    if let Some(local) = local_failure(e) {
+        return Err(local);
+    }
     for cause in causes(e) {
+        if let Some(r) = cause.downcast_ref::<Refused>() {
+            return Ok(ProbeFailure::Refused(r.to_string()));
+        }
+        if let Some(d) = cause.downcast_ref::<DnsError>() {
+            return Ok(ProbeFailure::Dns(cut(&d.0, 200)));
+        }
+        if cause.downcast_ref::<rustls::Error>().is_some() {
+            return Ok(ProbeFailure::Tls(last_cause(e)));
+        }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => return ProbeFailure::ConnectionRefused,
+                std::io::ErrorKind::ConnectionRefused => {
+                    return Ok(ProbeFailure::ConnectionRefused);
+                }
                 std::io::ErrorKind::ConnectionReset
                 | std::io::ErrorKind::ConnectionAborted
-                | std::io::ErrorKind::BrokenPipe => {
-                    return ProbeFailure::ConnectionReset;
-                }
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof => return Ok(ProbeFailure::ConnectionReset),
                 _ => {}
             }
         }
-        let text = cause.to_string();
-        if text.contains("dns error") || text.contains("failed to lookup address") {
-            return ProbeFailure::Dns(last_cause(e));
-        }
-        let lower = text.to_ascii_lowercase();
-        if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
-            return ProbeFailure::Tls(last_cause(e));
-        }
-        if text.contains("connection closed before message completed")
-            || text.contains("IncompleteMessage")
+        if let Some(h) = cause.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_closed() || h.is_canceled())
         {
-            return ProbeFailure::ConnectionReset;
+            return Ok(ProbeFailure::ConnectionReset);
         }
     }
-    ProbeFailure::Connect(last_cause(e))
+    Ok(ProbeFailure::Connect(last_cause(e)))
 }
 
 fn last_cause(e: &reqwest::Error) -> String {
@@ -277,7 +344,8 @@ impl HealthProbe for HttpProbe {
             .get(target, fleet_wire::HEALTH_PATH, deadline)
             .await
         {
-            Err((failure, response_time)) => ProbeOutcome::Failed {
+            Err(Failure::Local(why)) => ProbeOutcome::NotChecked(why),
+            Err(Failure::Server(failure, response_time)) => ProbeOutcome::Failed {
                 failure,
                 response_time,
             },
@@ -332,23 +400,17 @@ impl MetricsCollector for HttpCollector {
             .client
             .get(target, fleet_wire::METRICS_PATH, deadline)
             .await
-            .map_err(|(f, _)| match f {
-                ProbeFailure::Timeout { after } => CollectError::Timeout { after },
-                other => CollectError::Transport(other.to_string()),
+            .map_err(|f| match f {
+                Failure::Local(why) => CollectError::NotChecked(why),
+                Failure::Server(ProbeFailure::Timeout { after }, _) => {
+                    CollectError::Timeout { after }
+                }
+                Failure::Server(other, _) => CollectError::Transport(other.to_string()),
             })?;
         if let Some(f) = status_failure(x.status) {
             return Err(CollectError::Transport(f.to_string()));
         }
         fleet_wire::parse_metrics(&x.body).map_err(CollectError::from)
-    }
-}
-
-/// Lets a `dyn Resolve` be handed to reqwest, which wants a sized resolver.
-struct DynResolver(Arc<dyn Resolve>);
-
-impl Resolve for DynResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        self.0.resolve(name)
     }
 }
 
@@ -370,7 +432,7 @@ impl StaticResolver {
 
 /// The name is not in a [`StaticResolver`]'s table.
 #[derive(Debug, thiserror::Error)]
-#[error("dns error: no such host {0}")]
+#[error("no such host {0}")]
 pub struct NoSuchHost(String);
 
 impl Resolve for StaticResolver {

@@ -22,6 +22,7 @@ fn target(name: &str, api_url: &str, token: Option<&str>) -> ProbeTarget {
         name: name.into(),
         api_url: api_url.into(),
         token: token.map(ApiToken::new),
+        unreadable_token: None,
         health: None,
     }
 }
@@ -72,7 +73,7 @@ async fn probe_all(behaviors: &[Behavior]) -> Vec<fleet_core::HealthCheck> {
             "{} overran its deadline",
             s.behavior()
         );
-        checks.push(health_check(&t, OffsetDateTime::now_utc(), outcome));
+        checks.push(health_check(&t, OffsetDateTime::now_utc(), outcome).unwrap());
     }
     fleet.shutdown().await;
     checks
@@ -237,7 +238,8 @@ async fn the_token_is_sent_and_a_wrong_one_is_rejected() {
             &t,
             OffsetDateTime::now_utc(),
             probe.probe(&t, Instant::now() + DEADLINE).await,
-        );
+        )
+        .unwrap();
         assert_eq!(check.status, status, "{token:?}: {check:?}");
         if status == HealthStatus::Critical {
             assert_eq!(
@@ -270,7 +272,8 @@ async fn a_name_that_does_not_resolve_is_unreachable_and_localhost_works() {
         &t,
         OffsetDateTime::now_utc(),
         probe.probe(&t, Instant::now() + DEADLINE).await,
-    );
+    )
+    .unwrap();
     expect(&check, HealthStatus::Unreachable, false, Some("dns error"));
     let t = target(
         "local",
@@ -281,8 +284,95 @@ async fn a_name_that_does_not_resolve_is_unreachable_and_localhost_works() {
         &t,
         OffsetDateTime::now_utc(),
         probe.probe(&t, Instant::now() + DEADLINE).await,
-    );
+    )
+    .unwrap();
     expect(&check, HealthStatus::Healthy, true, None);
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn probes_refuse_metadata_unspecified_and_denied_addresses() {
+    let fleet = fleet(&[Behavior::Healthy]).await;
+    let s = &fleet.servers()[0];
+    let port: u16 = s.api_url().rsplit(':').next().unwrap().parse().unwrap();
+    let resolver = StaticResolver::new([
+        (
+            "localhost".to_owned(),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+        ),
+        (
+            "metadata.test".to_owned(),
+            SocketAddr::from(([169, 254, 169, 254], 80)),
+        ),
+    ]);
+    let probe_with = |deny: &[&str]| {
+        HttpProbe::new(&HttpConfig {
+            resolver: Some(Arc::new(resolver.clone())),
+            guard: fleet_http::AddressGuard {
+                deny: deny.iter().map(|n| n.parse().unwrap()).collect(),
+            },
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let check = |probe: HttpProbe, url: String| async move {
+        let t = target("guarded", &url, Some(s.token()));
+        health_check(
+            &t,
+            OffsetDateTime::now_utc(),
+            probe.probe(&t, Instant::now() + DEADLINE).await,
+        )
+        .unwrap()
+    };
+    let open = probe_with(&[]);
+    for (url, refused) in [
+        (
+            "http://169.254.169.254/latest".to_owned(),
+            "address 169.254.169.254 refused: link-local",
+        ),
+        (
+            "http://metadata.test".to_owned(),
+            "address 169.254.169.254 refused: link-local",
+        ),
+        (
+            "http://[fe80::1]:80".to_owned(),
+            "address fe80::1 refused: link-local",
+        ),
+        (
+            "http://0.0.0.0:80".to_owned(),
+            "address 0.0.0.0 refused: unspecified",
+        ),
+        (
+            "http://224.0.0.1:80".to_owned(),
+            "address 224.0.0.1 refused: multicast",
+        ),
+    ] {
+        let c = check(open.clone(), url.clone()).await;
+        assert_eq!(c.status, HealthStatus::Unreachable, "{url}");
+        let message = c.error_message.unwrap();
+        assert!(message.starts_with(refused), "{url}: {message}");
+    }
+    // Loopback is allowed by default (the demo lives there), and refused when denied, by
+    // address and by name alike.
+    let c = check(open.clone(), format!("http://localhost:{port}")).await;
+    assert_eq!(c.status, HealthStatus::Healthy);
+    let closed = probe_with(&["127.0.0.0/8"]);
+    for url in [s.api_url(), format!("http://localhost:{port}")] {
+        let c = check(closed.clone(), url.clone()).await;
+        assert_eq!(c.status, HealthStatus::Unreachable, "{url}");
+        assert!(
+            c.error_message
+                .as_deref()
+                .unwrap()
+                .contains("refused: in FLEET_PROBE_DENY_NETS"),
+            "{url}: {c:?}"
+        );
+    }
+    assert_eq!(
+        fleet.servers()[0].stats().requests,
+        1,
+        "a refused address is never connected to"
+    );
     fleet.shutdown().await;
 }
 

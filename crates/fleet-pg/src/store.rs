@@ -225,15 +225,17 @@ impl PgStore {
         let name: String = row.get(1);
         let sealed: Option<Vec<u8>> = row.get(3);
         let key_id: Option<String> = row.get(4);
-        let token = match (sealed, key_id) {
+        // A token no configured key opens is not logged here, once per server per selection:
+        // the worker counts such servers and says so once per cycle.
+        let (token, unreadable_token) = match (sealed, key_id) {
             (Some(sealed), Some(key_id)) => match self.vault.open(id, &sealed, &key_id) {
-                Ok(t) => Some(t),
+                Ok(t) => (Some(t), None),
                 Err(e) => {
-                    tracing::error!(target: "fleet::pg", server = %name, error = %e, "cannot open the probe token of {name}: {e}");
-                    None
+                    tracing::debug!(target: "fleet::pg", server = %name, error = %e, "cannot open the probe token of {name}: {e}");
+                    (None, Some(key_id))
                 }
             },
-            _ => None,
+            _ => (None, None),
         };
         let health: Option<&str> = row.get(5);
         ProbeTarget {
@@ -241,6 +243,7 @@ impl PgStore {
             name,
             api_url: row.get(2),
             token,
+            unreadable_token,
             health: health.and_then(|h| h.parse().ok()),
         }
     }

@@ -25,6 +25,7 @@ pub use stats::{CycleSummary, StatsHandle, Tally, WorkerStats};
 
 use crate::clock::Clock;
 use crate::events::{Event, Events, Problem};
+use crate::probe::NotChecked;
 use crate::store::{Findings, StoreError};
 use buffer::ResultBuffer;
 
@@ -45,13 +46,14 @@ pub trait Work: Send + Sync + 'static {
     /// A target's name, for logs.
     fn name<'a>(&self, target: &'a Self::Target) -> &'a str;
 
-    /// Runs one check, started at `started`, which must finish by `deadline`.
+    /// Runs one check, started at `started`, which must finish by `deadline`. `Err` when
+    /// Fleet could not check through its own fault: nothing is recorded for the target.
     async fn run(
         &self,
         target: &Self::Target,
         started: OffsetDateTime,
         deadline: Instant,
-    ) -> Self::Output;
+    ) -> Result<Self::Output, NotChecked>;
 
     /// The result of a check that the engine cut off at its deadline.
     fn timed_out(
@@ -494,6 +496,21 @@ where
             g.cycle.clone()
         };
         self.work.log_summary(&summary);
+        for (kind, (count, example)) in &summary.not_checked {
+            tracing::error!(
+                target: "fleet::engine",
+                worker = self.work.kind().as_str(),
+                kind,
+                count,
+                "{} cycle: {count} targets not checked through Fleet's own fault, e.g. {example}",
+                capitalized(self.work.kind().as_str()),
+            );
+            self.problem(Problem::NotChecked {
+                kind,
+                count: *count,
+                example: example.clone(),
+            });
+        }
         if let Some(found) = self.work.after_cycle().await {
             let problems = {
                 let mut g = self.stats.lock();
@@ -608,7 +625,13 @@ impl Drop for InFlight {
 impl<W: Work> Check<W> {
     async fn run(self, target: W::Target) {
         let _in_flight = InFlight::new(self.stats.clone());
-        let output = check_once(&*self.work, &target, self.timeout, &*self.clock).await;
+        let output = match check_once(&*self.work, &target, self.timeout, &*self.clock).await {
+            Ok(output) => output,
+            Err(why) => {
+                self.stats.not_checked(&why, self.work.name(&target));
+                return;
+            }
+        };
         let tally = self.work.tally(&output);
         self.stats.record(tally, self.work.name(&target));
         // Published once, here, never by the writer: a retried write announces nothing twice.
@@ -625,13 +648,24 @@ pub async fn check_once<W: Work>(
     target: &W::Target,
     timeout: Duration,
     clock: &dyn Clock,
-) -> W::Output {
+) -> Result<W::Output, NotChecked> {
     let started_at = clock.now();
     let deadline = Instant::now() + timeout;
     match timeout_at(deadline, work.run(target, started_at, deadline)).await {
         Ok(output) => output,
-        Err(_) => work.timed_out(target, started_at, timeout),
+        Err(_) => Ok(work.timed_out(target, started_at, timeout)),
     }
+}
+
+/// Why a check-now produced no result.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// Fleet could not check, through its own fault.
+    #[error(transparent)]
+    NotChecked(#[from] NotChecked),
+    /// The result could not be written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Runs one check outside a cycle (an API's "check now"), as a cycle does: under its
@@ -643,8 +677,8 @@ pub async fn check_now<W: Work>(
     timeout: Duration,
     clock: &dyn Clock,
     events: &Events,
-) -> Result<W::Output, StoreError> {
-    let output = check_once(work, target, timeout, clock).await;
+) -> Result<W::Output, CheckError> {
+    let output = check_once(work, target, timeout, clock).await?;
     work.record(std::slice::from_ref(&output)).await?;
     events.publish(work.event(target, &output, true));
     Ok(output)

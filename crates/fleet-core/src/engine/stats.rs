@@ -52,6 +52,9 @@ pub struct WorkerStats {
     pub batch_delay_seconds: f64,
     /// What the store's self-check found wrong after the last cycle (a missing partition).
     pub storage_findings: Vec<String>,
+    /// Targets not checked through Fleet's own fault, since start, by
+    /// [`NotChecked::kind`](crate::NotChecked::kind). Not in `performed`.
+    pub not_checked: BTreeMap<&'static str, u64>,
 }
 
 impl WorkerStats {
@@ -94,6 +97,8 @@ pub struct CycleSummary {
     pub names_by_label: BTreeMap<&'static str, Vec<String>>,
     /// How long the cycle took.
     pub duration: std::time::Duration,
+    /// Targets not checked through Fleet's own fault, by kind: how many, and the first reason.
+    pub not_checked: BTreeMap<&'static str, (u64, String)>,
 }
 
 impl CycleSummary {
@@ -177,6 +182,17 @@ impl StatsHandle {
         s.pending = self.buffer.pending();
         s.dropped = self.buffer.dropped();
         s
+    }
+
+    pub(crate) fn not_checked(&self, why: &crate::NotChecked, name: &str) {
+        let mut g = self.lock();
+        let Inner { stats, cycle } = &mut *g;
+        *stats.not_checked.entry(why.kind()).or_default() += 1;
+        cycle
+            .not_checked
+            .entry(why.kind())
+            .or_insert_with(|| (0, format!("{name}: {why}")))
+            .0 += 1;
     }
 
     pub(crate) fn record(&self, tally: Tally, name: &str) {
