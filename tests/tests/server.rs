@@ -286,7 +286,7 @@ type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
 
 #[test]
 fn bad_settings_exit_non_zero_naming_the_setting_and_value() {
-    let cases: [Case; 5] = [
+    let cases: [Case; 9] = [
         (
             &[("FLEET_HEALTH_INTERVAL", "abc")],
             &["demo"],
@@ -311,6 +311,26 @@ fn bad_settings_exit_non_zero_naming_the_setting_and_value() {
             &[("FLEET_LOG_FORMAT", "xml")],
             &["demo"],
             &["FLEET_LOG_FORMAT", "xml"],
+        ),
+        (
+            &[("FLEET_ADMIN_TOKEN", "letmein")],
+            &["demo"],
+            &["FLEET_ADMIN_TOKEN", "at least 32", "openssl rand"],
+        ),
+        (
+            &[("FLEET_ADMIN_TOKEN", "0123456789 0123456789 0123456789 x")],
+            &["demo"],
+            &["FLEET_ADMIN_TOKEN", "whitespace"],
+        ),
+        (
+            &[("FLEET_TRUSTED_PROXIES", "10.0.0.0/8,proxy.example")],
+            &["demo"],
+            &["FLEET_TRUSTED_PROXIES", "proxy.example"],
+        ),
+        (
+            &[("FLEET_PROBE_DENY_NETS", "10.0.0.0/33")],
+            &["demo"],
+            &["FLEET_PROBE_DENY_NETS", "10.0.0.0/33"],
         ),
     ];
     for (env, args, says) in cases {

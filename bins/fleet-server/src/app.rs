@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use fleet_api::listener::{self, ListenerConfig, ListenerStats};
 use fleet_api::{ApiParts, AppState, FullStore, Workers, auth};
 use fleet_core::{
     AdminTokens, ApiToken, CancellationToken, Clock, Events, HealthProbe, HealthWork,
@@ -58,6 +59,9 @@ pub async fn shutdown_signal() {
 fn http_clients(workers: &WorkerArgs) -> anyhow::Result<(Arc<HttpProbe>, Arc<HttpCollector>)> {
     let config = HttpConfig {
         idle_per_host: workers.http_idle_per_host,
+        guard: fleet_http::AddressGuard {
+            deny: workers.probe_deny_nets.clone(),
+        },
         ..Default::default()
     };
     // One client for both workers: at most one idle connection per server, not two.
@@ -99,9 +103,45 @@ struct Running {
     grace: Duration,
 }
 
+/// Files kept for everything but probes and API connections: the database pool, logs,
+/// the listener, the runtime.
+const FILE_RESERVE: u64 = 128;
+
+/// Raises the soft open-file limit to the hard one, logs both, and returns the cap on API
+/// connections that leaves the probes their budget (both workers' `max_in_flight`, and the
+/// reserve) under that limit.
+fn file_budget(api: &ApiArgs, (health, metrics): &(WorkerConfig, WorkerConfig)) -> usize {
+    let before = rlimit::getrlimit(rlimit::Resource::NOFILE).ok();
+    let soft = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => soft,
+        Err(e) => {
+            tracing::warn!(target: "fleet::server", error = %e, "cannot raise the open-file limit: {e}");
+            before.map_or(1024, |(soft, _)| soft)
+        }
+    };
+    if let Some((old, hard)) = before {
+        tracing::info!(target: "fleet::server", soft = soft, hard, "open-file limit: soft {old} raised to {soft} (hard {hard})");
+    }
+    let probes = (health.max_in_flight + metrics.max_in_flight) as u64;
+    let room = soft.saturating_sub(probes + FILE_RESERVE).max(16);
+    let cap = (api.api_max_connections as u64).min(room) as usize;
+    if cap < api.api_max_connections {
+        tracing::warn!(
+            target: "fleet::server",
+            "API connections capped at {cap} (FLEET_API_MAX_CONNECTIONS is {}): the open-file limit {soft} must also hold {probes} probes in flight and {FILE_RESERVE} more",
+            api.api_max_connections
+        );
+    }
+    cap
+}
+
 /// The one composition path of serve and demo: the API at once, then (once the store is
 /// ready) both workers on one event bus, and the store's upkeep.
 async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<Running> {
+    if let Some(token) = &api.admin_token {
+        fleet_api::auth::check_bootstrap(token).map_err(|e| anyhow::anyhow!("invalid {e}"))?;
+    }
+    let max_connections = file_budget(api, &parts.configs);
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let events = Events::new();
@@ -118,6 +158,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
 
     let listener = bind(api).await?;
     let listen = listener.local_addr()?;
+    let listener_stats = Arc::new(ListenerStats::default());
     let state = AppState::new(ApiParts {
         store: parts.store.clone(),
         health: health.clone(),
@@ -127,17 +168,22 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         workers: workers.clone(),
         admin_token: api.admin_token.clone(),
         auth_failure_limit: api.auth_failure_limit,
+        trusted_proxies: api.trusted_proxies.clone(),
+        listener: listener_stats.clone(),
     });
-    let app = fleet_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let stop_api = cancel.clone();
-    tasks.spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop_api.cancelled_owned())
-            .await
-        {
-            tracing::error!(target: "fleet::server", error = %e, "API server failed: {e}");
-        }
-    });
+    let config = ListenerConfig {
+        header_timeout: api.api_header_timeout,
+        body_timeout: api.api_body_timeout,
+        max_connections,
+        shutdown_grace: Duration::from_secs(2),
+    };
+    tasks.spawn(listener::serve(
+        listener,
+        fleet_api::router(state),
+        config,
+        listener_stats,
+        cancel.clone(),
+    ));
     tracing::info!(target: "fleet::server", "API listening on http://{listen}");
 
     let handles = Arc::new(Mutex::new(Vec::new()));

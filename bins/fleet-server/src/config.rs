@@ -126,6 +126,14 @@ pub fn seconds(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// An IP network such as `10.0.0.0/8`, or one address.
+pub fn network(text: &str) -> Result<fleet_http::IpNet, String> {
+    let text = text.trim();
+    text.parse::<fleet_http::IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(Into::into))
+        .map_err(|_| format!("`{text}` is not an IP network like 10.0.0.0/8"))
+}
+
 /// Where the database is: `DATABASE_URL`, or the seed's `POSTGRES_*` settings.
 #[derive(Clone, Debug, Default, Args)]
 pub struct DbArgs {
@@ -225,6 +233,10 @@ pub struct WorkerArgs {
     /// 30 KB and a file descriptor per server (see docs/benchmarks.md).
     #[arg(long, env = "FLEET_HTTP_IDLE_PER_HOST", default_value_t = 0)]
     pub http_idle_per_host: usize,
+    /// Networks probes never connect to, comma-separated (e.g. 127.0.0.0/8,10.0.0.0/8), beside
+    /// link-local, unspecified and multicast addresses, which are always refused.
+    #[arg(long, env = "FLEET_PROBE_DENY_NETS", value_delimiter = ',', value_parser = network)]
+    pub probe_deny_nets: Vec<fleet_http::IpNet>,
 }
 
 impl WorkerArgs {
@@ -299,6 +311,20 @@ pub struct ApiArgs {
     /// Failed authentications allowed per client address per minute before 429 (0: no limit).
     #[arg(long, env = "FLEET_AUTH_FAILURE_LIMIT", default_value_t = 20)]
     pub auth_failure_limit: u32,
+    /// Proxies whose X-Forwarded-For is believed, as networks, comma-separated (e.g.
+    /// 10.0.0.0/8). None by default: the peer's address is the client's.
+    #[arg(long, env = "FLEET_TRUSTED_PROXIES", value_delimiter = ',', value_parser = network)]
+    pub trusted_proxies: Vec<fleet_http::IpNet>,
+    /// Longest wait for a request's headers, in seconds.
+    #[arg(long, env = "FLEET_API_HEADER_TIMEOUT", default_value = "30", value_parser = seconds)]
+    pub api_header_timeout: Duration,
+    /// Longest wait for a request's body, in seconds.
+    #[arg(long, env = "FLEET_API_BODY_TIMEOUT", default_value = "30", value_parser = seconds)]
+    pub api_body_timeout: Duration,
+    /// Most API connections open at once; more are closed on arrival. Lowered at start when the
+    /// open-file limit would otherwise let them eat the probes' file budget.
+    #[arg(long, env = "FLEET_API_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub api_max_connections: usize,
 }
 
 /// Logging.

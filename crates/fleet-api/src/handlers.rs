@@ -287,6 +287,19 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
             };
         }
     }
+    let refused = app
+        .listener
+        .refused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP fleet_api_connections_refused_total API connections closed on arrival at FLEET_API_MAX_CONNECTIONS.\n# TYPE fleet_api_connections_refused_total counter\nfleet_api_connections_refused_total {refused}"
+    );
+    let open = app.listener.open.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP fleet_api_connections_open API connections open now.\n# TYPE fleet_api_connections_open gauge\nfleet_api_connections_open {open}"
+    );
     let events = app.events.stats();
     let _ = writeln!(
         out,
@@ -525,6 +538,20 @@ pub(crate) async fn check_now(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
+    let Some(server) = app.store.get_server(ServerId(id)).await? else {
+        return Err(ApiError::not_found("server"));
+    };
+    // Nobody watches an inactive server, so its stored token is not sent to its URL.
+    if server.status == ServerStatus::Inactive {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "inactive",
+            format!(
+                "server {} is inactive: set its status to active or maintenance to check it",
+                server.name
+            ),
+        ));
+    }
     let Some(target) = app.store.probe_target(ServerId(id)).await? else {
         return Err(ApiError::not_found("server"));
     };

@@ -5,6 +5,7 @@
 
 pub mod auth;
 mod handlers;
+pub mod listener;
 mod views;
 
 pub use views::ts;
@@ -22,8 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use axum::{Json, Router};
 use fleet_core::{
-    AdminTokens, ChangeLog, Clock, Events, Groups, HealthWork, History, Ping, Registry, Role,
-    StatsHandle, Store, StoreError,
+    AdminTokens, ChangeLog, CheckError, Clock, Events, Groups, HealthWork, History, Ping, Registry,
+    Role, StatsHandle, Store, StoreError,
 };
 use serde_json::json;
 
@@ -58,6 +59,8 @@ pub struct AppState {
     pub(crate) workers: Arc<RwLock<Workers>>,
     pub(crate) bootstrap: Bootstrap,
     pub(crate) limiter: Arc<FailureLimiter>,
+    pub(crate) trusted_proxies: Arc<Vec<ipnet::IpNet>>,
+    pub(crate) listener: Arc<listener::ListenerStats>,
 }
 
 /// What the API is built from.
@@ -78,6 +81,10 @@ pub struct ApiParts {
     pub admin_token: Option<String>,
     /// Failed authentications per address per minute before 429.
     pub auth_failure_limit: u32,
+    /// Proxies whose `X-Forwarded-For` is believed (`FLEET_TRUSTED_PROXIES`); none by default.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The listener's counters, for `/metrics`.
+    pub listener: Arc<listener::ListenerStats>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -112,6 +119,8 @@ impl AppState {
             workers: parts.workers,
             bootstrap: Bootstrap::new(parts.admin_token.as_deref()),
             limiter: Arc::new(FailureLimiter::new(parts.auth_failure_limit)),
+            trusted_proxies: Arc::new(parts.trusted_proxies),
+            listener: parts.listener,
         }
     }
 }
@@ -181,6 +190,22 @@ impl From<StoreError> for ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
                     "internal error",
+                )
+            }
+        }
+    }
+}
+
+impl From<CheckError> for ApiError {
+    fn from(e: CheckError) -> Self {
+        match e {
+            CheckError::Store(e) => e.into(),
+            CheckError::NotChecked(why) => {
+                tracing::error!(target: "fleet::api", error = %why, "check-now not performed: {why}");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_checked",
+                    format!("Fleet could not check the server: {why}"),
                 )
             }
         }
@@ -415,11 +440,31 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
-/// The client's address, when the server was started with connect info.
-fn client_addr(req: &Request) -> Option<std::net::IpAddr> {
-    req.extensions()
+/// The client's address: the peer's, or past trusted proxies the one they forwarded.
+fn client_addr(req: &Request, trusted: &[ipnet::IpNet]) -> Option<std::net::IpAddr> {
+    let peer = req
+        .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+        .map(|c| c.0.ip());
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    auth::client_addr(peer, forwarded, trusted)
+}
+
+fn too_many(left: Duration) -> Response {
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_failures",
+        "too many failed authentications from this address; wait and retry",
+    )
+    .into_response();
+    let secs = left.as_secs().max(1).to_string();
+    if let Ok(v) = HeaderValue::from_str(&secs) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
 }
 
 /// Checks the bearer token against `access`.
@@ -429,16 +474,16 @@ async fn require(
     next: Next,
 ) -> Result<Response, ApiError> {
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let addr = client_addr(&req);
+    let addr = client_addr(&req, &app.trusted_proxies);
+    // Before any lookup: a client over its limit costs no query, whatever it sends.
+    if let Some(left) = app.limiter.blocked(addr) {
+        return Ok(too_many(left));
+    }
     let header = req.headers().get(header::AUTHORIZATION);
     let Some(header) = header else {
         return Err(unauthorized("missing bearer token"));
     };
-    let token = header
-        .to_str()
-        .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim);
+    let token = header.to_str().ok().and_then(auth::bearer);
     let role = match token.filter(|t| auth::well_formed(t)) {
         None => None,
         Some(token) => {
@@ -452,10 +497,8 @@ async fn require(
     };
     let Some(role) = role else {
         if app.limiter.fail(addr) {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_failures",
-                "too many failed authentications; wait a minute",
+            return Ok(too_many(
+                app.limiter.blocked(addr).unwrap_or(Duration::from_secs(60)),
             ));
         }
         return Err(unauthorized("unknown or malformed token"));

@@ -59,6 +59,8 @@ async fn api_with_limit(limit: u32) -> Api {
         workers,
         admin_token: Some(BOOTSTRAP.to_owned()),
         auth_failure_limit: limit,
+        trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+        listener: Default::default(),
     });
     Api {
         router: router(state),
@@ -142,6 +144,27 @@ impl Api {
         let (status, value) = self.call(method, path, token, body).await;
         assert_eq!(status, expected, "{m} {path}: {value}");
         value
+    }
+
+    /// A GET with a raw `Authorization` header and `X-Forwarded-For`, from `ip`.
+    async fn raw(
+        &self,
+        path: &str,
+        authorization: Option<String>,
+        ip: [u8; 4],
+        forwarded_for: Option<&str>,
+    ) -> axum::response::Response {
+        let mut req = Request::builder().method(Method::GET).uri(path);
+        if let Some(a) = authorization {
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        if let Some(f) = forwarded_for {
+            req = req.header("x-forwarded-for", f);
+        }
+        let mut req = req.body(Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from((ip, 40000))));
+        self.router.clone().oneshot(req).await.unwrap()
     }
 
     async fn admin(&self, method: Method, path: &str, body: Option<&str>) -> (StatusCode, Value) {
@@ -917,52 +940,100 @@ async fn the_status_endpoint_has_the_seeds_shape_and_says_why_workers_are_down()
 }
 
 #[tokio::test]
-async fn repeated_failures_from_one_address_get_429_while_valid_tokens_work() {
+async fn an_address_over_its_failure_limit_gets_429_before_any_lookup() {
     let a = api_with_limit(3).await;
     let path = "/api/v1/fleet/servers";
     let me = [127, 0, 0, 5];
+    let wrong = Some("fleet_wrongwrongwrongwrongwrong");
     for _ in 0..3 {
-        let (status, _) = a
-            .call_from(
-                Method::GET,
-                path,
-                Some("fleet_wrongwrongwrongwrongwrong"),
-                None,
-                me,
-            )
-            .await;
+        let (status, _) = a.call_from(Method::GET, path, wrong, None, me).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
-    let (status, _) = a
-        .call_from(
-            Method::GET,
-            path,
-            Some("fleet_wrongwrongwrongwrongwrong"),
-            None,
-            me,
-        )
-        .await;
+    let (status, _) = a.call_from(Method::GET, path, wrong, None, me).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-    let (status, _) = a.call_from(Method::GET, path, Some("bad"), None, me).await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-    // No token at all is a plain 401 and does not count.
-    let (status, _) = a.call_from(Method::GET, path, None, None, me).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    // A valid token still works from the same address; another address is not limited.
+    // Over the limit, whatever it sends, the address gets 429 and costs no lookup.
+    let lookups = a.memory.token_lookups();
+    for token in [
+        wrong,
+        Some("bad"),
+        None,
+        Some(a.viewer.as_str()),
+        Some(BOOTSTRAP),
+    ] {
+        let res = a
+            .raw(path, token.map(|t| format!("Bearer {t}")), me, None)
+            .await;
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "{token:?}");
+        let retry: u64 = res.headers()[header::RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&retry), "Retry-After: {retry}");
+    }
+    assert_eq!(
+        a.memory.token_lookups(),
+        lookups,
+        "a limited client caused a lookup"
+    );
+    // Another address is not limited.
     let (status, _) = a
-        .call_from(Method::GET, path, Some(&a.viewer), None, me)
+        .call_from(Method::GET, path, Some(&a.viewer), None, [127, 0, 0, 6])
         .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = a
-        .call_from(
-            Method::GET,
+}
+
+#[tokio::test]
+async fn forwarded_for_counts_only_through_a_trusted_proxy() {
+    let a = api_with_limit(1).await;
+    let path = "/api/v1/fleet/servers";
+    let bad = Some("Bearer fleet_wrongwrongwrongwrongwrong".to_owned());
+    // From an untrusted peer, X-Forwarded-For is ignored: changing it does not escape.
+    for xff in ["1.1.1.1", "2.2.2.2"] {
+        a.raw(path, bad.clone(), [127, 0, 0, 9], Some(xff)).await;
+    }
+    let res = a
+        .raw(path, bad.clone(), [127, 0, 0, 9], Some("3.3.3.3"))
+        .await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Through a trusted proxy (10.0.0.0/8 here), each forwarded client is counted alone.
+    for _ in 0..2 {
+        a.raw(path, bad.clone(), [10, 0, 0, 1], Some("4.4.4.4"))
+            .await;
+    }
+    let res = a
+        .raw(path, bad.clone(), [10, 0, 0, 1], Some("4.4.4.4"))
+        .await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let res = a
+        .raw(
             path,
-            Some("fleet_wrongwrongwrongwrongwrong"),
-            None,
-            [127, 0, 0, 6],
+            Some(format!("Bearer {}", a.viewer)),
+            [10, 0, 0, 1],
+            Some("5.5.5.5"),
         )
         .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        res.status(),
+        StatusCode::OK,
+        "another client behind the same proxy"
+    );
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let a = api().await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let res = a
+            .raw(
+                "/api/v1/fleet/servers",
+                Some(format!("{scheme} {}", a.viewer)),
+                [127, 0, 0, 1],
+                None,
+            )
+            .await;
+        assert_eq!(res.status(), StatusCode::OK, "{scheme}");
+    }
 }
 
 #[tokio::test]
