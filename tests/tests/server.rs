@@ -399,3 +399,104 @@ async fn the_demo_shows_a_live_fleet() {
     );
     assert!(!demo.stderr().contains(&token), "the token was logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_to_run_blind_and_keys_rotate_to_a_new_key() {
+    const NEW_KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
+    let db = TestDb::create().await;
+    let url = db.settings.url.clone().unwrap();
+    let fleet = SimFleet::start(SimConfig {
+        count: 2,
+        mix: Mix::all(Behavior::Healthy),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let manifest = std::env::temp_dir().join(format!("fleet-keys-{}.json", free_port()));
+    std::fs::write(&manifest, serde_json::to_string(&fleet.manifest()).unwrap()).unwrap();
+    assert_eq!(run(&url, &["migrate"]).0, 0);
+    // Sealed under the old key (the tests' usual one).
+    fleet_tests::import(server_cmd(&url, &[]), &manifest);
+    let _ = std::fs::remove_file(&manifest);
+    let old_id = fleet_pg::SecretKey::from_base64(KEY)
+        .unwrap()
+        .id()
+        .to_owned();
+
+    // With only the new key, serve refuses to start, naming the key that sealed the tokens.
+    let serve = |key: &str, previous: Option<&str>| {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut cmd = server_cmd(&url, &["serve"]);
+        cmd.env("FLEET_SECRET_KEY", key)
+            .env("FLEET_LISTEN", &listen)
+            .env("FLEET_HEALTH_INTERVAL", "0.5")
+            .env("FLEET_HEALTH_TIMEOUT", "0.4")
+            .env("FLEET_ADMIN_TOKEN", "bootstrap-admin-token-keys-0123456789");
+        if let Some(p) = previous {
+            cmd.env("FLEET_SECRET_KEY_PREVIOUS", p);
+        }
+        (Proc::start(cmd), listen)
+    };
+    let (mut blind, _) = serve(NEW_KEY, None);
+    assert_eq!(
+        blind.wait(Duration::from_secs(20)),
+        Some(2),
+        "serve ran blind"
+    );
+    let err = blind.stderr();
+    assert!(
+        err.contains(&old_id) && err.contains("FLEET_SECRET_KEY_PREVIOUS"),
+        "{err}"
+    );
+
+    // New key current, old key previous: it runs and probes with the tokens.
+    let healthy = |listen: String| async move {
+        let api = Client::new(
+            format!("http://{listen}"),
+            Some("bootstrap-admin-token-keys-0123456789".into()),
+        );
+        wait_for("both servers healthy", Duration::from_secs(20), || async {
+            api.get("/api/v1/fleet/servers")
+                .await
+                .is_some_and(|(_, v)| {
+                    v["servers"].as_array().is_some_and(|s| {
+                        s.len() == 2 && s.iter().all(|s| s["health_status"] == "healthy")
+                    })
+                })
+        })
+        .await;
+    };
+    let (mut both, listen) = serve(NEW_KEY, Some(KEY));
+    healthy(listen).await;
+    both.terminate();
+    assert_eq!(both.wait(Duration::from_secs(10)), Some(0));
+
+    // Rotate, then drop the old key: it still runs and probes.
+    let mut rotate = server_cmd(&url, &["keys", "rotate"]);
+    rotate
+        .env("FLEET_SECRET_KEY", NEW_KEY)
+        .env("FLEET_SECRET_KEY_PREVIOUS", KEY);
+    let out = rotate.output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        said.trim(),
+        "managed_servers.api_token: 2 re-sealed, 0 already under the current key"
+    );
+    let (mut after, listen) = serve(NEW_KEY, None);
+    healthy(listen).await;
+    after.terminate();
+    assert_eq!(after.wait(Duration::from_secs(10)), Some(0));
+    for p in [&blind, &both, &after] {
+        let logs = p.stderr();
+        assert!(
+            !logs.contains(KEY) && !logs.contains(NEW_KEY),
+            "a key was logged"
+        );
+    }
+    fleet.shutdown().await;
+}

@@ -13,15 +13,16 @@ use fleet_core::{
     SystemClock, WorkerConfig, WorkerHandle,
 };
 use fleet_http::{HttpClient, HttpCollector, HttpConfig, HttpProbe};
-use fleet_pg::{PgStore, TokenVault};
+use fleet_pg::PgStore;
+use fleet_pg::supervise::Readiness;
 use fleet_sim::{Behavior, Manifest, SimConfig, SimFleet};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{
-    ApiArgs, DbArgs, DemoArgs, LogArgs, LogFormat, ServeArgs, ServersCommand, TokenCommand,
-    WorkerArgs, secret_key,
+    ApiArgs, DbArgs, DemoArgs, KeyArgs, KeysCommand, LogArgs, LogFormat, ServeArgs, ServersCommand,
+    TokenCommand, WorkerArgs,
 };
 
 /// Sets up logging from `FLEET_LOG` and `FLEET_LOG_FORMAT`.
@@ -101,6 +102,8 @@ struct Running {
     handles: Arc<Mutex<Vec<WorkerHandle>>>,
     listen: SocketAddr,
     grace: Duration,
+    /// Set when running on would be blind (keys that open nothing): the process exits with it.
+    fatal: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Files kept for everything but probes and API connections: the database pool, logs,
@@ -187,6 +190,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
     tracing::info!(target: "fleet::server", "API listening on http://{listen}");
 
     let handles = Arc::new(Mutex::new(Vec::new()));
+    let (fatal, fatal_rx) = tokio::sync::watch::channel(None);
     let supervisor = {
         let (cancel, handles, workers) = (cancel.clone(), handles.clone(), workers.clone());
         async move {
@@ -196,8 +200,14 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                         Some(format!("workers not started: {e}"));
                 })
                 .await;
-                if !ready {
-                    return;
+                match ready {
+                    Readiness::Ready => {}
+                    Readiness::Cancelled => return,
+                    Readiness::Refused(why) => {
+                        tracing::error!(target: "fleet::server", "refusing to run blind: {why}");
+                        let _ = fatal.send(Some(why));
+                        return;
+                    }
                 }
             }
             let interval = health_cfg.interval;
@@ -245,14 +255,31 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         handles,
         listen,
         grace,
+        fatal: fatal_rx,
     })
 }
 
 impl Running {
-    /// Runs until Ctrl-C or SIGTERM, then stops everything within the grace period.
-    async fn until_signalled(self) {
-        shutdown_signal().await;
+    /// Runs until Ctrl-C or SIGTERM, or until a part refuses to go on, then stops everything
+    /// within the grace period.
+    async fn until_signalled(self) -> anyhow::Result<()> {
+        let mut fatal = self.fatal.clone();
+        let refused = async {
+            match fatal.wait_for(Option::is_some).await {
+                Ok(why) => why.clone(),
+                // The supervisor finished without refusing: nothing more can come.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let error = tokio::select! {
+            () = shutdown_signal() => None,
+            why = refused => why,
+        };
         self.stop().await;
+        match error {
+            Some(why) => Err(anyhow::anyhow!("{why}")),
+            None => Ok(()),
+        }
     }
 
     async fn stop(self) {
@@ -285,13 +312,13 @@ impl Running {
 /// `fleet-server serve`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let configs = args.workers.configs()?;
-    let key = secret_key(args.secret_key.as_deref())?;
+    let vault = args.keys.vault()?;
     let settings = args.db.settings()?;
     let pool = settings.pool()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let pg = Arc::new(PgStore::new(
         pool.clone(),
-        TokenVault::new(key),
+        vault,
         clock.clone(),
         args.partitions.policy(),
     ));
@@ -305,11 +332,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         configs,
         metrics_after_health: false,
     };
-    start(parts, &args.api, args.workers.shutdown_grace)
+    let run = start(parts, &args.api, args.workers.shutdown_grace)
         .await?
         .until_signalled()
         .await;
     pool.close();
+    run?;
     tracing::info!(target: "fleet::server", "stopped");
     Ok(())
 }
@@ -416,22 +444,46 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         });
     }
 
-    running.until_signalled().await;
+    let run = running.until_signalled().await;
     fleet.shutdown().await;
+    run?;
     Ok(())
 }
 
-async fn pg_store(db: &DbArgs, key: Option<&str>) -> anyhow::Result<PgStore> {
+async fn pg_store(db: &DbArgs, keys: &KeyArgs) -> anyhow::Result<PgStore> {
     let pool = db.settings()?.pool()?;
     fleet_pg::migrate(&pool)
         .await
         .context("applying migrations")?;
     Ok(PgStore::new(
         pool,
-        TokenVault::new(secret_key(key)?),
+        keys.vault()?,
         Arc::new(SystemClock),
         Default::default(),
     ))
+}
+
+/// `fleet-server keys ...`.
+pub async fn keys(command: KeysCommand, db: DbArgs, keys: KeyArgs) -> anyhow::Result<()> {
+    let store = pg_store(&db, &keys).await?;
+    match command {
+        KeysCommand::Rotate => {
+            let report = store.rotate_keys().await.map_err(store_error)?;
+            for (column, r) in report {
+                println!(
+                    "{column}: {} re-sealed, {} already under the current key",
+                    r.resealed, r.current
+                );
+            }
+        }
+        KeysCommand::List => {
+            println!("{:<14} VALUES", "KEY ID");
+            for (id, n) in store.key_ids_in_use().await.map_err(store_error)? {
+                println!("{id:<14} {n}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `fleet-server migrate`.
@@ -450,7 +502,7 @@ pub async fn migrate(db: DbArgs) -> anyhow::Result<()> {
 
 /// `fleet-server token ...`.
 pub async fn token(command: TokenCommand, db: DbArgs) -> anyhow::Result<()> {
-    let store = pg_store(&db, None).await?;
+    let store = pg_store(&db, &KeyArgs::default()).await?;
     match command {
         TokenCommand::Create { name, role } => {
             if name.trim().is_empty() || name.len() > 200 {
@@ -494,12 +546,8 @@ fn store_error(e: StoreError) -> anyhow::Error {
 }
 
 /// `fleet-server servers ...`.
-pub async fn servers(
-    command: ServersCommand,
-    db: DbArgs,
-    key: Option<String>,
-) -> anyhow::Result<()> {
-    let store = pg_store(&db, key.as_deref()).await?;
+pub async fn servers(command: ServersCommand, db: DbArgs, keys: KeyArgs) -> anyhow::Result<()> {
+    let store = pg_store(&db, &keys).await?;
     match command {
         ServersCommand::Import { file } => {
             let text = std::fs::read_to_string(&file)

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fleet_core::{ConfigError, Role, WorkerConfig, WorkerKind};
-use fleet_pg::{PartitionPolicy, PgSettings, SecretKey};
+use fleet_pg::{PartitionPolicy, PgSettings, SecretKey, TokenVault};
 
 /// Fleet: keeps a fleet of managed servers under continuous watch.
 #[derive(Debug, Parser)]
@@ -44,10 +44,69 @@ pub enum Command {
         command: ServersCommand,
         #[command(flatten)]
         db: DbArgs,
-        /// Key that seals probe tokens at rest: 32 bytes in base64.
-        #[arg(long, env = "FLEET_SECRET_KEY", hide_env_values = true, global = true)]
-        secret_key: Option<String>,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
+    /// Manage the keys that seal secrets at rest.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
+}
+
+/// `keys` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Re-seal every sealed column under FLEET_SECRET_KEY, opening with it or with
+    /// FLEET_SECRET_KEY_PREVIOUS; prints the counts per column. Afterwards the previous keys
+    /// can be dropped.
+    Rotate,
+    /// List the key ids in use and how many values each seals.
+    List,
+}
+
+/// The keys that seal secrets at rest.
+#[derive(Clone, Debug, Default, Args)]
+pub struct KeyArgs {
+    /// Key that seals secrets (probe tokens) at rest: 32 bytes in base64. Without it, servers
+    /// cannot be given tokens.
+    #[arg(long, env = "FLEET_SECRET_KEY", hide_env_values = true, global = true)]
+    pub secret_key: Option<String>,
+    /// Previous keys, comma-separated, still accepted for opening (during a rotation).
+    #[arg(
+        long,
+        env = "FLEET_SECRET_KEY_PREVIOUS",
+        hide_env_values = true,
+        value_delimiter = ',',
+        global = true
+    )]
+    pub secret_key_previous: Vec<String>,
+}
+
+impl KeyArgs {
+    /// The vault: the current key, and the previous ones for opening.
+    pub fn vault(&self) -> anyhow::Result<TokenVault> {
+        let mut vault = TokenVault::new(secret_key(self.secret_key.as_deref())?);
+        for (i, text) in self
+            .secret_key_previous
+            .iter()
+            .filter(|t| !t.trim().is_empty())
+            .enumerate()
+        {
+            let key = SecretKey::from_base64(text).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid FLEET_SECRET_KEY_PREVIOUS (--secret-key-previous), key {}: {e}",
+                    i + 1
+                )
+            })?;
+            vault = vault.with_previous(key);
+        }
+        Ok(vault)
+    }
 }
 
 /// `token` subcommands.
@@ -376,10 +435,8 @@ pub struct ServeArgs {
     pub log: LogArgs,
     #[command(flatten)]
     pub partitions: PartitionArgs,
-    /// Key that seals probe tokens at rest: 32 bytes in base64 (without it, servers cannot be
-    /// given tokens).
-    #[arg(long, env = "FLEET_SECRET_KEY", hide_env_values = true)]
-    pub secret_key: Option<String>,
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 /// `demo`.

@@ -91,11 +91,8 @@ fn main() -> ExitCode {
             }
             Command::Migrate { db } => app::migrate(db).await,
             Command::Token { command, db } => app::token(command, db).await,
-            Command::Servers {
-                command,
-                db,
-                secret_key,
-            } => app::servers(command, db, secret_key).await,
+            Command::Servers { command, db, keys } => app::servers(command, db, keys).await,
+            Command::Keys { command, db, keys } => app::keys(command, db, keys).await,
         }
     });
     match result {

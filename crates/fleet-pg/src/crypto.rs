@@ -103,6 +103,19 @@ impl TokenVault {
         self
     }
 
+    /// Whether a configured key (current or previous) has the id `key_id`.
+    pub fn has_key(&self, key_id: &str) -> bool {
+        self.current
+            .iter()
+            .chain(&self.previous)
+            .any(|k| k.id == key_id)
+    }
+
+    /// The current key's id, if there is one.
+    pub fn current_id(&self) -> Option<&str> {
+        self.current.as_ref().map(SecretKey::id)
+    }
+
     /// Seals `token` for `server`: the sealed bytes and the sealing key's id.
     pub fn seal(
         &self,

@@ -21,6 +21,7 @@
 
 mod admin;
 mod crypto;
+mod keys;
 mod migrate;
 mod partitions;
 mod settings;
@@ -30,6 +31,7 @@ pub mod supervise;
 pub mod testing;
 
 pub use crypto::{CryptoError, SecretKey, TokenVault};
+pub use keys::{Rotated, SEALED_COLUMNS, SealedColumn, unopenable_message};
 pub use migrate::{MigrateError, migrate};
 pub use partitions::{PARTITIONED, PartitionPolicy, YearMonth};
 pub use settings::{PgSettings, SettingsError};

@@ -206,6 +206,10 @@ impl PgStore {
         &self.pool
     }
 
+    pub(crate) fn vault(&self) -> &TokenVault {
+        &self.vault
+    }
+
     pub(crate) async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(pool_error)
     }

@@ -10,33 +10,47 @@ use crate::store::PgStore;
 /// The first and longest wait between attempts of [`until_ready`].
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
-/// Applies the migrations and the partition upkeep, retrying with backoff until both succeed.
-/// Each failure is logged and handed to `failed`, so the caller can say why it waits (the API
-/// reports it). Returns false when `cancel` fired first.
+/// How [`until_ready`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Migrated, partitions in place, every sealed value opens: the workers may start.
+    Ready,
+    /// The token fired first.
+    Cancelled,
+    /// Running would be blind: sealed values exist under keys no configured key opens. The
+    /// message names the key ids; the host should refuse to start.
+    Refused(String),
+}
+
+/// Applies the migrations and the partition upkeep, retrying with backoff until both succeed,
+/// then checks that every sealed value can be opened. Each failure is logged and handed to
+/// `failed`, so the caller can say why it waits (the API reports it).
 pub async fn until_ready(
     store: &PgStore,
     cancel: &CancellationToken,
     mut failed: impl FnMut(String),
-) -> bool {
+) -> Readiness {
     let mut backoff = BACKOFF.0;
     loop {
         let ready = async {
             crate::migrate(store.pool())
                 .await
                 .map_err(|e| e.to_string())?;
-            store.maintain().await.map_err(|e| e.to_string())
+            store.maintain().await.map_err(|e| e.to_string())?;
+            store.unopenable_keys().await.map_err(|e| e.to_string())
         };
         let error = tokio::select! {
-            () = cancel.cancelled() => return false,
+            () = cancel.cancelled() => return Readiness::Cancelled,
             ready = ready => match ready {
-                Ok(()) => return true,
+                Ok(unknown) if unknown.is_empty() => return Readiness::Ready,
+                Ok(unknown) => return Readiness::Refused(crate::unopenable_message(&unknown)),
                 Err(e) => e,
             },
         };
         tracing::error!(target: "fleet::pg", error = %error, "the database is not ready: {error}; retrying in {backoff:?}");
         failed(error);
         tokio::select! {
-            () = cancel.cancelled() => return false,
+            () = cancel.cancelled() => return Readiness::Cancelled,
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(BACKOFF.1);

@@ -10,7 +10,7 @@ use fleet_core::{
     NewServer, Registry, StorageCheck, Store, StoreError, SystemClock, WorkerConfig, WorkerKind,
 };
 use fleet_pg::testing::{PrivateCluster, TestDb};
-use fleet_pg::{PartitionPolicy, PgSettings, PgStore, TokenVault, migrate};
+use fleet_pg::{PartitionPolicy, PgSettings, PgStore, Rotated, SecretKey, TokenVault, migrate};
 use time::macros::datetime;
 
 fn clock_at(at: time::OffsetDateTime) -> Arc<ManualClock> {
@@ -639,4 +639,81 @@ async fn a_locked_table_is_absorbed_by_the_buffer_and_probing_goes_on() {
         tx.commit().await.unwrap();
     })
     .await;
+}
+
+#[tokio::test]
+async fn keys_rotate_every_sealed_column_and_the_old_key_can_then_go() {
+    let db = TestDb::create().await;
+    let pool = db.settings.pool().unwrap();
+    migrate(&pool).await.unwrap();
+    let (a, b) = (SecretKey::generate(), SecretKey::generate());
+    let store = |vault: TokenVault| {
+        PgStore::new(
+            pool.clone(),
+            vault,
+            Arc::new(SystemClock),
+            PartitionPolicy::default(),
+        )
+    };
+    let token_of = |s: PgStore| async move {
+        let t = s.health_targets().await.unwrap().remove(0);
+        (t.token.map(|t| t.expose().to_owned()), t.unreadable_token)
+    };
+    // Sealed under A.
+    store(TokenVault::new(Some(a.clone())))
+        .create_server(NewServer::new("s", "http://127.0.0.1:9").with_token(ApiToken::new("tok")))
+        .await
+        .unwrap();
+
+    // B alone opens nothing: the start-up check names A, and the target says which key.
+    let b_only = store(TokenVault::new(Some(b.clone())));
+    let unknown = b_only.unopenable_keys().await.unwrap();
+    assert_eq!(
+        unknown.into_iter().collect::<Vec<_>>(),
+        [(a.id().to_owned(), 1)]
+    );
+    assert_eq!(
+        token_of(store(TokenVault::new(Some(b.clone())))).await,
+        (None, Some(a.id().to_owned()))
+    );
+    let refused = b_only.rotate_keys().await.unwrap_err().to_string();
+    assert!(refused.contains(a.id()), "{refused}");
+
+    // B current with A previous: probes work, and rotation re-seals under B.
+    let rotating = || store(TokenVault::new(Some(b.clone())).with_previous(a.clone()));
+    assert!(rotating().unopenable_keys().await.unwrap().is_empty());
+    assert_eq!(token_of(rotating()).await, (Some("tok".to_owned()), None));
+    let report = rotating().rotate_keys().await.unwrap();
+    assert_eq!(
+        report.into_iter().collect::<Vec<_>>(),
+        [(
+            "managed_servers.api_token",
+            Rotated {
+                resealed: 1,
+                current: 0
+            }
+        )]
+    );
+    let again = rotating().rotate_keys().await.unwrap();
+    assert_eq!(
+        again["managed_servers.api_token"],
+        Rotated {
+            resealed: 0,
+            current: 1
+        }
+    );
+    // A can go.
+    assert_eq!(
+        token_of(store(TokenVault::new(Some(b.clone())))).await,
+        (Some("tok".to_owned()), None)
+    );
+    assert_eq!(
+        b_only
+            .key_ids_in_use()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [(b.id().to_owned(), 1)]
+    );
 }
