@@ -205,7 +205,6 @@ impl Work for HealthWork {
         Tally {
             successful: output.successful,
             label: output.status.as_str(),
-            values: 0,
         }
     }
 
@@ -374,15 +373,13 @@ impl Work for MetricsWork {
 
     fn tally(&self, output: &MetricsRecord) -> Tally {
         match output {
-            MetricsRecord::Sample(s) => Tally {
+            MetricsRecord::Sample(_) => Tally {
                 successful: true,
                 label: "collected",
-                values: s.values.count(),
             },
             MetricsRecord::Failure(_) => Tally {
                 successful: false,
                 label: "failed",
-                values: 0,
             },
         }
     }
@@ -396,6 +393,16 @@ impl Work for MetricsWork {
 
     async fn record(&self, batch: &[MetricsRecord]) -> Result<(), StoreError> {
         self.store.record_metrics(batch).await
+    }
+
+    fn stored_values(&self, batch: &[MetricsRecord]) -> u64 {
+        batch
+            .iter()
+            .map(|r| match r {
+                MetricsRecord::Sample(s) => s.values.count(),
+                MetricsRecord::Failure(_) => 0,
+            })
+            .sum()
     }
 
     fn log_start(&self, targets: usize) {

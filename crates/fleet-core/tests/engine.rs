@@ -996,3 +996,83 @@ async fn a_server_whose_token_no_key_opens_is_not_probed() {
     cancel.cancel();
     h.stopped().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn metric_values_count_when_stored_not_when_collected() {
+    let mut rig = Rig::new(2).await;
+    rig.store
+        .record_health(
+            &rig.ids
+                .iter()
+                .map(|id| {
+                    fleet_core::conformance::check_at(
+                        *id,
+                        fleet_core::conformance::base_time(),
+                        HealthStatus::Healthy,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    rig.store.fail_writes(true);
+    let m = rig.metrics(
+        WorkerConfig::builder(WorkerKind::Metrics)
+            .interval(10 * SEC)
+            .timeout(2 * SEC),
+    );
+    wait_until(5 * SEC, || m.stats().snapshot().cycles == 1).await;
+    let s = m.stats().snapshot();
+    assert_eq!(
+        (s.successful, s.values_collected),
+        (2, 0),
+        "nothing stored yet"
+    );
+    rig.store.fail_writes(false);
+    wait_until(10 * SEC, || m.stats().snapshot().pending == 0).await;
+    // Two samples of two values each (cpu_percent and llm_requests).
+    assert_eq!(m.stats().snapshot().values_collected, 4);
+    rig.stop(m).await;
+}
+
+/// A storage self-check that fails while told to, and finds nothing otherwise.
+#[derive(Debug, Default)]
+struct FlakyCheck(std::sync::atomic::AtomicBool);
+
+#[async_trait::async_trait]
+impl fleet_core::StorageCheck for FlakyCheck {
+    async fn check_storage(&self) -> Result<fleet_core::Findings, fleet_core::StoreError> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(fleet_core::StoreError::unavailable("connection refused"))
+        } else {
+            Ok(Vec::new())
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_storage_check_is_reported_and_cleared_by_a_good_one() {
+    let rig = Rig::new(1).await;
+    let check = Arc::new(FlakyCheck::default());
+    check.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    let m = MetricsWork::new(rig.store.clone(), rig.collector.clone())
+        .with_storage_check(check.clone())
+        .worker(
+            WorkerConfig::builder(WorkerKind::Metrics)
+                .interval(10 * SEC)
+                .timeout(2 * SEC)
+                .build()
+                .unwrap(),
+            Rig::clock(),
+        )
+        .spawn(rig.cancel.clone());
+    wait_until(5 * SEC, || m.stats().snapshot().cycles == 1).await;
+    assert_eq!(
+        m.stats().snapshot().last_error.as_deref(),
+        Some("storage check failed: store unavailable: connection refused")
+    );
+    check.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_until(15 * SEC, || m.stats().snapshot().cycles == 2).await;
+    assert_eq!(m.stats().snapshot().last_error, None);
+    rig.stop(m).await;
+}

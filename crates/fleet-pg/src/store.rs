@@ -87,6 +87,40 @@ fn crypto_error(e: CryptoError) -> StoreError {
     StoreError::Invalid(e.to_string())
 }
 
+/// Creates the partitions of `months` for every partitioned table, under the advisory lock, on
+/// `client`.
+async fn create_partitions_on(
+    client: &mut Object,
+    months: &BTreeSet<YearMonth>,
+) -> Result<Vec<String>, StoreError> {
+    let tx = client.transaction().await.map_err(db_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
+        .await
+        .map_err(db_error)?;
+    let mut created = Vec::new();
+    for month in months {
+        for table in PARTITIONED {
+            let name = month.partition(table);
+            let exists: bool = tx
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+                .await
+                .map_err(db_error)?
+                .get(0);
+            if !exists {
+                tx.batch_execute(&month.create_sql(table))
+                    .await
+                    .map_err(db_error)?;
+                created.push(name);
+            }
+        }
+    }
+    tx.commit().await.map_err(db_error)?;
+    if !created.is_empty() {
+        tracing::info!(target: "fleet::pg", "created partitions {}", created.join(", "));
+    }
+    Ok(created)
+}
+
 fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
     e.as_db_error().is_some_and(|d| {
         d.code() == &SqlState::CHECK_VIOLATION && d.message().contains("no partition")
@@ -267,15 +301,14 @@ impl PgStore {
         params: &[&(dyn ToSql + Sync)],
         months: BTreeSet<YearMonth>,
     ) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         let stmt = client.prepare_cached(sql).await.map_err(db_error)?;
         match client.execute(&stmt, params).await {
             Ok(_) => Ok(()),
             Err(e) if is_missing_partition(&e) => {
                 tracing::warn!(target: "fleet::pg", "a batch had no partition for its rows: creating {months:?}");
-                drop(client);
-                self.create_partitions(&months).await?;
-                let client = self.client().await?;
+                // On the same connection: the statement was prepared on this one.
+                create_partitions_on(&mut client, &months).await?;
                 client.execute(&stmt, params).await.map_err(db_error)?;
                 Ok(())
             }
@@ -283,38 +316,13 @@ impl PgStore {
         }
     }
 
-    /// Creates the partitions of `months` for both tables, under the advisory lock.
+    /// Creates the partitions of `months` for every partitioned table, under the advisory lock.
     async fn create_partitions(
         &self,
         months: &BTreeSet<YearMonth>,
     ) -> Result<Vec<String>, StoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db_error)?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
-            .await
-            .map_err(db_error)?;
-        let mut created = Vec::new();
-        for month in months {
-            for table in PARTITIONED {
-                let name = month.partition(table);
-                let exists: bool = tx
-                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-                    .await
-                    .map_err(db_error)?
-                    .get(0);
-                if !exists {
-                    tx.batch_execute(&month.create_sql(table))
-                        .await
-                        .map_err(db_error)?;
-                    created.push(name);
-                }
-            }
-        }
-        tx.commit().await.map_err(db_error)?;
-        if !created.is_empty() {
-            tracing::info!(target: "fleet::pg", "created partitions {}", created.join(", "));
-        }
-        Ok(created)
+        create_partitions_on(&mut client, months).await
     }
 
     /// Makes the current month's partitions and the next `premake_months` for both tables.

@@ -13,6 +13,18 @@ use fleet_pg::testing::{PrivateCluster, TestDb};
 use fleet_pg::{PartitionPolicy, PgSettings, PgStore, Rotated, SecretKey, TokenVault, migrate};
 use time::macros::datetime;
 
+/// `n` connections of `pool` held at once.
+async fn hold_connections(
+    pool: &deadpool_postgres::Pool,
+    n: usize,
+) -> Vec<deadpool_postgres::Object> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(pool.get().await.unwrap());
+    }
+    held
+}
+
 fn clock_at(at: time::OffsetDateTime) -> Arc<ManualClock> {
     Arc::new(ManualClock::new(at))
 }
@@ -238,6 +250,10 @@ async fn a_missing_partition_is_reported_recreated_and_loses_no_row() {
         .await
         .unwrap();
     drop(client);
+    // Several idle connections, as in a busy server: the retry must not run a statement
+    // prepared on one connection on another.
+    let busy: Vec<_> = hold_connections(store.pool(), 4).await;
+    drop(busy);
 
     // Writes still land: the store makes the partition and retries.
     let t = datetime!(2026-02-10 08:00 UTC);

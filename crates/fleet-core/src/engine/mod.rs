@@ -74,6 +74,11 @@ pub trait Work: Send + Sync + 'static {
     /// Writes a batch of results in one store call.
     async fn record(&self, batch: &[Self::Output]) -> Result<(), StoreError>;
 
+    /// The values a written batch stored, for `values_collected`; 0 by default.
+    fn stored_values(&self, _batch: &[Self::Output]) -> u64 {
+        0
+    }
+
     /// Logs that a cycle of `targets` targets starts.
     fn log_start(&self, targets: usize);
 
@@ -722,8 +727,10 @@ async fn write_loop<W: Work>(
                 buffer.written(n);
                 buffer.wrote.notify_waiters();
                 backoff = MIN_BACKOFF;
+                let values = work.stored_values(&batch);
                 let mut g = stats.lock();
                 g.stats.written += n as u64;
+                g.stats.values_collected += values;
                 if failing {
                     failing = false;
                     g.stats.last_error = None;

@@ -44,7 +44,8 @@ pub struct WorkerStats {
     pub last_error: Option<String>,
     /// Completed checks by resulting label (health status, or `collected` / `failed`).
     pub by_status: BTreeMap<&'static str, u64>,
-    /// Metric values stored (the metrics worker's `total_metrics_collected`).
+    /// Metric values written to the store (the metrics worker's `total_metrics_collected`):
+    /// counted when their batch is written, not when they are collected.
     pub values_collected: u64,
     /// Targets selected for the last cycle.
     pub last_cycle_targets: u64,
@@ -74,8 +75,6 @@ pub struct Tally {
     pub successful: bool,
     /// Its label for `by_status`.
     pub label: &'static str,
-    /// Values it stored (metrics).
-    pub values: u64,
 }
 
 /// What one cycle did, for its summary log line.
@@ -210,7 +209,6 @@ impl StatsHandle {
                 cycle.failed_names.push(name.to_owned());
             }
         }
-        stats.values_collected += tally.values;
         *stats.by_status.entry(tally.label).or_default() += 1;
         *cycle.by_label.entry(tally.label).or_default() += 1;
         let names = cycle.names_by_label.entry(tally.label).or_default();
@@ -241,12 +239,10 @@ mod tests {
         let ok = Tally {
             successful: true,
             label: "healthy",
-            values: 0,
         };
         let bad = Tally {
             successful: false,
             label: "unreachable",
-            values: 0,
         };
         h.record(ok, "a");
         h.record(ok, "b");
