@@ -432,10 +432,13 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
                     let mut rng = rand::rng();
                     let servers = fleet.servers();
                     let s = servers[rng.random_range(0..servers.len())].clone();
-                    let mut next = choices[rng.random_range(0..choices.len())];
-                    if next == s.behavior() {
-                        next = Behavior::Healthy;
-                    }
+                    // Always a real change: never "from healthy to healthy".
+                    let others: Vec<Behavior> = choices
+                        .iter()
+                        .copied()
+                        .filter(|b| *b != s.behavior())
+                        .collect();
+                    let next = others[rng.random_range(0..others.len())];
                     (s, next)
                 };
                 tracing::info!(target: "fleet::demo", "demo: {} changes from {} to {}", server.name(), server.behavior(), next);

@@ -9,8 +9,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fleet_core::{
-    ApiToken, ChangeQuery, GroupFields, GroupId, HealthStatus, HistoryQuery, ManagedServer,
-    NewServer, ServerFilter, ServerId, ServerStatus, ServerUpdate,
+    ApiToken, ChangeQuery, GroupFields, GroupId, HealthStatus, HistoryQuery, NewServer, NotChecked,
+    ServerFilter, ServerId, ServerStatus, ServerUpdate,
 };
 use serde::de::{Deserialize, Deserializer};
 use serde_json::{Value, json};
@@ -147,16 +147,28 @@ fn time_param(field: &str, value: &Option<String>) -> Result<Option<OffsetDateTi
         .transpose()
 }
 
-/// Servers by current health, every status present, `unknown` for never checked.
-fn by_health<'a>(servers: impl Iterator<Item = &'a ManagedServer>) -> BTreeMap<&'static str, u64> {
-    let mut by: BTreeMap<&'static str, u64> =
-        HealthStatus::ALL.iter().map(|h| (h.as_str(), 0)).collect();
-    by.insert("unknown", 0);
-    for s in servers {
-        *by.entry(s.health_status.map_or("unknown", |h| h.as_str()))
-            .or_default() += 1;
+/// Servers by current health, every health present, `unknown` for never checked.
+fn by_health<'a>(
+    tallies: impl Iterator<Item = &'a fleet_core::ServerTally>,
+) -> BTreeMap<String, u64> {
+    let mut by: BTreeMap<String, u64> = HealthStatus::ALL
+        .iter()
+        .map(|h| (h.as_str().to_owned(), 0))
+        .collect();
+    by.insert("unknown".into(), 0);
+    for t in tallies {
+        *by.entry(t.health.map_or("unknown", |h| h.as_str()).to_owned())
+            .or_default() += t.count;
     }
     by
+}
+
+/// Active servers by current health.
+async fn active_by_health(app: &AppState) -> Result<BTreeMap<String, u64>, ApiError> {
+    let tallies = app.store.server_tallies().await?;
+    Ok(by_health(
+        tallies.iter().filter(|t| t.status == ServerStatus::Active),
+    ))
 }
 
 pub(crate) async fn healthz() -> ApiResult {
@@ -166,25 +178,32 @@ pub(crate) async fn healthz() -> ApiResult {
 }
 
 pub(crate) async fn readyz(State(app): State<AppState>) -> ApiResult {
-    let store = match tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the store did not answer within 2s".to_owned()),
-    };
-    let (running, error) = {
+    let store_ok = matches!(
+        tokio::time::timeout(Duration::from_secs(2), app.store.ping()).await,
+        Ok(Ok(()))
+    );
+    let (running, keys_ok) = {
         let w = app.workers.read().unwrap_or_else(|e| e.into_inner());
-        let running = w.health.as_ref().is_some_and(|h| h.snapshot().running);
-        (running, w.error.clone())
+        let health = w.health.as_ref().map(|h| h.snapshot());
+        let metrics = w.metrics.as_ref().map(|h| h.snapshot());
+        let running = health.as_ref().is_some_and(|s| s.running)
+            && metrics.as_ref().is_some_and(|s| s.running);
+        let keys_ok = [health, metrics].iter().flatten().all(|s| {
+            !s.last_cycle_not_checked.contains_key(
+                NotChecked::TokenUnreadable {
+                    key_id: String::new(),
+                }
+                .kind(),
+            )
+        });
+        (running, keys_ok)
     };
-    let ready = store.is_ok();
+    let ready = store_ok && running && keys_ok;
     let body = views::Ready {
         ready,
-        store: match store {
-            Ok(()) => "ok".to_owned(),
-            Err(e) => e,
-        },
+        store: if store_ok { "ok" } else { "unavailable" }.into(),
         workers_running: running,
-        workers_error: error,
+        keys: if keys_ok { "ok" } else { "unopenable" }.into(),
     };
     let status = if ready {
         StatusCode::OK
@@ -199,11 +218,18 @@ pub(crate) async fn openapi() -> ApiResult {
 }
 
 pub(crate) async fn workers_status(State(app): State<AppState>) -> ApiResult {
+    // The workers' own figures must show while the store is away: the counts are then null.
+    let servers = active_by_health(&app).await.ok();
     let w = app.workers.read().unwrap_or_else(|e| e.into_inner());
     let health = w.health.as_ref().map(|h| h.snapshot());
     let metrics = w.metrics.as_ref().map(|h| h.snapshot());
     ok(views::WorkersStatus {
-        health_worker: views::HealthWorker::new(health.as_ref(), w.intervals.0, w.error.as_deref()),
+        health_worker: views::HealthWorker::new(
+            health.as_ref(),
+            w.intervals.0,
+            w.error.as_deref(),
+            servers,
+        ),
         metrics_worker: views::MetricsWorker::new(
             metrics.as_ref(),
             w.intervals.1,
@@ -323,8 +349,7 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
             sub.lost
         );
     }
-    if let Ok(servers) = app.store.list_servers(&ServerFilter::default()).await {
-        let by = by_health(servers.iter().filter(|s| s.status == ServerStatus::Active));
+    if let Ok(by) = active_by_health(&app).await {
         let _ = writeln!(
             out,
             "# HELP fleet_servers Active servers by current health.\n# TYPE fleet_servers gauge"
@@ -581,11 +606,14 @@ impl WindowQuery {
         if !(1..=1000).contains(&limit) {
             return Err(ApiError::bad_request("limit must be 1 to 1000"));
         }
-        Ok(HistoryQuery {
-            from: time_param("from", &self.from)?,
-            to: time_param("to", &self.to)?,
-            limit,
-        })
+        let from = time_param("from", &self.from)?;
+        let to = time_param("to", &self.to)?;
+        if let (Some(from), Some(to)) = (from, to)
+            && from > to
+        {
+            return Err(ApiError::bad_request("from must not be after to"));
+        }
+        Ok(HistoryQuery { from, to, limit })
     }
 }
 
@@ -750,57 +778,79 @@ pub(crate) struct SummaryQuery {
     from: Option<String>,
     to: Option<String>,
     hours: Option<u32>,
+    limit: Option<usize>,
 }
+
+/// The longest window a summary covers.
+const MAX_WINDOW_DAYS: i64 = 400;
 
 pub(crate) async fn summary(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<SummaryQuery>,
 ) -> ApiResult {
     let now = app.clock.now();
+    if q.hours.is_some() && q.from.is_some() {
+        return Err(ApiError::bad_request(
+            "hours and from: give one of them, not both",
+        ));
+    }
     let to = time_param("to", &q.to)?.unwrap_or(now);
     let hours = q.hours.unwrap_or(24);
-    if !(1..=24 * 400).contains(&hours) {
+    if !(1..=24 * MAX_WINDOW_DAYS as u32).contains(&hours) {
         return Err(ApiError::bad_request("hours must be 1 to 9600"));
     }
     let from = time_param("from", &q.from)?.unwrap_or(to - time::Duration::hours(i64::from(hours)));
     if from >= to {
         return Err(ApiError::bad_request("from must be before to"));
     }
-    let servers = app.store.list_servers(&ServerFilter::default()).await?;
-    let mut by_status: BTreeMap<&str, u64> =
-        ServerStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-    let by_health = by_health(servers.iter());
+    if to - from > time::Duration::days(MAX_WINDOW_DAYS) {
+        return Err(ApiError::bad_request(format!(
+            "the window from {} to {} is longer than {MAX_WINDOW_DAYS} days",
+            views::ts(from),
+            views::ts(to)
+        )));
+    }
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be 1 to 100"));
+    }
+    let tallies = app.store.server_tallies().await?;
+    let mut by_status: BTreeMap<String, u64> = ServerStatus::ALL
+        .iter()
+        .map(|s| (s.as_str().to_owned(), 0))
+        .collect();
     let mut regions: BTreeMap<String, u64> = BTreeMap::new();
     let mut environments: BTreeMap<String, u64> = BTreeMap::new();
-    let mut names = BTreeMap::new();
-    for s in &servers {
-        *by_status.entry(s.status.as_str()).or_default() += 1;
+    for t in &tallies {
+        *by_status.entry(t.status.as_str().to_owned()).or_default() += t.count;
         *regions
-            .entry(s.region.clone().unwrap_or_else(|| "unknown".into()))
-            .or_default() += 1;
+            .entry(t.region.clone().unwrap_or_else(|| "unknown".into()))
+            .or_default() += t.count;
         *environments
-            .entry(s.environment.clone().unwrap_or_else(|| "unknown".into()))
-            .or_default() += 1;
-        names.insert(s.id, s.name.clone());
+            .entry(t.environment.clone().unwrap_or_else(|| "unknown".into()))
+            .or_default() += t.count;
     }
-    let usage = app.store.llm_usage(from, to).await?;
+    // The LLM figures still read the window's samples of every server (one aggregate in the
+    // store); only the top `limit` servers by cost are named and returned.
+    let mut usage = app.store.llm_usage(from, to).await?;
     let total_requests: i64 = usage.iter().map(|u| u.requests).sum();
     let total_cost: f64 = usage.iter().map(|u| u.cost_usd).sum();
-    let per_server = usage
-        .iter()
-        .map(|u| views::ServerLlm {
+    usage.sort_by(|a, b| b.cost_usd.total_cmp(&a.cost_usd));
+    usage.truncate(limit);
+    let mut per_server = Vec::with_capacity(usage.len());
+    for u in &usage {
+        per_server.push(views::ServerLlm {
             server_id: u.server_id.0,
-            name: names.get(&u.server_id).cloned(),
+            name: app.store.get_server(u.server_id).await?.map(|s| s.name),
             llm_requests: u.requests,
             llm_cost_usd: (u.cost_usd * 1e6).round() / 1e6,
-        })
-        .collect();
-    let owned = |m: BTreeMap<&str, u64>| m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        });
+    }
     ok(views::Summary {
         servers: views::ServerCounts {
-            total: servers.len(),
-            by_status: owned(by_status),
-            by_health_status: owned(by_health),
+            total: tallies.iter().map(|t| t.count as usize).sum(),
+            by_status,
+            by_health_status: by_health(tallies.iter()),
             by_region: regions,
             by_environment: environments,
         },

@@ -23,16 +23,22 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use axum::{Json, Router};
 use fleet_core::{
-    AdminTokens, ChangeLog, CheckError, Clock, Events, Groups, HealthWork, History, Ping, Registry,
-    Role, StatsHandle, Store, StoreError,
+    AdminTokens, ChangeLog, CheckError, Clock, Counts, Events, Groups, HealthWork, History, Ping,
+    Registry, Role, StatsHandle, Store, StoreError,
 };
 use serde_json::json;
 
 use crate::auth::{Bootstrap, FailureLimiter};
 
 /// Everything a store must offer the server.
-pub trait FullStore: Store + Registry + History + Groups + AdminTokens + ChangeLog + Ping {}
-impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog + Ping> FullStore for T {}
+pub trait FullStore:
+    Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts + Ping
+{
+}
+impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts + Ping> FullStore
+    for T
+{
+}
 
 /// The workers as the API sees them.
 #[derive(Debug, Default)]
@@ -297,6 +303,8 @@ fn schema<T: utoipa::ToSchema>(
 pub enum Reply {
     /// JSON of a schema, with this status.
     Json(StatusCode, SchemaFn),
+    /// JSON of a schema, with 200 when ready and 503 when not (`/readyz`).
+    Readiness(SchemaFn),
     /// Prometheus text.
     Text,
     /// `204 No Content`.
@@ -309,6 +317,7 @@ impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Reply::Json(status, _) => write!(f, "Json({status})"),
+            Reply::Readiness(_) => f.write_str("Readiness"),
             Reply::Text => f.write_str("Text"),
             Reply::Empty => f.write_str("Empty"),
             Reply::Document => f.write_str("Document"),
@@ -405,7 +414,7 @@ pub fn routes() -> Vec<Route> {
     let created = |schema| Reply::Json(StatusCode::CREATED, schema);
     vec![
         route((M::GET, "/healthz"), Public, "The process is alive.", ok_json(schema::<v::Alive>), get(h::healthz)),
-        route((M::GET, "/readyz"), Public, "The store is reachable and the workers run.", ok_json(schema::<v::Ready>), get(h::readyz)),
+        route((M::GET, "/readyz"), Public, "Ready: the store answers, both workers run, every probe token opens (503 otherwise).", Reply::Readiness(schema::<v::Ready>), get(h::readyz)),
         route((M::GET, "/metrics"), Public, "Prometheus text: worker counters, cycle durations, events, fleet health.", Reply::Text, get(h::prometheus)),
         route((M::GET, "/api/v1/openapi.json"), Public, "This document.", Reply::Document, get(h::openapi)),
         route((M::GET, "/api/v1/fleet/workers/status"), Admin, "Both workers' statistics and the result events' figures.", ok_json(schema::<v::WorkersStatus>), get(h::workers_status)),
@@ -436,7 +445,7 @@ pub fn routes() -> Vec<Route> {
         route((M::PUT, "/api/v1/fleet/groups/{id}/members/{server_id}"), Admin, "Add a server to a group.", Reply::Empty, put(h::add_member)),
         route((M::DELETE, "/api/v1/fleet/groups/{id}/members/{server_id}"), Admin, "Remove a server from a group.", Reply::Empty, delete(h::remove_member)),
         route((M::GET, "/api/v1/fleet/summary"), Viewer, "Servers by status, health, region and environment; LLM cost and requests over a window.", ok_json(schema::<v::Summary>), get(h::summary))
-            .with_query(&["from", "to", "hours"]),
+            .with_query(&["from", "to", "hours", "limit"]),
     ]
 }
 
@@ -594,6 +603,10 @@ pub fn openapi() -> serde_json::Value {
                 status,
                 json!({"description": "OK", "content": {"application/json": {"schema": schema(&mut components)}}}),
             ),
+            Reply::Readiness(schema) => (
+                StatusCode::OK,
+                json!({"description": "Ready, or (503) not ready", "content": {"application/json": {"schema": schema(&mut components)}}}),
+            ),
             Reply::Text => (
                 StatusCode::OK,
                 json!({"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}),
@@ -605,6 +618,9 @@ pub fn openapi() -> serde_json::Value {
             ),
         };
         let mut responses = serde_json::Map::new();
+        if matches!(r.reply, Reply::Readiness(_)) {
+            responses.insert("503".into(), success.clone());
+        }
         responses.insert(status.as_u16().to_string(), success);
         let mut errors = vec!["400", "404"];
         if r.body.is_some() {

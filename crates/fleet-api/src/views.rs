@@ -11,15 +11,33 @@ use fleet_core::{
 use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-/// RFC 3339 in UTC, as the API shows times.
+/// RFC 3339 in UTC, as the API shows times: always six fraction digits and a `Z`, as in
+/// `2026-01-26T14:30:15.123456Z`.
 pub fn ts(t: OffsetDateTime) -> String {
+    const FORMAT: &[time::format_description::FormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
     t.to_offset(time::UtcOffset::UTC)
-        .format(&Rfc3339)
+        .format(FORMAT)
         .unwrap_or_default()
+}
+
+/// A number of seconds: a whole number when whole (`30`), a fraction only when configured so
+/// (`0.5`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Seconds(pub f64);
+
+impl Serialize for Seconds {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.fract() == 0.0 && (0.0..9.0e15).contains(&self.0) {
+            s.serialize_u64(self.0 as u64)
+        } else {
+            s.serialize_f64(self.0)
+        }
+    }
 }
 
 fn opt_ts(t: Option<OffsetDateTime>) -> Option<String> {
@@ -310,11 +328,16 @@ pub struct GroupList {
     pub groups: Vec<Group>,
 }
 
+fn owned(m: &BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {
+    m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
 /// What both workers share in the status shape.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WorkerCommon {
     pub running: bool,
-    pub interval_seconds: f64,
+    #[schema(value_type = f64)]
+    pub interval_seconds: Seconds,
     /// `successful / performed` in percent, one decimal.
     pub success_rate: f64,
     /// When the last completed cycle started.
@@ -329,9 +352,15 @@ pub struct WorkerCommon {
     pub results_written: u64,
     pub results_dropped: u64,
     pub last_cycle_targets: u64,
-    pub batch_delay_seconds: f64,
-    /// Checks since start by resulting label.
+    #[schema(value_type = f64)]
+    pub batch_delay_seconds: Seconds,
+    /// Checks since start by resulting label (the seed's name; see `checks_by_status`).
     pub by_status: BTreeMap<String, u64>,
+    /// The same counts as `by_status`, named for what they are: checks since start, not
+    /// servers now.
+    pub checks_by_status: BTreeMap<String, u64>,
+    /// Targets not checked through Fleet's own fault since start, by kind.
+    pub not_checked: BTreeMap<String, u64>,
     pub last_error: Option<String>,
 }
 
@@ -341,11 +370,11 @@ impl WorkerCommon {
         let s = stats.unwrap_or(&default);
         Self {
             running: stats.is_some_and(|s| s.running),
-            interval_seconds: if stats.is_some() {
+            interval_seconds: Seconds(if stats.is_some() {
                 s.interval_seconds
             } else {
                 interval
-            },
+            }),
             success_rate: s.success_rate,
             last_run: opt_ts(s.last_run),
             last_duration_seconds: s.last_duration_seconds,
@@ -356,12 +385,10 @@ impl WorkerCommon {
             results_written: s.written,
             results_dropped: s.dropped,
             last_cycle_targets: s.last_cycle_targets,
-            batch_delay_seconds: s.batch_delay_seconds,
-            by_status: s
-                .by_status
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
+            batch_delay_seconds: Seconds(s.batch_delay_seconds),
+            by_status: owned(&s.by_status),
+            checks_by_status: owned(&s.by_status),
+            not_checked: owned(&s.not_checked),
             last_error: error.map(str::to_owned).or_else(|| s.last_error.clone()),
         }
     }
@@ -375,17 +402,26 @@ pub struct HealthWorker {
     pub checks_failed: u64,
     #[serde(flatten)]
     pub common: WorkerCommon,
+    /// Active servers by their current health (`unknown`: never checked); `null` while the
+    /// store cannot be read.
+    pub servers_by_health: Option<BTreeMap<String, u64>>,
 }
 
 impl HealthWorker {
     /// The health worker's shape, from its statistics once it runs.
-    pub fn new(stats: Option<&WorkerStats>, interval: f64, error: Option<&str>) -> Self {
+    pub fn new(
+        stats: Option<&WorkerStats>,
+        interval: f64,
+        error: Option<&str>,
+        servers_by_health: Option<BTreeMap<String, u64>>,
+    ) -> Self {
         let s = stats.cloned().unwrap_or_default();
         Self {
             checks_performed: s.performed,
             checks_successful: s.successful,
             checks_failed: s.failed,
             common: WorkerCommon::new(stats, interval, error),
+            servers_by_health,
         }
     }
 }
@@ -491,15 +527,19 @@ pub struct Alive {
     pub status: String,
 }
 
-/// `/readyz`.
+/// `/readyz`: public, so it says what is wrong, never the errors' text (the admin status
+/// endpoint has those).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Ready {
+    /// The store answers, both workers run, and every probe token opens.
     pub ready: bool,
-    /// `ok`, or why the store does not answer.
+    /// `ok` or `unavailable`.
     pub store: String,
+    /// Both workers run.
     pub workers_running: bool,
-    pub workers_error: Option<String>,
+    /// `ok`, or `unopenable` when the last cycle met tokens no configured key opens.
+    pub keys: String,
 }
 
 /// Servers counted several ways.
@@ -562,4 +602,30 @@ pub struct ErrorDetail {
 #[serde(deny_unknown_fields)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_have_six_fraction_digits_and_a_z() {
+        use time::macros::datetime;
+        assert_eq!(
+            ts(datetime!(2026-01-26 14:30:15.123456789 UTC)),
+            "2026-01-26T14:30:15.123456Z"
+        );
+        assert_eq!(
+            ts(datetime!(2026-01-26 15:30:15 +01:00)),
+            "2026-01-26T14:30:15.000000Z"
+        );
+    }
+
+    #[test]
+    fn whole_seconds_are_integers() {
+        let json = |v: f64| serde_json::to_string(&Seconds(v)).unwrap();
+        assert_eq!(json(30.0), "30");
+        assert_eq!(json(0.5), "0.5");
+        assert_eq!(json(60.0), "60");
+    }
 }

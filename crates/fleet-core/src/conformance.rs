@@ -14,14 +14,20 @@ use crate::model::{
     MetricsSample, NewServer, Period, Role, ServerId, ServerStatus, ServerUpdate,
 };
 use crate::store::{
-    AdminTokens, ChangeLog, ChangeQuery, Groups, History, HistoryQuery, Registry, ServerFilter,
-    Store, StoreError,
+    AdminTokens, ChangeLog, ChangeQuery, Counts, Groups, History, HistoryQuery, Registry,
+    ServerFilter, Store, StoreError,
 };
 
 /// A store the suite can drive: the workers' side, the registry, groups, tokens, history and
 /// the state-change log.
-pub trait ConformingStore: Store + Registry + History + Groups + AdminTokens + ChangeLog {}
-impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog> ConformingStore for T {}
+pub trait ConformingStore:
+    Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts
+{
+}
+impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts> ConformingStore
+    for T
+{
+}
 
 /// A fixed, whole-second base time (2026-03-31 23:59:00 UTC), so stores with microsecond
 /// precision compare equal.
@@ -95,7 +101,8 @@ macro_rules! store_conformance_tests {
             admin_tokens_are_found_by_hash_until_revoked,
             llm_usage_is_the_counters_increase_with_restarts,
             state_changes_are_logged_once_with_the_check,
-            state_changes_page_newest_first_fleet_wide_and_per_server
+            state_changes_page_newest_first_fleet_wide_and_per_server,
+            servers_are_counted_by_status_health_region_and_environment
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -843,4 +850,74 @@ pub async fn state_changes_page_newest_first_fleet_wide_and_per_server(
             .len(),
         3
     );
+}
+
+#[doc(hidden)]
+pub async fn servers_are_counted_by_status_health_region_and_environment(
+    store: &impl ConformingStore,
+) {
+    use HealthStatus::*;
+    let t0 = base_time();
+    for (name, region) in [("a", Some("eu")), ("b", Some("eu")), ("c", None)] {
+        let mut new = NewServer::new(name, format!("http://127.0.0.1:9/{name}"));
+        new.region = region.map(str::to_owned);
+        store.create_server(new).await.unwrap();
+    }
+    let mut off = NewServer::new("d", "http://127.0.0.1:9/d").with_status(ServerStatus::Inactive);
+    off.environment = Some("staging".into());
+    store.create_server(off).await.unwrap();
+    let ids: Vec<ServerId> = store
+        .health_targets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    store
+        .record_health(&[
+            check_at(ids[0], t0, Healthy),
+            check_at(ids[1], t0, Critical),
+        ])
+        .await
+        .unwrap();
+    let mut tallies = store.server_tallies().await.unwrap();
+    tallies.sort();
+    let got: Vec<(
+        ServerStatus,
+        Option<HealthStatus>,
+        Option<&str>,
+        Option<&str>,
+        u64,
+    )> = tallies
+        .iter()
+        .map(|t| {
+            (
+                t.status,
+                t.health,
+                t.region.as_deref(),
+                t.environment.as_deref(),
+                t.count,
+            )
+        })
+        .collect();
+    let total: u64 = got.iter().map(|g| g.4).sum();
+    assert_eq!(total, 4, "{got:?}");
+    assert_eq!(
+        got.iter()
+            .filter(|g| g.0 == ServerStatus::Inactive)
+            .collect::<Vec<_>>(),
+        [&(ServerStatus::Inactive, None, None, Some("staging"), 1)]
+    );
+    let active_healthy: u64 = got
+        .iter()
+        .filter(|g| g.0 == ServerStatus::Active && g.1 == Some(Healthy))
+        .map(|g| g.4)
+        .sum();
+    let active_critical: u64 = got
+        .iter()
+        .filter(|g| g.0 == ServerStatus::Active && g.1 == Some(Critical))
+        .map(|g| g.4)
+        .sum();
+    let eu: u64 = got.iter().filter(|g| g.2 == Some("eu")).map(|g| g.4).sum();
+    assert_eq!((active_healthy, active_critical, eu), (1, 1, 2), "{got:?}");
 }

@@ -119,8 +119,8 @@ pub use probe::{
     CollectError, HealthProbe, MetricsCollector, NotChecked, ProbeFailure, ProbeOutcome,
 };
 pub use store::{
-    AdminTokens, BoxError, ChangeLog, ChangeQuery, Findings, Groups, History, HistoryQuery, Ping,
-    Registry, ServerFilter, StorageCheck, Store, StoreError,
+    AdminTokens, BoxError, ChangeLog, ChangeQuery, Counts, Findings, Groups, History, HistoryQuery,
+    Ping, Registry, ServerFilter, ServerTally, StorageCheck, Store, StoreError,
 };
 pub use workers::{HealthWork, MetricsWork, health_check};
 

@@ -14,8 +14,8 @@ use crate::model::{
     ServerStatus, ServerUpdate, StateChange, TokenRecord, counter_increase,
 };
 use crate::store::{
-    AdminTokens, ChangeLog, ChangeQuery, Groups, History, HistoryQuery, Ping, Registry,
-    ServerFilter, Store, StoreError,
+    AdminTokens, ChangeLog, ChangeQuery, Counts, Groups, History, HistoryQuery, Ping, Registry,
+    ServerFilter, ServerTally, Store, StoreError,
 };
 
 /// Keeps the registry and a bounded history in memory.
@@ -217,6 +217,37 @@ impl Store for InMemoryStore {
             }
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Counts for InMemoryStore {
+    async fn server_tallies(&self) -> Result<Vec<ServerTally>, StoreError> {
+        let state = self.state();
+        let mut groups: BTreeMap<_, u64> = BTreeMap::new();
+        for e in state.servers.values() {
+            let s = &e.server;
+            *groups
+                .entry((
+                    s.status,
+                    s.health_status,
+                    s.region.clone(),
+                    s.environment.clone(),
+                ))
+                .or_default() += 1;
+        }
+        Ok(groups
+            .into_iter()
+            .map(
+                |((status, health, region, environment), count)| ServerTally {
+                    status,
+                    health,
+                    region,
+                    environment,
+                    count,
+                },
+            )
+            .collect())
     }
 }
 

@@ -241,6 +241,30 @@ pub trait History: Send + Sync {
     ) -> Result<Vec<LlmUsage>, StoreError>;
 }
 
+/// How many servers share a status, a current health, a region and an environment.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerTally {
+    /// Their status.
+    pub status: ServerStatus,
+    /// Their current health, `None` when never checked.
+    pub health: Option<HealthStatus>,
+    /// Their region.
+    pub region: Option<String>,
+    /// Their environment.
+    pub environment: Option<String>,
+    /// How many.
+    pub count: u64,
+}
+
+/// Counting servers without listing them, for summaries and `/metrics`: the cost is the
+/// number of distinct (status, health, region, environment) groups, never one row per server
+/// sent to the caller.
+#[async_trait]
+pub trait Counts: Send + Sync {
+    /// Every non-empty group, in no particular order.
+    async fn server_tallies(&self) -> Result<Vec<ServerTally>, StoreError>;
+}
+
 /// A page of the state-change log, newest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChangeQuery {

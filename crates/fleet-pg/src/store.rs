@@ -6,10 +6,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use fleet_core::{
-    ApiToken, ChangeLog, ChangeQuery, Clock, Findings, HealthCheck, HealthStatus, History,
+    ApiToken, ChangeLog, ChangeQuery, Clock, Counts, Findings, HealthCheck, HealthStatus, History,
     HistoryQuery, LlmUsage, ManagedServer, MetricValues, MetricsRecord, MetricsSample, NewServer,
-    Period, ProbeTarget, Registry, ServerFilter, ServerId, ServerStatus, ServerUpdate, StateChange,
-    StorageCheck, Store, StoreError,
+    Period, ProbeTarget, Registry, ServerFilter, ServerId, ServerStatus, ServerTally, ServerUpdate,
+    StateChange, StorageCheck, Store, StoreError,
 };
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
@@ -175,6 +175,41 @@ const STATE_CHANGES: &str = "SELECT c.id, c.server_id, m.name, c.changed_at, c.f
 const SERVER_STATE_CHANGES: &str = "SELECT c.id, c.server_id, m.name, c.changed_at, c.from_status, c.to_status, c.error_message \
      FROM server_state_changes c JOIN managed_servers m ON m.id = c.server_id \
      WHERE c.server_id = $3 ORDER BY c.changed_at DESC, c.id DESC LIMIT $1 OFFSET $2";
+
+/// One aggregate over `managed_servers`: a scan of the table, measured in docs/benchmarks.md
+/// (it returns one row per group, never one per server).
+const SERVER_TALLIES: &str = "SELECT status, health_status, region, environment, count(*) \
+     FROM managed_servers GROUP BY 1, 2, 3, 4";
+
+#[async_trait]
+impl Counts for PgStore {
+    async fn server_tallies(&self) -> Result<Vec<ServerTally>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(SERVER_TALLIES)
+            .await
+            .map_err(db_error)?;
+        let rows = client.query(&stmt, &[]).await.map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let status: &str = r.get(0);
+                let health: Option<&str> = r.get(1);
+                let count: i64 = r.get(4);
+                Ok(ServerTally {
+                    status: status.parse().map_err(|_| {
+                        StoreError::backend(format!("managed_servers.status holds `{status}`"))
+                    })?,
+                    health: health
+                        .map(|h| health_of("managed_servers.health_status", h))
+                        .transpose()?,
+                    region: r.get(2),
+                    environment: r.get(3),
+                    count: count as u64,
+                })
+            })
+            .collect()
+    }
+}
 
 #[async_trait]
 impl ChangeLog for PgStore {

@@ -498,6 +498,12 @@ where
             g.stats.cycles += 1;
             g.stats.last_run = Some(started_at);
             g.stats.last_duration_seconds = Some(duration.as_secs_f64());
+            g.stats.last_cycle_not_checked = g
+                .cycle
+                .not_checked
+                .iter()
+                .map(|(kind, (n, _))| (*kind, *n))
+                .collect();
             g.cycle.clone()
         };
         self.work.log_summary(&summary);

@@ -56,6 +56,8 @@ pub struct WorkerStats {
     /// Targets not checked through Fleet's own fault, since start, by
     /// [`NotChecked::kind`](crate::NotChecked::kind). Not in `performed`.
     pub not_checked: BTreeMap<&'static str, u64>,
+    /// The same, in the last completed cycle only.
+    pub last_cycle_not_checked: BTreeMap<&'static str, u64>,
 }
 
 impl WorkerStats {
