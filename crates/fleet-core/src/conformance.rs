@@ -882,13 +882,14 @@ pub async fn servers_are_counted_by_status_health_region_and_environment(
         .unwrap();
     let mut tallies = store.server_tallies().await.unwrap();
     tallies.sort();
-    let got: Vec<(
+    type Group<'a> = (
         ServerStatus,
         Option<HealthStatus>,
-        Option<&str>,
-        Option<&str>,
+        Option<&'a str>,
+        Option<&'a str>,
         u64,
-    )> = tallies
+    );
+    let got: Vec<Group<'_>> = tallies
         .iter()
         .map(|t| {
             (
