@@ -500,3 +500,129 @@ async fn serve_refuses_to_run_blind_and_keys_rotate_to_a_new_key() {
     }
     fleet.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_bad_inputs_are_refused_by_the_api_import_and_core() {
+    let db = TestDb::create().await;
+    let url = db.settings.url.clone().unwrap();
+    assert_eq!(run(&url, &["migrate"]).0, 0);
+    let admin = "bootstrap-admin-token-validation-0123456789";
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = server_cmd(&url, &["serve"]);
+    cmd.env("FLEET_LISTEN", &listen)
+        .env("FLEET_ADMIN_TOKEN", admin);
+    let mut server = Proc::start(cmd);
+    let api = Client::new(format!("http://{listen}"), Some(admin.to_owned()));
+    wait_for("the API", Duration::from_secs(20), || async {
+        api.get("/api/v1/fleet/servers")
+            .await
+            .is_some_and(|(c, _)| c == 200)
+    })
+    .await;
+
+    let entry = |name: &str, api_url: &str, token: &str| serde_json::json!({"name": name, "api_url": api_url, "api_token": token});
+    let ok_url = "http://127.0.0.1:9";
+    let long = "x".repeat(5000);
+    let bad = [
+        (entry("", ok_url, "t"), "name must not be empty"),
+        (
+            entry(&long, ok_url, "t"),
+            "name must be at most 255 characters",
+        ),
+        (
+            entry("web\u{1b}[31m", ok_url, "t"),
+            "name must not contain control",
+        ),
+        (
+            entry("ring\u{7}", ok_url, "t"),
+            "name must not contain control",
+        ),
+        (entry("nul\0", ok_url, "t"), "name must not contain control"),
+        (
+            entry("creds", "http://admin:hunter2@host", "t"),
+            "api_url must not carry credentials",
+        ),
+        (
+            entry("empty-token", ok_url, ""),
+            "api_token must be 1 to 1024",
+        ),
+        (
+            entry("crlf", ok_url, "t\r\nX-Evil: 1"),
+            "api_token must be printable",
+        ),
+    ];
+    let file = std::env::temp_dir().join(format!("fleet-import-{}.json", free_port()));
+    for (e, says) in &bad {
+        // Core.
+        let new =
+            fleet_core::NewServer::new(e["name"].as_str().unwrap(), e["api_url"].as_str().unwrap())
+                .with_token(fleet_core::ApiToken::new(e["api_token"].as_str().unwrap()));
+        let core = new.validated().unwrap_err().to_string();
+        assert!(core.starts_with(says), "core: {core}");
+        // The API.
+        let (code, v) = api.post("/api/v1/fleet/servers", e).await.unwrap();
+        assert_eq!(code, 422, "{v}");
+        assert_eq!(
+            v["error"]["message"],
+            core.as_str(),
+            "the API says what core says"
+        );
+        // Import: a good entry beside the bad one, and nothing stored.
+        let body = serde_json::json!({"servers": [entry("good", ok_url, "t"), e]});
+        std::fs::write(&file, body.to_string()).unwrap();
+        let (code, _, err) = run(&url, &["servers", "import", file.to_str().unwrap()]);
+        assert_ne!(code, 0, "{err}");
+        assert!(
+            err.contains("entry 1 (name ") && err.contains(&core),
+            "import: {err}"
+        );
+        assert!(err.contains("nothing was imported"), "{err}");
+        assert_eq!(rows(&db, "SELECT count(*) FROM managed_servers").await, 0);
+    }
+    // --skip-invalid stores the good ones and names every bad one by index.
+    let mut servers = vec![entry("good", ok_url, "t")];
+    servers.extend(bad.iter().map(|(e, _)| e.clone()));
+    let mut extra = entry("tagged", ok_url, "t");
+    extra["region"] = "eu".into();
+    extra["status"] = "maintenance".into();
+    extra["tags"] = serde_json::json!(["edge"]);
+    servers.push(extra);
+    servers.push(entry("GOOD", ok_url, "t"));
+    std::fs::write(&file, serde_json::json!({ "servers": servers }).to_string()).unwrap();
+    let (code, out, err) = run(
+        &url,
+        &[
+            "servers",
+            "import",
+            file.to_str().unwrap(),
+            "--skip-invalid",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    for i in 1..=bad.len() {
+        assert!(err.contains(&format!("invalid: entry {i} ")), "{err}");
+    }
+    assert!(
+        err.contains("skipped: a server named `GOOD` already exists"),
+        "{err}"
+    );
+    assert_eq!(
+        out.trim(),
+        format!(
+            "imported 2 servers, skipped 1 already registered, {} invalid not imported",
+            bad.len()
+        )
+    );
+    assert_eq!(
+        rows(
+            &db,
+            "SELECT count(*) FROM managed_servers WHERE name = 'tagged' AND region = 'eu' \
+             AND status = 'maintenance' AND tags = '[\"edge\"]'::jsonb"
+        )
+        .await,
+        1
+    );
+    let _ = std::fs::remove_file(&file);
+    server.terminate();
+    assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
+}

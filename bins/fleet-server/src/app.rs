@@ -15,7 +15,7 @@ use fleet_core::{
 use fleet_http::{HttpClient, HttpCollector, HttpConfig, HttpProbe};
 use fleet_pg::PgStore;
 use fleet_pg::supervise::Readiness;
-use fleet_sim::{Behavior, Manifest, SimConfig, SimFleet};
+use fleet_sim::{Behavior, SimConfig, SimFleet};
 use rand::Rng;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
@@ -466,6 +466,45 @@ async fn pg_store(db: &DbArgs, keys: &KeyArgs) -> anyhow::Result<PgStore> {
     ))
 }
 
+/// An import file: a fleet-sim manifest, or the same shape with more of each server.
+#[derive(Debug, serde::Deserialize)]
+struct ImportFile {
+    servers: Vec<ImportEntry>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ImportEntry {
+    name: String,
+    api_url: String,
+    #[serde(default)]
+    api_token: Option<String>,
+    #[serde(default)]
+    status: Option<fleet_core::ServerStatus>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default)]
+    environment: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    /// fleet-sim's manifests say how each server started; informational, ignored.
+    #[serde(default, rename = "behavior")]
+    _behavior: Option<String>,
+}
+
+impl ImportEntry {
+    fn into_new(self) -> NewServer {
+        let mut new = NewServer::new(self.name, self.api_url);
+        new.api_token = self.api_token.map(ApiToken::new);
+        if let Some(status) = self.status {
+            new.status = status;
+        }
+        new.region = self.region;
+        new.environment = self.environment;
+        new.tags = self.tags;
+        new
+    }
+}
+
 /// `fleet-server keys ...`.
 pub async fn keys(command: KeysCommand, db: DbArgs, keys: KeyArgs) -> anyhow::Result<()> {
     let store = pg_store(&db, &keys).await?;
@@ -552,32 +591,57 @@ fn store_error(e: StoreError) -> anyhow::Error {
 pub async fn servers(command: ServersCommand, db: DbArgs, keys: KeyArgs) -> anyhow::Result<()> {
     let store = pg_store(&db, &keys).await?;
     match command {
-        ServersCommand::Import { file } => {
+        ServersCommand::Import { file, skip_invalid } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let manifest: Manifest = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a manifest: expected {{\"servers\": [{{\"name\", \"api_url\", \"api_token\"}}]}}", file.display()))?;
-            let (mut added, mut skipped) = (0, 0);
-            for (i, e) in manifest.servers.into_iter().enumerate() {
-                let url = url::Url::parse(&e.api_url)
-                    .ok()
-                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
-                if url.is_none() {
-                    anyhow::bail!(
-                        "server {i} ({}): api_url `{}` is not an absolute http or https URL",
-                        e.name,
-                        e.api_url
-                    );
+            let import: ImportFile = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not an import file: expected {{\"servers\": [{{\"name\", \"api_url\", \"api_token\"?, \"status\"?, \"region\"?, \"environment\"?, \"tags\"?}}]}}",
+                    file.display()
+                )
+            })?;
+            // The whole file first: nothing is stored if any entry is bad, unless told to
+            // store the good ones.
+            let mut good = Vec::new();
+            let mut bad = Vec::new();
+            for (i, e) in import.servers.into_iter().enumerate() {
+                let shown = e.name.escape_debug().to_string();
+                match e.into_new().validated() {
+                    Ok(new) => good.push(new),
+                    Err(why) => bad.push(format!("entry {i} (name \"{shown}\"): {why}")),
                 }
-                let new = NewServer::new(e.name.clone(), e.api_url)
-                    .with_token(ApiToken::new(e.api_token));
+            }
+            for b in &bad {
+                eprintln!("invalid: {b}");
+            }
+            if !bad.is_empty() && !skip_invalid {
+                anyhow::bail!(
+                    "{} of {} entries are invalid; nothing was imported (--skip-invalid imports the valid ones)",
+                    bad.len(),
+                    bad.len() + good.len()
+                );
+            }
+            let (mut added, mut skipped) = (0, 0);
+            for new in good {
+                let name = new.name.clone();
                 match store.create_server(new).await {
                     Ok(_) => added += 1,
-                    Err(StoreError::Conflict(_)) => skipped += 1,
+                    Err(StoreError::Conflict(_)) => {
+                        eprintln!(
+                            "skipped: a server named `{}` already exists",
+                            name.escape_debug()
+                        );
+                        skipped += 1;
+                    }
                     Err(e) => return Err(store_error(e)),
                 }
             }
-            println!("imported {added} servers, skipped {skipped} already registered");
+            let invalid = if bad.is_empty() {
+                String::new()
+            } else {
+                format!(", {} invalid not imported", bad.len())
+            };
+            println!("imported {added} servers, skipped {skipped} already registered{invalid}");
         }
         ServersCommand::List => {
             let all = store
@@ -589,9 +653,10 @@ pub async fn servers(command: ServersCommand, db: DbArgs, keys: KeyArgs) -> anyh
                 "NAME", "STATUS", "HEALTH", "LAST CHECK"
             );
             for s in all {
+                // Escaped: a name from before the rules must not drive the terminal.
                 println!(
                     "{:<24} {:<12} {:<12} {:<26} {}",
-                    s.name,
+                    s.name.escape_debug().to_string(),
                     s.status.as_str(),
                     s.health_status.map_or("-", |h| h.as_str()),
                     s.last_health_check_at.map_or("-".to_owned(), crate::api_ts),

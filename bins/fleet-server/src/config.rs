@@ -134,10 +134,15 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum ServersCommand {
     /// Import servers from a fleet-sim manifest or a file of the same shape:
-    /// {"servers": [{"name": ..., "api_url": ..., "api_token": ...}]}. Existing names are skipped.
+    /// {"servers": [{"name", "api_url", "api_token"?, "status"?, "region"?, "environment"?,
+    /// "tags"?}]}. The whole file is checked first: if any entry is invalid, every invalid
+    /// one is reported and nothing is stored. Existing names are skipped, and said so.
     Import {
-        /// The manifest file.
+        /// The file.
         file: PathBuf,
+        /// Store the valid entries even when some are invalid.
+        #[arg(long)]
+        skip_invalid: bool,
     },
     /// List servers as a table.
     List,

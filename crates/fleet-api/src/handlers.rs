@@ -37,71 +37,7 @@ where
     Option::<T>::deserialize(d).map(Some)
 }
 
-const MAX_NAME: usize = 200;
-const MAX_TEXT: usize = 2_000;
-const MAX_TAGS: usize = 50;
-const MAX_TAG: usize = 100;
 const MAX_METADATA: usize = 16 * 1024;
-
-fn text(field: &str, value: &str, min: usize, max: usize) -> Result<(), ApiError> {
-    let n = value.chars().count();
-    if n < min || n > max {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            format!("{field} must be {min} to {max} characters, got {n}"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            format!("{field} must not contain control characters"),
-        ));
-    }
-    Ok(())
-}
-
-fn opt_text(field: &str, value: &Option<String>, max: usize) -> Result<(), ApiError> {
-    value.as_deref().map_or(Ok(()), |v| text(field, v, 0, max))
-}
-
-/// An absolute http or https URL with a host.
-fn api_url(value: &str) -> Result<(), ApiError> {
-    let invalid = |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m);
-    text("api_url", value, 1, 2048)?;
-    let url = url::Url::parse(value).map_err(|e| {
-        invalid(format!(
-            "api_url must be an absolute http or https URL: {e}"
-        ))
-    })?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid(format!(
-            "api_url must be an http or https URL, not {}:",
-            url.scheme()
-        )));
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(invalid("api_url must name a host".into()));
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(invalid(
-            "api_url must not carry credentials; use api_token".into(),
-        ));
-    }
-    Ok(())
-}
-
-fn tags(value: &[String]) -> Result<(), ApiError> {
-    if value.len() > MAX_TAGS {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            format!("at most {MAX_TAGS} tags"),
-        ));
-    }
-    value.iter().try_for_each(|t| text("tag", t, 1, MAX_TAG))
-}
 
 fn metadata(value: &Value) -> Result<(), ApiError> {
     if !value.is_object() {
@@ -119,10 +55,6 @@ fn metadata(value: &Value) -> Result<(), ApiError> {
         ));
     }
     Ok(())
-}
-
-fn token(value: &str) -> Result<(), ApiError> {
-    text("api_token", value, 1, 1024)
 }
 
 fn parse<T: std::str::FromStr>(field: &str, value: &str) -> Result<T, ApiError>
@@ -390,6 +322,17 @@ pub(crate) async fn list_servers(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1 to 1000"));
     }
+    for (param, value) in [
+        ("search", &q.search),
+        ("region", &q.region),
+        ("environment", &q.environment),
+        ("tag", &q.tag),
+    ] {
+        if let Some(v) = value {
+            fleet_core::validate::text(param, v, 255)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        }
+    }
     let filter = ServerFilter {
         status: q
             .status
@@ -445,16 +388,9 @@ pub(crate) async fn create_server(
     State(app): State<AppState>,
     ApiJson(b): ApiJson<CreateServer>,
 ) -> ApiResult {
-    text("name", &b.name, 1, MAX_NAME)?;
-    api_url(&b.api_url)?;
-    token(&b.api_token)?;
-    opt_text("description", &b.description, MAX_TEXT)?;
-    opt_text("hostname", &b.hostname, 255)?;
-    opt_text("region", &b.region, MAX_NAME)?;
-    opt_text("environment", &b.environment, MAX_NAME)?;
-    tags(&b.tags)?;
     let meta = b.metadata.unwrap_or_else(|| json!({}));
     metadata(&meta)?;
+    // Core's rules, the same for the API, `servers import` and embedders.
     let new = NewServer {
         name: b.name,
         api_url: b.api_url,
@@ -466,7 +402,8 @@ pub(crate) async fn create_server(
         tags: b.tags,
         metadata: meta,
         status: b.status.unwrap_or(ServerStatus::Active),
-    };
+    }
+    .validated()?;
     let server = app.store.create_server(new).await?;
     Ok((StatusCode::CREATED, Json(views::Server::from(&server))).into_response())
 }
@@ -511,22 +448,6 @@ pub(crate) async fn update_server(
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(b): ApiJson<UpdateServer>,
 ) -> ApiResult {
-    if let Some(v) = &b.name {
-        text("name", v, 1, MAX_NAME)?;
-    }
-    if let Some(v) = &b.api_url {
-        api_url(v)?;
-    }
-    if let Some(v) = &b.api_token {
-        token(v)?;
-    }
-    opt_text("description", &b.description.clone().flatten(), MAX_TEXT)?;
-    opt_text("hostname", &b.hostname.clone().flatten(), 255)?;
-    opt_text("region", &b.region.clone().flatten(), MAX_NAME)?;
-    opt_text("environment", &b.environment.clone().flatten(), MAX_NAME)?;
-    if let Some(v) = &b.tags {
-        tags(v)?;
-    }
     if let Some(v) = &b.metadata {
         metadata(v)?;
     }
@@ -541,7 +462,8 @@ pub(crate) async fn update_server(
         tags: b.tags,
         metadata: b.metadata,
         status: b.status,
-    };
+    }
+    .validated()?;
     match app.store.update_server(ServerId(id), update).await? {
         Some(s) => ok(views::Server::from(&s)),
         None => Err(ApiError::not_found("server")),
@@ -666,19 +588,22 @@ pub struct GroupBody {
 
 impl GroupBody {
     fn fields(self) -> Result<GroupFields, ApiError> {
-        if let Some(n) = &self.name {
-            text("name", n, 1, MAX_NAME)?;
+        use fleet_core::validate;
+        let name = self.name.as_deref().map(validate::name).transpose()?;
+        if let Some(d) = self.description.clone().flatten() {
+            validate::text("description", &d, 2000)?;
         }
-        opt_text("description", &self.description.clone().flatten(), MAX_TEXT)?;
-        opt_text("color", &self.color.clone().flatten(), 32)?;
+        if let Some(c) = self.color.clone().flatten() {
+            validate::text("color", &c, 32)?;
+        }
         for list in [&self.tags, &self.regions, &self.environments]
             .into_iter()
             .flatten()
         {
-            tags(list)?;
+            validate::tags(list)?;
         }
         Ok(GroupFields {
-            name: self.name,
+            name,
             description: self.description,
             color: self.color,
             tags: self.tags,

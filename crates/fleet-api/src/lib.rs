@@ -202,6 +202,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<fleet_core::validate::Invalid> for ApiError {
+    fn from(e: fleet_core::validate::Invalid) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
+    }
+}
+
 impl From<CheckError> for ApiError {
     fn from(e: CheckError) -> Self {
         match e {

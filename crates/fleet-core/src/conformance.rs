@@ -371,6 +371,31 @@ pub async fn registry_refuses_duplicates_and_filters(store: &impl ConformingStor
         matches!(err, StoreError::Conflict(_)),
         "duplicate name gave {err:?}"
     );
+    // Names are trimmed and unique whatever their case; bad ones are refused by every store.
+    let err = store
+        .create_server(NewServer::new("  WEB-1 ", "http://127.0.0.1:1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("WEB-1")),
+        "a name differing in case gave {err:?}"
+    );
+    let err = store
+        .create_server(NewServer::new("evil\u{1b}[2J", "http://127.0.0.1:1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.starts_with("name must not contain")),
+        "{err:?}"
+    );
+    let err = store
+        .create_server(NewServer::new("creds", "http://admin:hunter2@127.0.0.1:1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Invalid(m) if m.starts_with("api_url must not carry credentials")),
+        "{err:?}"
+    );
     let mut db = NewServer::new("db-1", "http://127.0.0.1:5");
     db.region = Some("us".into());
     db.status = ServerStatus::Maintenance;

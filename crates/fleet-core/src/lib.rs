@@ -92,6 +92,7 @@ mod memory;
 mod model;
 mod probe;
 mod store;
+pub mod validate;
 mod workers;
 
 #[cfg(any(test, feature = "test-util"))]

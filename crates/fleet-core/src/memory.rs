@@ -41,10 +41,12 @@ struct State {
 }
 
 impl State {
+    /// Names are unique case-insensitively.
     fn name_taken(&self, name: &str, except: Option<ServerId>) -> bool {
+        let name = name.to_lowercase();
         self.servers
             .values()
-            .any(|e| e.server.name == name && Some(e.server.id) != except)
+            .any(|e| e.server.name.to_lowercase() == name && Some(e.server.id) != except)
     }
 }
 
@@ -276,12 +278,10 @@ impl ChangeLog for InMemoryStore {
 #[async_trait]
 impl Registry for InMemoryStore {
     async fn create_server(&self, new: NewServer) -> Result<ManagedServer, StoreError> {
+        let new = new.validated()?;
         let mut state = self.state();
-        if state.servers.values().any(|e| e.server.name == new.name) {
-            return Err(StoreError::Conflict(format!(
-                "a server named `{}` already exists",
-                new.name
-            )));
+        if state.name_taken(&new.name, None) {
+            return Err(conflict(&new.name));
         }
         let server = ManagedServer {
             id: ServerId::new(),
@@ -402,6 +402,7 @@ impl Registry for InMemoryStore {
         id: ServerId,
         u: ServerUpdate,
     ) -> Result<Option<ManagedServer>, StoreError> {
+        let u = u.validated()?;
         let mut state = self.state();
         if let Some(name) = &u.name
             && state.name_taken(name, Some(id))

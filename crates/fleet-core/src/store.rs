@@ -47,6 +47,12 @@ pub enum StoreError {
     },
 }
 
+impl From<crate::validate::Invalid> for StoreError {
+    fn from(e: crate::validate::Invalid) -> Self {
+        StoreError::Invalid(e.to_string())
+    }
+}
+
 impl StoreError {
     /// An unavailable store, with a message and no source.
     pub fn unavailable(message: impl Into<String>) -> Self {

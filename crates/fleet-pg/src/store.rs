@@ -666,6 +666,7 @@ impl Store for PgStore {
 #[async_trait]
 impl Registry for PgStore {
     async fn create_server(&self, new: NewServer) -> Result<ManagedServer, StoreError> {
+        let new = new.validated()?;
         let id = ServerId::new();
         let sealed = match &new.api_token {
             Some(token) => Some(self.vault.seal(id, token).map_err(crypto_error)?),
@@ -833,6 +834,7 @@ impl Registry for PgStore {
         id: ServerId,
         update: ServerUpdate,
     ) -> Result<Option<ManagedServer>, StoreError> {
+        let update = update.validated()?;
         let sealed = match &update.api_token {
             Some(token) => Some(self.vault.seal(id, token).map_err(crypto_error)?),
             None => None,

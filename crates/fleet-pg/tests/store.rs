@@ -60,7 +60,11 @@ async fn migrations_apply_once() {
     let pool = db.settings.pool().unwrap();
     assert_eq!(
         migrate(&pool).await.unwrap(),
-        ["V1__initial", "V2__state_changes"]
+        [
+            "V1__initial",
+            "V2__state_changes",
+            "V3__case_insensitive_names"
+        ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
 }
