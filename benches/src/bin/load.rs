@@ -62,6 +62,8 @@ struct Outcome {
     max_pending_at_cycle_end: u64,
     dropped: u64,
     latency_ms: Vec<f64>,
+    metrics_ms: Vec<f64>,
+    summary_ms: Vec<f64>,
     exit_code: Option<i32>,
 }
 
@@ -213,17 +215,24 @@ async fn run(scenario: &Scenario, target: &Path, db_url: &str) -> Outcome {
         }
         seen_m = mc;
         // The status endpoint's latency, measured while a health cycle runs.
+        // The same for /metrics and /summary, which count the fleet.
         if !latency_done && hc >= 1 && h["in_flight"].as_u64().unwrap_or(0) > 0 {
-            for _ in 0..200 {
-                let t = Instant::now();
-                let ok = http
-                    .get(format!("{base}/api/v1/fleet/workers/status"))
-                    .bearer_auth(TOKEN)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
-                if ok {
-                    o.latency_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            for (path, into) in [
+                ("/api/v1/fleet/workers/status", &mut o.latency_ms),
+                ("/metrics", &mut o.metrics_ms),
+                ("/api/v1/fleet/summary", &mut o.summary_ms),
+            ] {
+                for _ in 0..200 {
+                    let t = Instant::now();
+                    let ok = http
+                        .get(format!("{base}{path}"))
+                        .bearer_auth(TOKEN)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    if ok {
+                        into.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
                 }
             }
             latency_done = true;
@@ -330,8 +339,8 @@ async fn main() {
     }
 
     let mut table = String::new();
-    table.push_str("| scenario | servers | health cycle median / max (s) | metrics cycle median / max (s) | checks/s in a cycle | CPU µs per check | peak RSS (MB) | rows written/s | pending at cycle end (max) | dropped | status p50 / p99 (ms) | exit |\n");
-    table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    table.push_str("| scenario | servers | health cycle median / max (s) | metrics cycle median / max (s) | checks/s in a cycle | CPU µs per check | peak RSS (MB) | rows written/s | pending at cycle end (max) | dropped | status p50 / p99 (ms) | /metrics p50 / p99 (ms) | /summary p50 / p99 (ms) | exit |\n");
+    table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (s, o) in &rows {
         let checks_per_s = s.servers as f64 / median(&o.health_durations);
         let cpu_us = if o.checks > 0 {
@@ -345,7 +354,7 @@ async fn main() {
             f64::NAN
         };
         table.push_str(&format!(
-            "| {} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} / {:.1} | {} |\n",
+            "| {} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} |\n",
             s.label,
             s.servers,
             median(&o.health_durations),
@@ -360,6 +369,10 @@ async fn main() {
             o.dropped,
             median(&o.latency_ms),
             percentile(&o.latency_ms, 99.0),
+            median(&o.metrics_ms),
+            percentile(&o.metrics_ms, 99.0),
+            median(&o.summary_ms),
+            percentile(&o.summary_ms, 99.0),
             o.exit_code.map_or("killed".into(), |c| c.to_string()),
         ));
     }

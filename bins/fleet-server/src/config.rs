@@ -292,6 +292,10 @@ pub struct WorkerArgs {
     /// dropped and counted.
     #[arg(long, env = "FLEET_RESULT_BUFFER", default_value_t = 100_000)]
     pub result_buffer: usize,
+    /// The most memory those results may take per worker, in MiB, by their estimated size;
+    /// past it the oldest are dropped and counted.
+    #[arg(long, env = "FLEET_RESULT_BUFFER_MB", default_value_t = 128)]
+    pub result_buffer_mb: usize,
     /// Idle connections kept per managed server for reuse. 0 closes each after use: a server
     /// is asked once per cycle, so reuse saves little, while an idle connection costs some
     /// 30 KB and a file descriptor per server (see docs/benchmarks.md).
@@ -315,6 +319,7 @@ impl WorkerArgs {
             .timeout(self.health_timeout)
             .shutdown_grace(self.shutdown_grace)
             .result_buffer(self.result_buffer)
+            .result_buffer_bytes(self.result_buffer_mb.saturating_mul(1 << 20))
             .build()
             .map_err(|e| named(WorkerKind::Health, e, self))?;
         let metrics = WorkerConfig::builder(WorkerKind::Metrics)
@@ -326,6 +331,7 @@ impl WorkerArgs {
             .timeout(self.metrics_timeout)
             .shutdown_grace(self.shutdown_grace)
             .result_buffer(self.result_buffer)
+            .result_buffer_bytes(self.result_buffer_mb.saturating_mul(1 << 20))
             .build()
             .map_err(|e| named(WorkerKind::Metrics, e, self))?;
         Ok((health, metrics))
@@ -353,6 +359,7 @@ fn named(kind: WorkerKind, e: ConfigError, a: &WorkerArgs) -> anyhow::Error {
         ("timeout", false) => ("FLEET_METRICS_TIMEOUT", secs(a.metrics_timeout)),
         ("shutdown_grace", _) => ("FLEET_SHUTDOWN_GRACE", secs(a.shutdown_grace)),
         ("result_buffer", _) => ("FLEET_RESULT_BUFFER", a.result_buffer.to_string()),
+        ("result_buffer_bytes", _) => ("FLEET_RESULT_BUFFER_MB", a.result_buffer_mb.to_string()),
         // Settings the server does not expose keep the engine's own message.
         _ => return anyhow::anyhow!("{} worker: {e}", kind.as_str()),
     };

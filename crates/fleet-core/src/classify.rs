@@ -26,6 +26,37 @@ pub struct Classification {
     pub error_details: Option<Value>,
 }
 
+/// The most components kept in `error_details`.
+pub const MAX_DETAILS: usize = 32;
+/// The longest status kept per component in `error_details`, in characters.
+pub const MAX_DETAIL_STATUS: usize = 120;
+/// The most bytes of `error_details` per row.
+pub const MAX_DETAILS_BYTES: usize = 8 * 1024;
+
+/// The unhealthy components as stored: at most [`MAX_DETAILS`], each status cut, the whole
+/// within [`MAX_DETAILS_BYTES`], and `"…"` saying how many were left out. A hostile server can
+/// no longer make one check cost a megabyte of jsonb.
+fn details(unhealthy: Vec<(String, String)>) -> Value {
+    let total = unhealthy.len();
+    let mut map = Map::new();
+    let mut bytes = 2;
+    for (name, status) in unhealthy.into_iter().take(MAX_DETAILS) {
+        let status = truncate(&status, MAX_DETAIL_STATUS);
+        // Quotes, colon and comma, beside the text itself.
+        let cost = name.len() + status.len() + 6;
+        if bytes + cost > MAX_DETAILS_BYTES - 64 {
+            break;
+        }
+        bytes += cost;
+        map.insert(name, Value::String(status));
+    }
+    let left_out = total - map.len();
+    if left_out > 0 {
+        map.insert("…".into(), Value::String(format!("{left_out} more")));
+    }
+    Value::Object(map)
+}
+
 /// Classifies a report by the rules in this module's docs.
 pub fn classify(answer: &HealthReport) -> Classification {
     let services = ComponentHealth::Unhealthy("unhealthy".to_owned());
@@ -56,16 +87,13 @@ pub fn classify(answer: &HealthReport) -> Classification {
     } else {
         let message = unhealthy
             .iter()
+            .take(MAX_DETAILS)
             .map(|(n, s)| format!("{n} ({s})"))
             .collect::<Vec<_>>()
             .join(", ");
-        let details: Map<String, Value> = unhealthy
-            .into_iter()
-            .map(|(n, s)| (n, Value::String(s)))
-            .collect();
         (
             Some(truncate(&format!("unhealthy: {message}"), 500)),
-            Some(Value::Object(details)),
+            Some(details(unhealthy)),
         )
     };
 
@@ -212,6 +240,35 @@ mod tests {
             classify(&answer).error_message.as_deref(),
             Some("unhealthy: database (down), q (slow)")
         );
+    }
+
+    #[test]
+    fn details_are_bounded_whatever_the_server_sends() {
+        let components: Vec<(String, ComponentHealth)> = (0..5000)
+            .map(|i| {
+                (
+                    format!("component-{i:04}-{}", "n".repeat(80)),
+                    ComponentHealth::Unhealthy("s".repeat(200)),
+                )
+            })
+            .collect();
+        let report = HealthReport {
+            components,
+            ..Default::default()
+        };
+        let c = classify(&report);
+        let details = c.error_details.unwrap();
+        let stored = details.to_string();
+        assert!(stored.len() <= MAX_DETAILS_BYTES, "{} bytes", stored.len());
+        let map = details.as_object().unwrap();
+        assert!(map.len() <= MAX_DETAILS + 1);
+        let omitted = map["…"].as_str().unwrap();
+        assert_eq!(omitted, format!("{} more", 5000 - (map.len() - 1)));
+        assert!(
+            map.values()
+                .all(|v| v.as_str().unwrap().chars().count() <= MAX_DETAIL_STATUS + 1)
+        );
+        assert!(c.error_message.unwrap().chars().count() <= 501);
     }
 
     #[test]

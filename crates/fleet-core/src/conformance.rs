@@ -946,4 +946,24 @@ pub async fn servers_are_counted_by_status_health_region_and_environment(
         .sum();
     let eu: u64 = got.iter().filter(|g| g.2 == Some("eu")).map(|g| g.4).sum();
     assert_eq!((active_healthy, active_critical, eu), (1, 1, 2), "{got:?}");
+
+    // Counts follow changes and removals.
+    let update = ServerUpdate {
+        region: Some(Some("us".into())),
+        status: Some(ServerStatus::Maintenance),
+        ..Default::default()
+    };
+    store.update_server(ids[0], update).await.unwrap();
+    store.delete_server(ids[1]).await.unwrap();
+    let tallies = store.server_tallies().await.unwrap();
+    let count = |f: &dyn Fn(&crate::store::ServerTally) -> bool| -> u64 {
+        tallies.iter().filter(|t| f(t)).map(|t| t.count).sum()
+    };
+    assert_eq!(count(&|_| true), 3, "{tallies:?}");
+    assert_eq!(count(&|t| t.health == Some(Critical)), 0, "{tallies:?}");
+    assert_eq!(
+        count(&|t| t.status == ServerStatus::Maintenance && t.region.as_deref() == Some("us")),
+        1,
+        "{tallies:?}"
+    );
 }

@@ -237,6 +237,12 @@ impl Work for HealthWork {
         self.store.record_health(batch).await
     }
 
+    fn result_size(c: &HealthCheck) -> usize {
+        std::mem::size_of::<HealthCheck>()
+            + c.error_message.as_ref().map_or(0, String::len)
+            + c.error_details.as_ref().map_or(0, |d| d.to_string().len())
+    }
+
     fn log_start(&self, targets: usize) {
         tracing::info!(target: "fleet::health", targets, "Starting health checks for {targets} servers");
     }
@@ -393,6 +399,14 @@ impl Work for MetricsWork {
 
     async fn record(&self, batch: &[MetricsRecord]) -> Result<(), StoreError> {
         self.store.record_metrics(batch).await
+    }
+
+    fn result_size(r: &MetricsRecord) -> usize {
+        std::mem::size_of::<MetricsRecord>()
+            + match r {
+                MetricsRecord::Sample(_) => 0,
+                MetricsRecord::Failure(f) => f.error.len(),
+            }
     }
 
     fn stored_values(&self, batch: &[MetricsRecord]) -> u64 {

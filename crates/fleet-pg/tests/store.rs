@@ -63,7 +63,8 @@ async fn migrations_apply_once() {
         [
             "V1__initial",
             "V2__state_changes",
-            "V3__case_insensitive_names"
+            "V3__case_insensitive_names",
+            "V4__server_tallies"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());

@@ -6,12 +6,17 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
-/// Results waiting to be written. Past `capacity` the oldest are dropped and counted, so a
-/// long store outage costs memory only up to the bound, and never silently.
+/// Results waiting to be written. Past `capacity` results, or `max_bytes` of them by their
+/// estimated size, the oldest are dropped and counted, so a long store outage (or a fleet of
+/// servers answering with large errors) costs memory only up to the bound, and never silently.
 #[derive(Debug)]
 pub(crate) struct ResultBuffer<T> {
     queue: Mutex<VecDeque<T>>,
     capacity: usize,
+    max_bytes: usize,
+    /// Estimated bytes queued (not those taken by the writer).
+    bytes: AtomicUsize,
+    size_of: fn(&T) -> usize,
     /// Results taken by the writer and not yet confirmed written.
     in_write: AtomicUsize,
     dropped: AtomicU64,
@@ -24,10 +29,24 @@ pub(crate) struct ResultBuffer<T> {
 }
 
 impl<T> ResultBuffer<T> {
+    #[cfg(test)]
     pub(crate) fn new(capacity: usize, flush_at: usize) -> Self {
+        Self::bounded(capacity, usize::MAX, flush_at, |_| 1)
+    }
+
+    /// A buffer of at most `capacity` results and `max_bytes` of them as `size_of` counts.
+    pub(crate) fn bounded(
+        capacity: usize,
+        max_bytes: usize,
+        flush_at: usize,
+        size_of: fn(&T) -> usize,
+    ) -> Self {
         Self {
             queue: Mutex::new(VecDeque::new()),
             capacity,
+            max_bytes,
+            bytes: AtomicUsize::new(0),
+            size_of,
             in_write: AtomicUsize::new(0),
             dropped: AtomicU64::new(0),
             full_enough: Notify::new(),
@@ -40,14 +59,25 @@ impl<T> ResultBuffer<T> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Drops the oldest until the queue is within both bounds; the lock is held.
+    fn shed(&self, q: &mut VecDeque<T>) {
+        while q.len() > self.capacity
+            || (q.len() > 1 && self.bytes.load(Ordering::Relaxed) > self.max_bytes)
+        {
+            let Some(old) = q.pop_front() else { break };
+            self.bytes
+                .fetch_sub((self.size_of)(&old), Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn push(&self, item: T) {
         let len = {
             let mut q = self.queue();
-            if q.len() >= self.capacity {
-                q.pop_front();
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            self.bytes
+                .fetch_add((self.size_of)(&item), Ordering::Relaxed);
             q.push_back(item);
+            self.shed(&mut q);
             q.len()
         };
         if len >= self.flush_at {
@@ -60,7 +90,10 @@ impl<T> ResultBuffer<T> {
         let mut q = self.queue();
         let n = q.len().min(max);
         self.in_write.fetch_add(n, Ordering::Relaxed);
-        q.drain(..n).collect()
+        let taken: Vec<T> = q.drain(..n).collect();
+        let bytes: usize = taken.iter().map(self.size_of).sum();
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        taken
     }
 
     /// The writer wrote `n` results it had taken.
@@ -74,13 +107,12 @@ impl<T> ResultBuffer<T> {
         let n = batch.len();
         let mut q = self.queue();
         for item in batch.into_iter().rev() {
+            self.bytes
+                .fetch_add((self.size_of)(&item), Ordering::Relaxed);
             q.push_front(item);
         }
         self.in_write.fetch_sub(n, Ordering::Relaxed);
-        while q.len() > self.capacity {
-            q.pop_front();
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.shed(&mut q);
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -139,6 +171,20 @@ mod tests {
         // 0 and 1 are back in front; the buffer holds 4, so the oldest (0) is dropped.
         assert_eq!(b.dropped(), 1);
         assert_eq!(b.take(10), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn the_byte_bound_drops_the_oldest_too() {
+        let b: ResultBuffer<String> = ResultBuffer::bounded(100, 10, 100, String::len);
+        for s in ["aaaa", "bbbb", "cccc"] {
+            b.push(s.to_owned());
+        }
+        // 12 bytes over a bound of 10: the oldest goes.
+        assert_eq!(b.dropped(), 1);
+        assert_eq!(b.take(10), ["bbbb", "cccc"]);
+        // One result larger than the bound alone is kept rather than lost.
+        b.push("x".repeat(50));
+        assert_eq!(b.len(), 1);
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub struct WorkerConfig {
     /// Results held while the store cannot take them; past it the oldest are dropped.
     /// Default 100,000.
     pub result_buffer: usize,
+    /// The most bytes those results may take, by their estimated size; past it the oldest are
+    /// dropped. Default 128 MiB.
+    pub result_buffer_bytes: usize,
     /// Most results written in one store call. Default 1,000.
     pub write_batch_size: usize,
     /// Longest a result waits for its batch to fill before it is written. Default 200 ms.
@@ -65,6 +68,7 @@ impl WorkerConfig {
             timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             result_buffer: 100_000,
+            result_buffer_bytes: 128 << 20,
             write_batch_size: 1_000,
             flush_interval: Duration::from_millis(200),
         }
@@ -113,6 +117,7 @@ impl WorkerConfigBuilder {
     setter!(timeout: Duration);
     setter!(shutdown_grace: Duration);
     setter!(result_buffer: usize);
+    setter!(result_buffer_bytes: usize);
     setter!(write_batch_size: usize);
     setter!(flush_interval: Duration);
 
@@ -127,6 +132,7 @@ impl WorkerConfigBuilder {
             ("batch_size", c.batch_size),
             ("max_in_flight", c.max_in_flight),
             ("result_buffer", c.result_buffer),
+            ("result_buffer_bytes", c.result_buffer_bytes),
             ("write_batch_size", c.write_batch_size),
         ] {
             if value == 0 {

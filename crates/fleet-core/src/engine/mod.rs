@@ -74,6 +74,12 @@ pub trait Work: Send + Sync + 'static {
     /// Writes a batch of results in one store call.
     async fn record(&self, batch: &[Self::Output]) -> Result<(), StoreError>;
 
+    /// A result's size in memory, estimated, for the buffer's byte bound. By default the size
+    /// of the type alone.
+    fn result_size(_output: &Self::Output) -> usize {
+        std::mem::size_of::<Self::Output>()
+    }
+
     /// The values a written batch stored, for `values_collected`; 0 by default.
     fn stored_values(&self, _batch: &[Self::Output]) -> u64 {
         0
@@ -146,9 +152,11 @@ where
 {
     /// A worker for `work` with `config`, taking timestamps from `clock`.
     pub fn new(work: W, config: WorkerConfig, clock: Arc<dyn Clock>) -> Self {
-        let buffer = Arc::new(ResultBuffer::new(
+        let buffer = Arc::new(ResultBuffer::bounded(
             config.result_buffer,
+            config.result_buffer_bytes,
             config.write_batch_size,
+            W::result_size,
         ));
         let stats = StatsHandle::new(work.kind().as_str(), buffer.clone());
         {
