@@ -626,3 +626,23 @@ async fn the_same_bad_inputs_are_refused_by_the_api_import_and_core() {
     server.terminate();
     assert_eq!(server.wait(Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn a_database_that_does_not_answer_is_named_once_with_host_and_port_never_the_password() {
+    let port = free_port();
+    let out = Command::new(binary("fleet-server"))
+        .arg("migrate")
+        .env_clear()
+        .env(
+            "DATABASE_URL",
+            format!("postgres://fleet:hunter2-db@127.0.0.1:{port}/fleetdb"),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}/fleetdb")), "{err}");
+    assert!(!err.contains("hunter2-db"), "the password was shown: {err}");
+    let cause = "Connection refused";
+    assert_eq!(err.matches(cause).count(), 1, "said more than once: {err}");
+}

@@ -316,12 +316,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = args.db.settings()?;
     let pool = settings.pool()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let pg = Arc::new(PgStore::new(
-        pool.clone(),
-        vault,
-        clock.clone(),
-        args.partitions.policy(),
-    ));
+    let pg = Arc::new(
+        PgStore::new(pool.clone(), vault, clock.clone(), args.partitions.policy())
+            .with_target(settings.target()),
+    );
     let (probe, collector) = http_clients(&args.workers)?;
     let parts = Parts {
         store: pg.clone(),
@@ -454,16 +452,34 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 async fn pg_store(db: &DbArgs, keys: &KeyArgs) -> anyhow::Result<PgStore> {
-    let pool = db.settings()?.pool()?;
+    let settings = db.settings()?;
+    let pool = settings.pool()?;
     fleet_pg::migrate(&pool)
         .await
-        .context("applying migrations")?;
+        .with_context(|| format!("applying migrations to PostgreSQL at {}", settings.target()))?;
     Ok(PgStore::new(
         pool,
         keys.vault()?,
         Arc::new(SystemClock),
         Default::default(),
-    ))
+    )
+    .with_target(settings.target()))
+}
+
+/// The server named `name`, exactly.
+async fn find_server(store: &PgStore, name: &str) -> anyhow::Result<fleet_core::ManagedServer> {
+    let filter = ServerFilter {
+        search: Some(name.to_owned()),
+        limit: Some(1000),
+        ..Default::default()
+    };
+    store
+        .list_servers(&filter)
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .find(|s| s.name.eq_ignore_ascii_case(name))
+        .ok_or_else(|| anyhow::anyhow!("no server named `{}`", name.escape_debug()))
 }
 
 /// An import file: a fleet-sim manifest, or the same shape with more of each server.
@@ -530,10 +546,11 @@ pub async fn keys(command: KeysCommand, db: DbArgs, keys: KeyArgs) -> anyhow::Re
 
 /// `fleet-server migrate`.
 pub async fn migrate(db: DbArgs) -> anyhow::Result<()> {
-    let pool = db.settings()?.pool()?;
+    let settings = db.settings()?;
+    let pool = settings.pool()?;
     let applied = fleet_pg::migrate(&pool)
         .await
-        .context("applying migrations")?;
+        .with_context(|| format!("applying migrations to PostgreSQL at {}", settings.target()))?;
     if applied.is_empty() {
         println!("database is up to date");
     } else {
@@ -643,11 +660,64 @@ pub async fn servers(command: ServersCommand, db: DbArgs, keys: KeyArgs) -> anyh
             };
             println!("imported {added} servers, skipped {skipped} already registered{invalid}");
         }
-        ServersCommand::List => {
-            let all = store
-                .list_servers(&ServerFilter::default())
+        ServersCommand::Add {
+            name,
+            api_url,
+            token_file,
+            region,
+            environment,
+            tags,
+            status,
+        } => {
+            let mut new = NewServer::new(name, api_url);
+            if let Some(file) = token_file {
+                let token = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading --token-file {}", file.display()))?;
+                new.api_token = Some(ApiToken::new(token.trim_end_matches(['\r', '\n'])));
+            }
+            new.region = region;
+            new.environment = environment;
+            new.tags = tags;
+            new.status = status.unwrap_or(fleet_core::ServerStatus::Active);
+            let new = new.validated().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let server = store.create_server(new).await.map_err(store_error)?;
+            println!("added {} ({})", server.name, server.id.0);
+        }
+        ServersCommand::Remove { name } => {
+            let server = find_server(&store, &name).await?;
+            store.delete_server(server.id).await.map_err(store_error)?;
+            println!("removed {} and its history", server.name);
+        }
+        ServersCommand::Set {
+            name,
+            status,
+            region,
+            environment,
+            api_url,
+        } => {
+            let server = find_server(&store, &name).await?;
+            let update = fleet_core::ServerUpdate {
+                status,
+                region: region.map(|r| Some(r).filter(|r: &String| !r.is_empty())),
+                environment: environment.map(|e| Some(e).filter(|e: &String| !e.is_empty())),
+                api_url,
+                ..Default::default()
+            }
+            .validated()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            store
+                .update_server(server.id, update)
                 .await
                 .map_err(store_error)?;
+            println!("updated {}", server.name);
+        }
+        ServersCommand::List { health, status } => {
+            let filter = ServerFilter {
+                health_status: health,
+                status,
+                ..Default::default()
+            };
+            let all = store.list_servers(&filter).await.map_err(store_error)?;
             println!(
                 "{:<24} {:<12} {:<12} {:<26} API URL",
                 "NAME", "STATUS", "HEALTH", "LAST CHECK"

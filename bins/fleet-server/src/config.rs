@@ -144,8 +144,72 @@ pub enum ServersCommand {
         #[arg(long)]
         skip_invalid: bool,
     },
+    /// Register one server.
+    Add {
+        /// A unique name.
+        #[arg(long)]
+        name: String,
+        /// Its base URL (http or https, without credentials).
+        #[arg(long)]
+        api_url: String,
+        /// A file holding its probe token (never the command line, where others can see it).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Its region.
+        #[arg(long)]
+        region: Option<String>,
+        /// Its environment.
+        #[arg(long)]
+        environment: Option<String>,
+        /// Tags, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// Its status (default active).
+        #[arg(long, value_parser = parse_status)]
+        status: Option<fleet_core::ServerStatus>,
+    },
+    /// Remove a server and its history.
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// Change a server: its status (active, inactive, maintenance), region, environment or
+    /// URL; an empty region or environment clears it.
+    Set {
+        /// Its name.
+        name: String,
+        /// The new status.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<fleet_core::ServerStatus>,
+        /// The new region.
+        #[arg(long)]
+        region: Option<String>,
+        /// The new environment.
+        #[arg(long)]
+        environment: Option<String>,
+        /// The new base URL.
+        #[arg(long)]
+        api_url: Option<String>,
+    },
     /// List servers as a table.
-    List,
+    List {
+        /// Only servers with this health (healthy, degraded, critical, unreachable).
+        #[arg(long, value_parser = parse_health)]
+        health: Option<fleet_core::HealthStatus>,
+        /// Only servers with this status.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<fleet_core::ServerStatus>,
+    },
+}
+
+fn parse_status(text: &str) -> Result<fleet_core::ServerStatus, String> {
+    text.parse()
+        .map_err(|e: fleet_core::ParseEnumError| e.to_string())
+}
+
+fn parse_health(text: &str) -> Result<fleet_core::HealthStatus, String> {
+    text.parse()
+        .map_err(|e: fleet_core::ParseEnumError| e.to_string())
 }
 
 /// A role on the command line.
@@ -222,6 +286,18 @@ pub struct DbArgs {
     /// Connections in the pool.
     #[arg(long, env = "FLEET_DB_POOL_SIZE", default_value_t = 16, global = true)]
     pub db_pool_size: usize,
+    /// TLS to PostgreSQL: disable, prefer (default: TLS when offered), require (TLS, the
+    /// certificate unchecked) or verify-full (checked against the system's roots or
+    /// POSTGRES_SSLROOTCERT, host name included). The URL's sslmode wins.
+    #[arg(long, env = "POSTGRES_SSLMODE", global = true, value_parser = parse_sslmode)]
+    pub postgres_sslmode: Option<fleet_pg::SslMode>,
+    /// A PEM file of the roots verify-full trusts instead of the system's.
+    #[arg(long, env = "POSTGRES_SSLROOTCERT", global = true)]
+    pub postgres_sslrootcert: Option<PathBuf>,
+}
+
+fn parse_sslmode(text: &str) -> Result<fleet_pg::SslMode, String> {
+    text.parse()
 }
 
 impl DbArgs {
@@ -235,6 +311,8 @@ impl DbArgs {
             password: self.postgres_password.clone(),
             dbname: self.postgres_db.clone(),
             pool_size: self.db_pool_size,
+            sslmode: self.postgres_sslmode,
+            sslrootcert: self.postgres_sslrootcert.clone(),
         };
         if !s.is_configured() {
             anyhow::bail!(

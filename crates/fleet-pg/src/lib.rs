@@ -34,5 +34,5 @@ pub use crypto::{CryptoError, SecretKey, TokenVault};
 pub use keys::{Rotated, SEALED_COLUMNS, SealedColumn, unopenable_message};
 pub use migrate::{MigrateError, migrate};
 pub use partitions::{PARTITIONED, PartitionPolicy, YearMonth};
-pub use settings::{PgSettings, SettingsError};
+pub use settings::{PgSettings, SettingsError, SslMode};
 pub use store::PgStore;

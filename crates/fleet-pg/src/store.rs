@@ -27,6 +27,8 @@ const PARTITION_LOCK: i64 = 0x666c_6565_7470_6172; // "fleetpar"
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Where the pool points (`host:port/db`), for messages.
+    target: String,
     vault: Arc<TokenVault>,
     clock: Arc<dyn Clock>,
     policy: PartitionPolicy,
@@ -73,13 +75,26 @@ pub(crate) fn db_error(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    match e {
-        deadpool_postgres::PoolError::Backend(e) => db_error(e),
-        other => StoreError::Unavailable {
-            message: format!("no database connection: {other}"),
+/// A connection that could not be had: said once, with where, and never the password.
+fn pool_error(e: deadpool_postgres::PoolError, target: &str) -> StoreError {
+    // The server refused us (authentication, no such database): its own words, once.
+    if let deadpool_postgres::PoolError::Backend(db) = &e
+        && let Some(refused) = db.as_db_error()
+    {
+        return StoreError::Unavailable {
+            message: format!(
+                "PostgreSQL at {target} refused the connection: {}",
+                refused.message()
+            ),
             source: None,
-        },
+        };
+    }
+    StoreError::Unavailable {
+        message: format!(
+            "cannot connect to PostgreSQL at {target}: {}",
+            crate::migrate::root_cause(&e)
+        ),
+        source: None,
     }
 }
 
@@ -264,6 +279,7 @@ impl PgStore {
     ) -> Self {
         Self {
             pool,
+            target: "the database".into(),
             vault: Arc::new(vault),
             clock,
             policy,
@@ -275,12 +291,28 @@ impl PgStore {
         &self.pool
     }
 
+    /// Names where the pool points in connection errors (see [`PgSettings::target`]).
+    ///
+    /// [`PgSettings::target`]: crate::PgSettings::target
+    pub fn with_target(mut self, target: impl Into<String>) -> Self {
+        self.target = target.into();
+        self
+    }
+
+    /// Where the pool points, as given by [`PgStore::with_target`].
+    pub fn describe_target(&self) -> &str {
+        &self.target
+    }
+
     pub(crate) fn vault(&self) -> &TokenVault {
         &self.vault
     }
 
     pub(crate) async fn client(&self) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(pool_error)
+        self.pool
+            .get()
+            .await
+            .map_err(|e| pool_error(e, &self.target))
     }
 
     /// Whether the database answers a trivial query.

@@ -35,7 +35,7 @@ pub async fn until_ready(
         let ready = async {
             crate::migrate(store.pool())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("PostgreSQL at {}: {e}", store.describe_target()))?;
             store.maintain().await.map_err(|e| e.to_string())?;
             store.unopenable_keys().await.map_err(|e| e.to_string())
         };

@@ -221,6 +221,25 @@ impl PrivateCluster {
         ]);
     }
 
+    /// Turns TLS on with this certificate and key (PEM), and restarts. Plain connections are
+    /// still accepted, so every `sslmode` can be tried against it.
+    pub fn enable_ssl(&self, cert_pem: &str, key_pem: &str) {
+        let data = self.dir.join("data");
+        let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::write(&cert, cert_pem).expect("write server.crt");
+        std::fs::write(&key, key_pem).expect("write server.key");
+        run(Command::new("chmod").arg("600").arg(&key));
+        if let Some(user) = &self.os_user {
+            run(Command::new("chown").arg(user).arg(&cert).arg(&key));
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).expect("write postgresql.conf");
+        self.stop();
+        self.start_again();
+    }
+
     /// Stops the cluster at once (connections are cut).
     pub fn stop(&self) {
         self.pg(&["pg_ctl", "-D", &self.data(), "-m", "fast", "-w", "stop"]);

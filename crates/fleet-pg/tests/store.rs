@@ -738,3 +738,96 @@ async fn keys_rotate_every_sealed_column_and_the_old_key_can_then_go() {
         [(b.id().to_owned(), 1)]
     );
 }
+
+/// A CA, and a certificate it signs for 127.0.0.1 and localhost: (CA PEM, cert PEM, key PEM).
+fn certificates() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    (ca_pem, cert.pem(), key.serialize_pem())
+}
+
+/// Whether a connection made with `url` is encrypted, or why none could be made.
+async fn ssl_in_use(url: &str) -> Result<bool, String> {
+    let pool = PgSettings::from_url(url)
+        .pool()
+        .map_err(|e| e.to_string())?;
+    let client = pool.get().await.map_err(|e| {
+        std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ")
+    })?;
+    let row = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.get(0))
+}
+
+#[tokio::test]
+async fn tls_to_postgresql_in_every_mode() {
+    let (ca, cert, key) = certificates();
+    let (other_ca, ..) = certificates();
+    let cluster = tokio::task::spawn_blocking(move || {
+        let c = PrivateCluster::start();
+        c.enable_ssl(&cert, &key);
+        c
+    })
+    .await
+    .unwrap();
+    let dir = cluster.dir().to_owned();
+    let (ca_file, wrong_file) = (dir.join("ca.pem"), dir.join("wrong-ca.pem"));
+    std::fs::write(&ca_file, ca).unwrap();
+    std::fs::write(&wrong_file, other_ca).unwrap();
+    let base = cluster.url();
+    let with = |q: &str| format!("{base}?{q}");
+
+    assert_eq!(ssl_in_use(&with("sslmode=disable")).await, Ok(false));
+    assert_eq!(
+        ssl_in_use(&base).await,
+        Ok(true),
+        "prefer, the default, takes TLS when offered"
+    );
+    assert_eq!(ssl_in_use(&with("sslmode=require")).await, Ok(true));
+    let verified = format!("sslmode=verify-full&sslrootcert={}", ca_file.display());
+    assert_eq!(ssl_in_use(&with(&verified)).await, Ok(true));
+    // The same through POSTGRES_SSLMODE and POSTGRES_SSLROOTCERT's fields.
+    let settings = PgSettings {
+        sslmode: Some(fleet_pg::SslMode::VerifyFull),
+        sslrootcert: Some(ca_file.clone()),
+        ..PgSettings::from_url(base.clone())
+    };
+    let c = settings.pool().unwrap().get().await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+
+    // A certificate from another CA is refused, clearly.
+    let wrong = format!("sslmode=verify-full&sslrootcert={}", wrong_file.display());
+    let err = ssl_in_use(&with(&wrong)).await.unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+    // Without the CA, the system's roots do not know it either.
+    let err = ssl_in_use(&with("sslmode=verify-full")).await.unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+    // A missing root file is a settings error naming it.
+    let err = ssl_in_use(&with("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"))
+        .await
+        .unwrap_err();
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
