@@ -250,22 +250,17 @@ impl Client {
 
     /// POSTs `body` as JSON to `path`; the status and the JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> Option<(u16, Value)> {
-        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let res = req.send().await.ok()?;
-        let status = res.status().as_u16();
-        let text = res.text().await.ok()?;
-        Some((
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        ))
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
     }
 
     /// GETs `path`; the status and the JSON body (or the text as a string).
     pub async fn get(&self, path: &str) -> Option<(u16, Value)> {
-        let mut req = self.http.get(format!("{}{path}", self.base));
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    async fn send(&self, mut req: reqwest::RequestBuilder) -> Option<(u16, Value)> {
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }

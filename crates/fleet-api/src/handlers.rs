@@ -97,7 +97,7 @@ fn by_health<'a>(
 
 /// Active servers by current health.
 async fn active_by_health(app: &AppState) -> Result<BTreeMap<String, u64>, ApiError> {
-    let tallies = app.store.server_tallies().await?;
+    let tallies = app.tallies.get(&*app.store).await?;
     Ok(by_health(
         tallies.iter().filter(|t| t.status == ServerStatus::Active),
     ))
@@ -470,15 +470,20 @@ pub(crate) async fn update_server(
     }
 }
 
+/// 204 when the change was made, 404 naming `what` when there was nothing to change.
+fn done(changed: bool, what: &str) -> ApiResult {
+    if changed {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::not_found(what))
+    }
+}
+
 pub(crate) async fn delete_server(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
-    if app.store.delete_server(ServerId(id)).await? {
-        Ok(StatusCode::NO_CONTENT.into_response())
-    } else {
-        Err(ApiError::not_found("server"))
-    }
+    done(app.store.delete_server(ServerId(id)).await?, "server")
 }
 
 pub(crate) async fn check_now(
@@ -660,41 +665,29 @@ pub(crate) async fn delete_group(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
-    if app.store.delete_group(GroupId(id)).await? {
-        Ok(StatusCode::NO_CONTENT.into_response())
-    } else {
-        Err(ApiError::not_found("group"))
-    }
+    done(app.store.delete_group(GroupId(id)).await?, "group")
 }
 
 pub(crate) async fn add_member(
     State(app): State<AppState>,
     ApiPath((group, server)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult {
-    if app
+    let added = app
         .store
         .add_member(GroupId(group), ServerId(server))
-        .await?
-    {
-        Ok(StatusCode::NO_CONTENT.into_response())
-    } else {
-        Err(ApiError::not_found("group or server"))
-    }
+        .await?;
+    done(added, "group or server")
 }
 
 pub(crate) async fn remove_member(
     State(app): State<AppState>,
     ApiPath((group, server)): ApiPath<(Uuid, Uuid)>,
 ) -> ApiResult {
-    if app
+    let removed = app
         .store
         .remove_member(GroupId(group), ServerId(server))
-        .await?
-    {
-        Ok(StatusCode::NO_CONTENT.into_response())
-    } else {
-        Err(ApiError::not_found("membership"))
-    }
+        .await?;
+    done(removed, "membership")
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -739,7 +732,7 @@ pub(crate) async fn summary(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1 to 100"));
     }
-    let tallies = app.store.server_tallies().await?;
+    let tallies = app.tallies.get(&*app.store).await?;
     let mut by_status: BTreeMap<String, u64> = ServerStatus::ALL
         .iter()
         .map(|s| (s.as_str().to_owned(), 0))

@@ -67,6 +67,34 @@ pub struct AppState {
     pub(crate) limiter: Arc<FailureLimiter>,
     pub(crate) trusted_proxies: Arc<Vec<ipnet::IpNet>>,
     pub(crate) listener: Arc<listener::ListenerStats>,
+    pub(crate) tallies: Arc<TallyCache>,
+}
+
+/// The server tallies, read from the store at most once a second: `/metrics` is scraped, the
+/// status endpoint polled and the summary reloaded by many clients, and counts a second old
+/// serve all of them as well as fresh ones, without a query each.
+#[derive(Debug, Default)]
+pub(crate) struct TallyCache {
+    last: tokio::sync::Mutex<Option<(tokio::time::Instant, Vec<fleet_core::ServerTally>)>>,
+}
+
+impl TallyCache {
+    const FRESH: Duration = Duration::from_secs(1);
+
+    pub(crate) async fn get(
+        &self,
+        store: &dyn FullStore,
+    ) -> Result<Vec<fleet_core::ServerTally>, StoreError> {
+        let mut last = self.last.lock().await;
+        if let Some((at, tallies)) = &*last
+            && at.elapsed() < Self::FRESH
+        {
+            return Ok(tallies.clone());
+        }
+        let tallies = store.server_tallies().await?;
+        *last = Some((tokio::time::Instant::now(), tallies.clone()));
+        Ok(tallies)
+    }
 }
 
 /// What the API is built from.
@@ -127,6 +155,7 @@ impl AppState {
             limiter: Arc::new(FailureLimiter::new(parts.auth_failure_limit)),
             trusted_proxies: Arc::new(parts.trusted_proxies),
             listener: parts.listener,
+            tallies: Arc::default(),
         }
     }
 }

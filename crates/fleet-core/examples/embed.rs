@@ -20,7 +20,7 @@ struct TcpConnect;
 #[async_trait]
 impl HealthProbe for TcpConnect {
     async fn probe(&self, target: &ProbeTarget, _deadline: Instant) -> ProbeOutcome {
-        let addr = target.api_url.trim_start_matches("tcp://");
+        let addr = target.api_url.trim_start_matches("http://");
         let started = Instant::now();
         match tokio::net::TcpStream::connect(addr).await {
             Ok(_) => ProbeOutcome::Report {
@@ -64,10 +64,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let store = Arc::new(InMemoryStore::new());
     store
-        .create_server(NewServer::new("up", format!("tcp://{}", up.local_addr()?)))
+        .create_server(NewServer::new("up", format!("http://{}", up.local_addr()?)))
         .await?;
     store
-        .create_server(NewServer::new("down", format!("tcp://{down_addr}")))
+        .create_server(NewServer::new("down", format!("http://{down_addr}")))
         .await?;
 
     let fast = |kind| {

@@ -28,7 +28,7 @@
 //! #[async_trait]
 //! impl HealthProbe for TcpConnect {
 //!     async fn probe(&self, target: &ProbeTarget, _deadline: Instant) -> ProbeOutcome {
-//!         let addr = target.api_url.trim_start_matches("tcp://");
+//!         let addr = target.api_url.trim_start_matches("http://");
 //!         let started = Instant::now();
 //!         match tokio::net::TcpStream::connect(addr).await {
 //!             Ok(_) => ProbeOutcome::Report {
@@ -57,7 +57,7 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let store = Arc::new(InMemoryStore::new());
-//! store.create_server(NewServer::new("local", format!("tcp://{}", listener.local_addr()?))).await?;
+//! store.create_server(NewServer::new("local", format!("http://{}", listener.local_addr()?))).await?;
 //!
 //! let config = WorkerConfig::builder(WorkerKind::Health)
 //!     .interval(Duration::from_secs(1))

@@ -101,6 +101,22 @@ impl Rig {
         (report, stats.snapshot())
     }
 
+    /// Records every server healthy once, so the metrics worker collects from them.
+    async fn all_healthy(&self) {
+        let checks: Vec<_> = self
+            .ids
+            .iter()
+            .map(|id| {
+                fleet_core::conformance::check_at(
+                    *id,
+                    fleet_core::conformance::base_time(),
+                    HealthStatus::Healthy,
+                )
+            })
+            .collect();
+        self.store.record_health(&checks).await.unwrap();
+    }
+
     async fn history_len(&self) -> usize {
         let mut n = 0;
         for id in &self.ids {
@@ -423,21 +439,7 @@ async fn statistics_count_answers_not_attempts() {
 #[tokio::test(start_paused = true)]
 async fn metrics_failures_are_counted_and_kept() {
     let mut rig = Rig::new(2).await;
-    rig.store
-        .record_health(
-            &rig.ids
-                .iter()
-                .map(|id| {
-                    fleet_core::conformance::check_at(
-                        *id,
-                        fleet_core::conformance::base_time(),
-                        HealthStatus::Healthy,
-                    )
-                })
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
+    rig.all_healthy().await;
     rig.collector.set(
         "s001",
         Script::Err(CollectError::Wire(MetricsError::Field {
@@ -1000,21 +1002,7 @@ async fn a_server_whose_token_no_key_opens_is_not_probed() {
 #[tokio::test(start_paused = true)]
 async fn metric_values_count_when_stored_not_when_collected() {
     let mut rig = Rig::new(2).await;
-    rig.store
-        .record_health(
-            &rig.ids
-                .iter()
-                .map(|id| {
-                    fleet_core::conformance::check_at(
-                        *id,
-                        fleet_core::conformance::base_time(),
-                        HealthStatus::Healthy,
-                    )
-                })
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
+    rig.all_healthy().await;
     rig.store.fail_writes(true);
     let m = rig.metrics(
         WorkerConfig::builder(WorkerKind::Metrics)
