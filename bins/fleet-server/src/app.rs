@@ -104,6 +104,8 @@ struct Running {
     grace: Duration,
     /// Set when running on would be blind (keys that open nothing): the process exits with it.
     fatal: tokio::sync::watch::Receiver<Option<String>>,
+    /// Kept until the end: the API serves from it.
+    _api_runtime: ApiRuntime,
 }
 
 /// Files kept for everything but probes and API connections: the database pool, logs,
@@ -180,13 +182,27 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         max_connections,
         shutdown_grace: Duration::from_secs(2),
     };
-    tasks.spawn(listener::serve(
+    // The API answers on a runtime of its own, so that a request never queues behind the
+    // thousands of checks a cycle runs on the main one.
+    let api_runtime = ApiRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("fleet-api")
+            .enable_all()
+            .build()
+            .context("cannot start the API's runtime")?,
+    ));
+    let listener = listener.into_std()?;
+    let serving = api_runtime.spawn(listener::serve_std(
         listener,
         fleet_api::router(state),
         config,
         listener_stats,
         cancel.clone(),
     ));
+    tasks.spawn(async move {
+        let _ = serving.await;
+    });
     tracing::info!(target: "fleet::server", "API listening on http://{listen}");
 
     let handles = Arc::new(Mutex::new(Vec::new()));
@@ -256,7 +272,33 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         listen,
         grace,
         fatal: fatal_rx,
+        _api_runtime: api_runtime,
     })
+}
+
+/// The API's own runtime, shut down without blocking when dropped (a runtime must not be
+/// dropped, blocking, inside another's async context).
+struct ApiRuntime(Option<tokio::runtime::Runtime>);
+
+impl ApiRuntime {
+    fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0 {
+            Some(rt) => rt.spawn(future),
+            None => tokio::spawn(future),
+        }
+    }
+}
+
+impl Drop for ApiRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl Running {

@@ -71,6 +71,28 @@ async fn deadline(State(limit): State<Duration>, req: Request, next: Next) -> Re
     }
 }
 
+/// [`serve`] on a standard listener, registered with the runtime this runs on (for serving
+/// the API on a runtime of its own).
+pub async fn serve_std(
+    listener: std::net::TcpListener,
+    router: Router,
+    config: ListenerConfig,
+    stats: Arc<ListenerStats>,
+    shutdown: CancellationToken,
+) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(target: "fleet::api", error = %e, "the API cannot listen: {e}");
+            return;
+        }
+    };
+    serve(listener, router, config, stats, shutdown).await;
+}
+
 /// Serves `router` on `listener` until `shutdown` fires, then gives open connections
 /// `shutdown_grace` to finish.
 pub async fn serve(
