@@ -544,15 +544,21 @@ impl WindowQuery {
     }
 }
 
+/// 404 unless the server exists: its history or log would otherwise read as empty.
+async fn known_server(app: &AppState, id: Uuid) -> Result<(), ApiError> {
+    match app.store.get_server(ServerId(id)).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::not_found("server")),
+    }
+}
+
 pub(crate) async fn health_history(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<WindowQuery>,
 ) -> ApiResult {
     let query = q.query()?;
-    if app.store.get_server(ServerId(id)).await?.is_none() {
-        return Err(ApiError::not_found("server"));
-    }
+    known_server(&app, id).await?;
     let checks = app.store.health_history(ServerId(id), query).await?;
     ok(views::HealthHistory {
         server_id: id,
@@ -566,9 +572,7 @@ pub(crate) async fn metrics_history(
     ApiQuery(q): ApiQuery<WindowQuery>,
 ) -> ApiResult {
     let query = q.query()?;
-    if app.store.get_server(ServerId(id)).await?.is_none() {
-        return Err(ApiError::not_found("server"));
-    }
+    known_server(&app, id).await?;
     let samples = app.store.metrics_history(ServerId(id), query).await?;
     ok(views::MetricsHistory {
         server_id: id,
@@ -838,9 +842,7 @@ pub(crate) async fn server_state_changes(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult {
     let query = q.query(Some(ServerId(id)))?;
-    if app.store.get_server(ServerId(id)).await?.is_none() {
-        return Err(ApiError::not_found("server"));
-    }
+    known_server(&app, id).await?;
     let log = app.store.state_changes(query).await?;
     ok(changes(query, &log))
 }
