@@ -125,6 +125,18 @@ async fn a_flood_of_idle_connections_under_a_low_file_limit_does_not_blind_the_f
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(held);
 
+    // 100 KB of headers is refused at 64 KiB, not buffered.
+    let mut s = TcpStream::connect(&listen).await.unwrap();
+    let mut head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..2000 {
+        head.extend_from_slice(format!("X-Pad-{i}: {}\r\n", "p".repeat(40)).as_bytes());
+    }
+    let _ = s.write_all(&head).await;
+    let answer = until_closed(&mut s, Duration::from_secs(10))
+        .await
+        .expect("the connection was closed");
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
     // An authenticated POST promising 5 bytes and sending 2 gets 408 at the body timeout.
     let mut s = TcpStream::connect(&listen).await.unwrap();
     s.write_all(

@@ -20,6 +20,9 @@ use tower::ServiceExt;
 
 use crate::ApiError;
 
+/// The most bytes of a request's head (request line and headers) held per connection.
+pub const MAX_HEAD: usize = 64 * 1024;
+
 /// How the listener treats connections. Plain data with documented defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ListenerConfig {
@@ -111,7 +114,10 @@ pub async fn serve(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout);
+        .header_read_timeout(config.header_timeout)
+        // A request's head may take 64 KiB of memory, not hyper's default of about 400 KiB:
+        // with the connection cap, that bounds what unfinished heads can hold.
+        .max_buf_size(MAX_HEAD);
     let mut accept_backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
