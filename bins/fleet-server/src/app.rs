@@ -184,14 +184,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
     };
     // The API answers on a runtime of its own, so that a request never queues behind the
     // thousands of checks a cycle runs on the main one.
-    let api_runtime = ApiRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("fleet-api")
-            .enable_all()
-            .build()
-            .context("cannot start the API's runtime")?,
-    ));
+    let api_runtime = ApiRuntime::start()?;
     let listener = listener.into_std()?;
     let serving = api_runtime.spawn(listener::serve_std(
         listener,
@@ -277,25 +270,38 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
 }
 
 /// The API's own runtime, shut down without blocking when dropped (a runtime must not be
-/// dropped, blocking, inside another's async context).
-struct ApiRuntime(Option<tokio::runtime::Runtime>);
+/// dropped, blocking, inside another's async context). The `Option` is only for that drop.
+struct ApiRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
 
 impl ApiRuntime {
+    fn start() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("fleet-api")
+            .enable_all()
+            .build()
+            .context("cannot start the API's runtime")?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+
     fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        match &self.0 {
-            Some(rt) => rt.spawn(future),
-            None => tokio::spawn(future),
-        }
+        self.handle.spawn(future)
     }
 }
 
 impl Drop for ApiRuntime {
     fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
+        if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
     }

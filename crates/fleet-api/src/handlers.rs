@@ -57,6 +57,16 @@ fn metadata(value: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A list's `limit`: 1 to 1,000, 100 when absent.
+fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if (1..=1000).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::bad_request("limit must be 1 to 1000"))
+    }
+}
+
 fn parse<T: std::str::FromStr>(field: &str, value: &str) -> Result<T, ApiError>
 where
     T::Err: std::fmt::Display,
@@ -245,30 +255,46 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
             };
         }
     }
-    let refused = app
-        .listener
-        .refused
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "# HELP fleet_api_connections_refused_total API connections closed on arrival at FLEET_API_MAX_CONNECTIONS.\n# TYPE fleet_api_connections_refused_total counter\nfleet_api_connections_refused_total {refused}"
-    );
-    let open = app.listener.open.load(std::sync::atomic::Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "# HELP fleet_api_connections_open API connections open now.\n# TYPE fleet_api_connections_open gauge\nfleet_api_connections_open {open}"
-    );
+    let l = &app.listener;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     let events = app.events.stats();
-    let _ = writeln!(
-        out,
-        "# HELP fleet_events_published_total Result events published.\n# TYPE fleet_events_published_total counter\nfleet_events_published_total {}",
-        events.published
-    );
-    let _ = writeln!(
-        out,
-        "# HELP fleet_events_lost_total Events dropped because a subscriber's queue was full.\n# TYPE fleet_events_lost_total counter\nfleet_events_lost_total {}",
-        events.lost
-    );
+    for (name, kind, help, value) in [
+        (
+            "fleet_api_connections_refused_total",
+            "counter",
+            "API connections closed on arrival at FLEET_API_MAX_CONNECTIONS.",
+            load(&l.refused),
+        ),
+        (
+            "fleet_api_accept_errors_total",
+            "counter",
+            "Connections the API failed to accept (e.g. out of file descriptors).",
+            load(&l.accept_errors),
+        ),
+        (
+            "fleet_api_connections_open",
+            "gauge",
+            "API connections open now.",
+            load(&l.open),
+        ),
+        (
+            "fleet_events_published_total",
+            "counter",
+            "Result events published.",
+            events.published,
+        ),
+        (
+            "fleet_events_lost_total",
+            "counter",
+            "Events dropped because a subscriber's queue was full.",
+            events.lost,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP fleet_event_subscriber_lost_total Events dropped for each current subscriber.\n# TYPE fleet_event_subscriber_lost_total counter"
@@ -318,10 +344,7 @@ pub(crate) async fn list_servers(
     State(app): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be 1 to 1000"));
-    }
+    let limit = page_limit(q.limit)?;
     for (param, value) in [
         ("search", &q.search),
         ("region", &q.region),
@@ -529,10 +552,7 @@ pub(crate) struct WindowQuery {
 
 impl WindowQuery {
     fn query(&self) -> Result<HistoryQuery, ApiError> {
-        let limit = self.limit.unwrap_or(100);
-        if !(1..=1000).contains(&limit) {
-            return Err(ApiError::bad_request("limit must be 1 to 1000"));
-        }
+        let limit = page_limit(self.limit)?;
         let from = time_param("from", &self.from)?;
         let to = time_param("to", &self.to)?;
         if let (Some(from), Some(to)) = (from, to)
@@ -800,10 +820,7 @@ impl PageQuery {
     const MAX_OFFSET: usize = 100_000;
 
     fn query(&self, server: Option<ServerId>) -> Result<ChangeQuery, ApiError> {
-        let limit = self.limit.unwrap_or(100);
-        if !(1..=1000).contains(&limit) {
-            return Err(ApiError::bad_request("limit must be 1 to 1000"));
-        }
+        let limit = page_limit(self.limit)?;
         let offset = self.offset.unwrap_or(0);
         if offset > Self::MAX_OFFSET {
             return Err(ApiError::bad_request(format!(

@@ -1200,6 +1200,13 @@ async fn the_public_endpoints_answer() {
         "{text}"
     );
     assert!(!text.contains("probe-secret"));
+    for counter in [
+        "fleet_api_connections_refused_total 0",
+        "fleet_api_accept_errors_total 0",
+        "fleet_events_lost_total 0",
+    ] {
+        assert!(text.contains(counter), "no `{counter}` in /metrics");
+    }
 }
 
 mod fuzz {

@@ -57,13 +57,6 @@ pub enum Event {
     },
 }
 
-impl Event {
-    /// For a health check: whether the server's health changed.
-    pub fn is_change(&self) -> bool {
-        matches!(self, Event::Checked { check, previous, .. } if *previous != Some(check.status))
-    }
-}
-
 /// A worker problem, raised once when it starts (and once when a write recovers).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Problem {

@@ -132,11 +132,16 @@ pub enum NotChecked {
 }
 
 impl NotChecked {
-    /// A stable name for counting: `local_resource` or `token_unreadable`.
+    /// [`NotChecked::kind`] of a local resource failure.
+    pub const LOCAL_RESOURCE: &'static str = "local_resource";
+    /// [`NotChecked::kind`] of a token no configured key opens.
+    pub const TOKEN_UNREADABLE: &'static str = "token_unreadable";
+
+    /// A stable name for counting: [`Self::LOCAL_RESOURCE`] or [`Self::TOKEN_UNREADABLE`].
     pub fn kind(&self) -> &'static str {
         match self {
-            NotChecked::LocalResource(_) => "local_resource",
-            NotChecked::TokenUnreadable { .. } => "token_unreadable",
+            NotChecked::LocalResource(_) => Self::LOCAL_RESOURCE,
+            NotChecked::TokenUnreadable { .. } => Self::TOKEN_UNREADABLE,
         }
     }
 }

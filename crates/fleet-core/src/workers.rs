@@ -213,17 +213,24 @@ impl Work for HealthWork {
             .known()
             .insert(target.id, Some(check.status))
             .unwrap_or(target.health);
-        if previous != Some(check.status) {
-            let from = previous.map_or("never checked", HealthStatus::as_str);
-            let to = check.status.as_str();
-            match &check.error_message {
-                Some(error) => {
-                    tracing::info!(target: "fleet::health", server = %target.name, from, to, error = %error, "{}: {from} → {to} ({error})", target.name)
-                }
-                None => {
-                    tracing::info!(target: "fleet::health", server = %target.name, from, to, "{}: {from} → {to}", target.name)
+        match previous {
+            // A server's first check is recorded in the change log but not logged at info:
+            // at start-up that would be one line per server of the fleet.
+            None => {
+                tracing::debug!(target: "fleet::health", server = %target.name, to = check.status.as_str(), "{}: first checked, {}", target.name, check.status)
+            }
+            Some(from) if from != check.status => {
+                let (from, to) = (from.as_str(), check.status.as_str());
+                match &check.error_message {
+                    Some(error) => {
+                        tracing::info!(target: "fleet::health", server = %target.name, from, to, error = %error, "{}: {from} → {to} ({error})", target.name)
+                    }
+                    None => {
+                        tracing::info!(target: "fleet::health", server = %target.name, from, to, "{}: {from} → {to}", target.name)
+                    }
                 }
             }
+            Some(_) => {}
         }
         Event::Checked {
             server: target.name.clone(),

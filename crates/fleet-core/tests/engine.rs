@@ -101,10 +101,10 @@ impl Rig {
         (report, stats.snapshot())
     }
 
-    /// Records every server healthy once, so the metrics worker collects from them.
-    async fn all_healthy(&self) {
-        let checks: Vec<_> = self
-            .ids
+    /// Records the servers `ids` healthy once: the metrics worker then collects from them,
+    /// and the health worker checks them after the never-checked ones.
+    async fn record_healthy(&self, ids: &[ServerId]) {
+        let checks: Vec<_> = ids
             .iter()
             .map(|id| {
                 fleet_core::conformance::check_at(
@@ -167,17 +167,7 @@ async fn a_hung_server_does_not_delay_the_next_batch() {
         rig.probe.set(&name(i), Script::Never);
     }
     // The other ten were checked before, so the ten never-checked hung ones go first.
-    let seen: Vec<_> = rig.ids[10..]
-        .iter()
-        .map(|id| {
-            fleet_core::conformance::check_at(
-                *id,
-                fleet_core::conformance::base_time(),
-                HealthStatus::Healthy,
-            )
-        })
-        .collect();
-    rig.memory.record_health(&seen).await.unwrap();
+    rig.record_healthy(&rig.ids[10..]).await;
     let h = rig.health(
         health()
             .batch_size(10)
@@ -439,7 +429,7 @@ async fn statistics_count_answers_not_attempts() {
 #[tokio::test(start_paused = true)]
 async fn metrics_failures_are_counted_and_kept() {
     let mut rig = Rig::new(2).await;
-    rig.all_healthy().await;
+    rig.record_healthy(&rig.ids).await;
     rig.collector.set(
         "s001",
         Script::Err(CollectError::Wire(MetricsError::Field {
@@ -1002,7 +992,7 @@ async fn a_server_whose_token_no_key_opens_is_not_probed() {
 #[tokio::test(start_paused = true)]
 async fn metric_values_count_when_stored_not_when_collected() {
     let mut rig = Rig::new(2).await;
-    rig.all_healthy().await;
+    rig.record_healthy(&rig.ids).await;
     rig.store.fail_writes(true);
     let m = rig.metrics(
         WorkerConfig::builder(WorkerKind::Metrics)

@@ -255,7 +255,7 @@ fn send_failure(e: &reqwest::Error) -> Result<ProbeFailure, NotChecked> {
             return Ok(ProbeFailure::Refused(r.to_string()));
         }
         if let Some(d) = cause.downcast_ref::<DnsError>() {
-            return Ok(ProbeFailure::Dns(cut(&d.0, 200)));
+            return Ok(ProbeFailure::Dns(fleet_wire::truncate(&d.0, 200)));
         }
         if cause.downcast_ref::<rustls::Error>().is_some() {
             return Ok(ProbeFailure::Tls(last_cause(e)));
@@ -283,7 +283,7 @@ fn send_failure(e: &reqwest::Error) -> Result<ProbeFailure, NotChecked> {
 
 fn last_cause(e: &reqwest::Error) -> String {
     let last = causes(e).last().map(|c| c.to_string()).unwrap_or_default();
-    cut(&last, 200)
+    fleet_wire::truncate(&last, 200)
 }
 
 fn body_error(e: &reqwest::Error) -> String {
@@ -292,13 +292,6 @@ fn body_error(e: &reqwest::Error) -> String {
         text = "connection closed".into();
     }
     text
-}
-
-fn cut(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
 }
 
 /// The failure for a non-2xx status.
@@ -333,7 +326,8 @@ impl HttpProbe {
 
 /// Reads a health report from a 2xx body.
 pub fn parse_health(body: &[u8]) -> Result<HealthReport, ProbeFailure> {
-    HealthReport::parse(body).map_err(|e| ProbeFailure::Invalid(cut(&e.to_string(), 200)))
+    HealthReport::parse(body)
+        .map_err(|e| ProbeFailure::Invalid(fleet_wire::truncate(&e.to_string(), 200)))
 }
 
 #[async_trait]

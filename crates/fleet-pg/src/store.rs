@@ -147,10 +147,8 @@ pub(crate) const SERVER_COLUMNS: &str = "id, name, description, hostname, api_ur
      last_response_time_ms, last_error";
 
 pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
-    let bad =
-        |what: &str, v: &str| StoreError::backend(format!("managed_servers.{what} holds `{v}`"));
-    let status: String = row.get("status");
-    let health: Option<String> = row.get("health_status");
+    let status: &str = row.get("status");
+    let health: Option<&str> = row.get("health_status");
     let tags: serde_json::Value = row.get("tags");
     Ok(ManagedServer {
         id: ServerId(row.get("id")),
@@ -163,11 +161,10 @@ pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
         tags: serde_json::from_value(tags)
             .map_err(|e| StoreError::backend(format!("managed_servers.tags: {e}")))?,
         metadata: row.get("metadata"),
-        status: status.parse().map_err(|_| bad("status", &status))?,
-        health_status: match health {
-            Some(h) => Some(h.parse().map_err(|_| bad("health_status", &h))?),
-            None => None,
-        },
+        status: parsed("managed_servers.status", status)?,
+        health_status: health
+            .map(|h| parsed("managed_servers.health_status", h))
+            .transpose()?,
         last_seen_at: row.get("last_seen_at"),
         last_health_check_at: row.get("last_health_check_at"),
         last_metrics_error: row.get("last_metrics_error"),
@@ -179,9 +176,11 @@ pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
     })
 }
 
-fn health_of(column: &str, h: &str) -> Result<HealthStatus, StoreError> {
-    h.parse()
-        .map_err(|_| StoreError::backend(format!("{column} holds `{h}`")))
+/// A stored enum read back; a value the code does not know is a backend error naming the
+/// column and the value.
+fn parsed<T: std::str::FromStr>(column: &str, text: &str) -> Result<T, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::backend(format!("{column} holds `{text}`")))
 }
 
 const STATE_CHANGES: &str = "SELECT c.id, c.server_id, m.name, c.changed_at, c.from_status, c.to_status, c.error_message \
@@ -211,11 +210,9 @@ impl Counts for PgStore {
                 let health: Option<&str> = r.get(1);
                 let count: i64 = r.get(4);
                 Ok(ServerTally {
-                    status: status.parse().map_err(|_| {
-                        StoreError::backend(format!("managed_servers.status holds `{status}`"))
-                    })?,
+                    status: parsed("managed_servers.status", status)?,
                     health: health
-                        .map(|h| health_of("managed_servers.health_status", h))
+                        .map(|h| parsed("managed_servers.health_status", h))
                         .transpose()?,
                     region: r.get(2),
                     environment: r.get(3),
@@ -258,9 +255,9 @@ impl ChangeLog for PgStore {
                     server_name: r.get(2),
                     changed_at: r.get(3),
                     from_status: from
-                        .map(|h| health_of("server_state_changes.from_status", h))
+                        .map(|h| parsed("server_state_changes.from_status", h))
                         .transpose()?,
-                    to_status: health_of("server_state_changes.to_status", r.get(5))?,
+                    to_status: parsed("server_state_changes.to_status", r.get(5))?,
                     error_message: r.get(6),
                 })
             })
@@ -876,10 +873,7 @@ impl Registry for PgStore {
 }
 
 fn health_from_row(row: &Row) -> Result<HealthCheck, StoreError> {
-    let status: String = row.get("status");
-    let status: HealthStatus = status.parse().map_err(|_| {
-        StoreError::backend(format!("server_health_checks.status holds `{status}`"))
-    })?;
+    let status: HealthStatus = parsed("server_health_checks.status", row.get("status"))?;
     let rt: Option<i32> = row.get("response_time_ms");
     Ok(HealthCheck {
         server_id: ServerId(row.get("server_id")),
@@ -897,13 +891,10 @@ fn health_from_row(row: &Row) -> Result<HealthCheck, StoreError> {
 }
 
 fn sample_from_row(row: &Row) -> Result<MetricsSample, StoreError> {
-    let period: String = row.get("period");
     Ok(MetricsSample {
         server_id: ServerId(row.get("server_id")),
         timestamp: row.get("timestamp"),
-        period: period.parse::<Period>().map_err(|_| {
-            StoreError::backend(format!("server_metrics_aggregated.period holds `{period}`"))
-        })?,
+        period: parsed::<Period>("server_metrics_aggregated.period", row.get("period"))?,
         values: MetricValues {
             cpu_percent: row.get("cpu_percent"),
             memory_percent: row.get("memory_percent"),

@@ -344,14 +344,7 @@ where
         let mut last = self.last_targets.lock().unwrap_or_else(|e| e.into_inner());
         match selected {
             Ok(targets) => {
-                let mut g = self.stats.lock();
-                if g.stats
-                    .last_error
-                    .as_deref()
-                    .is_some_and(|e| e.starts_with(SELECT_FAILED))
-                {
-                    g.stats.last_error = None;
-                }
+                self.stats.lock().stats.clear_error(SELECT_FAILED);
                 last.clone_from(&targets);
                 Selected::Targets(targets)
             }
@@ -535,13 +528,7 @@ where
                 let mut g = self.stats.lock();
                 match found {
                     Ok(findings) => {
-                        if g.stats
-                            .last_error
-                            .as_deref()
-                            .is_some_and(|e| e.starts_with(STORAGE_CHECK_FAILED))
-                        {
-                            g.stats.last_error = None;
-                        }
+                        g.stats.clear_error(STORAGE_CHECK_FAILED);
                         let problems = findings
                             .iter()
                             .cloned()

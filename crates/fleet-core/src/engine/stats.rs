@@ -61,6 +61,18 @@ pub struct WorkerStats {
 }
 
 impl WorkerStats {
+    /// Clears `last_error` when it is the one that starts with `kind` (a later success of
+    /// that kind of operation), leaving other errors in place.
+    pub(crate) fn clear_error(&mut self, kind: &str) {
+        if self
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(kind))
+        {
+            self.last_error = None;
+        }
+    }
+
     fn refresh_rate(&mut self) {
         self.success_rate = if self.performed == 0 {
             0.0
