@@ -1,0 +1,973 @@
+//! The thin async shell around the pure rule and incident machines: it subscribes to the
+//! result events, feeds the machines, writes their effects in one transaction per batch, and
+//! runs the senders that drain the outbox.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fleet_core::{
+    CancellationToken, Clock, Counts, Event, Events, Groups, HealthStatus, MetricsRecord, Problem,
+    Received, Registry, ServerFilter, ServerId, ServerStatus, StoreError, WorkerKind,
+};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::config::AlertConfig;
+use crate::incidents::{ChannelRef, Context, Effect, Engine, ServerInfo};
+use crate::model::{
+    AlertKey, AlertTransition, Attempted, Channel, Incident, IncidentState, MaintenanceWindow,
+    Policy, Rule, Silence,
+};
+use crate::notify::{Notifier, RateLimits, SendClass, decide};
+use crate::rules::{AlertChange, Observation, ServerRules};
+use crate::store::AlertStore;
+
+/// Pending notices per channel past which new ones are dropped (and counted).
+pub const MAX_BACKLOG: u64 = 1_000;
+/// A sender's claim on an outbox row.
+pub const CLAIM_LEASE: Duration = Duration::from_secs(60);
+/// One send's deadline: well within the lease, so a row is marked before another may claim it.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Channels sent to at once; one send at a time per channel.
+pub const MAX_SENDS: usize = 16;
+/// The result events the evaluator may fall behind by before it is told it lagged.
+pub const EVENT_QUEUE: usize = 65_536;
+
+/// What the engine needs to know of the registry: names, regions, groups and region sizes.
+#[async_trait]
+pub trait ServerSource: Send + Sync {
+    /// Every server.
+    async fn directory(&self) -> Result<HashMap<ServerId, ServerInfo>, StoreError>;
+    /// One server.
+    async fn server_info(&self, id: ServerId) -> Result<Option<ServerInfo>, StoreError>;
+    /// Active servers per region.
+    async fn region_sizes(&self) -> Result<HashMap<String, u64>, StoreError>;
+}
+
+#[async_trait]
+impl<T: Registry + Groups + Counts + ?Sized> ServerSource for T {
+    async fn directory(&self) -> Result<HashMap<ServerId, ServerInfo>, StoreError> {
+        let groups = self.list_groups().await?;
+        let mut member_of: HashMap<ServerId, Vec<(fleet_core::GroupId, String)>> = HashMap::new();
+        for g in &groups {
+            for m in &g.members {
+                member_of
+                    .entry(*m)
+                    .or_default()
+                    .push((g.id, g.name.clone()));
+            }
+        }
+        let servers = self.list_servers(&ServerFilter::default()).await?;
+        Ok(servers
+            .into_iter()
+            .map(|s| {
+                let info = ServerInfo {
+                    name: s.name,
+                    region: s.region,
+                    groups: member_of.remove(&s.id).unwrap_or_default(),
+                };
+                (s.id, info)
+            })
+            .collect())
+    }
+
+    async fn server_info(&self, id: ServerId) -> Result<Option<ServerInfo>, StoreError> {
+        let Some(s) = self.get_server(id).await? else {
+            return Ok(None);
+        };
+        let groups = self
+            .list_groups()
+            .await?
+            .into_iter()
+            .filter(|g| g.members.contains(&id))
+            .map(|g| (g.id, g.name))
+            .collect();
+        Ok(Some(ServerInfo {
+            name: s.name,
+            region: s.region,
+            groups,
+        }))
+    }
+
+    async fn region_sizes(&self) -> Result<HashMap<String, u64>, StoreError> {
+        let mut sizes = HashMap::new();
+        for t in self.server_tallies().await? {
+            if t.status == ServerStatus::Active
+                && let Some(r) = t.region
+            {
+                *sizes.entry(r).or_default() += t.count;
+            }
+        }
+        Ok(sizes)
+    }
+}
+
+/// The alert pipeline's counters.
+#[derive(Debug, Default)]
+pub struct AlertCounters {
+    /// Results evaluated.
+    pub results: AtomicU64,
+    /// Events the evaluator missed because it fell behind.
+    pub lagged: AtomicU64,
+    /// Phase transitions written.
+    pub transitions: AtomicU64,
+    /// Incidents opened.
+    pub opened: AtomicU64,
+    /// Notices delivered.
+    pub sent: AtomicU64,
+    /// Attempts that failed and will be retried.
+    pub retried: AtomicU64,
+    /// Notices given up.
+    pub failed: AtomicU64,
+    /// Notices dropped because a channel's backlog was full.
+    pub dropped: AtomicU64,
+    /// Writes of alert state that failed (and were retried).
+    pub write_errors: AtomicU64,
+    /// Effects waiting to be written.
+    pub unwritten: AtomicU64,
+}
+
+/// A plain copy of [`AlertCounters`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AlertStats {
+    /// Results evaluated.
+    pub results: u64,
+    /// Events missed by falling behind.
+    pub lagged: u64,
+    /// Phase transitions written.
+    pub transitions: u64,
+    /// Incidents opened.
+    pub opened: u64,
+    /// Notices delivered.
+    pub sent: u64,
+    /// Attempts that will be retried.
+    pub retried: u64,
+    /// Notices given up.
+    pub failed: u64,
+    /// Notices dropped at a full backlog.
+    pub dropped: u64,
+    /// Failed writes of alert state.
+    pub write_errors: u64,
+    /// Effects waiting to be written.
+    pub unwritten: u64,
+}
+
+impl AlertCounters {
+    /// A snapshot.
+    pub fn snapshot(&self) -> AlertStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        AlertStats {
+            results: g(&self.results),
+            lagged: g(&self.lagged),
+            transitions: g(&self.transitions),
+            opened: g(&self.opened),
+            sent: g(&self.sent),
+            retried: g(&self.retried),
+            failed: g(&self.failed),
+            dropped: g(&self.dropped),
+            write_errors: g(&self.write_errors),
+            unwritten: g(&self.unwritten),
+        }
+    }
+}
+
+/// Why an acknowledgement was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AckError {
+    /// No such incident.
+    #[error("incident not found")]
+    NotFound,
+    /// It is resolved.
+    #[error("the incident is resolved")]
+    Resolved,
+    /// The alert pipeline is not running.
+    #[error("the alert pipeline is not running")]
+    Stopped,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+enum Command {
+    Ack {
+        id: Uuid,
+        by: String,
+        reason: String,
+        reply: oneshot::Sender<Result<Incident, AckError>>,
+    },
+}
+
+/// What the pipeline is built from.
+pub struct AlertParts {
+    /// Alert state.
+    pub store: Arc<dyn AlertStore>,
+    /// The registry, for names, regions and groups.
+    pub servers: Arc<dyn ServerSource>,
+    /// The transports.
+    pub notifier: Arc<dyn Notifier>,
+    /// The rules' settings.
+    pub config: AlertConfig,
+    /// Wall-clock time.
+    pub clock: Arc<dyn Clock>,
+    /// The workers' result events.
+    pub events: Events,
+    /// The health worker's interval (writes failing for two of them raise the storage rule).
+    pub health_interval: Duration,
+}
+
+impl std::fmt::Debug for AlertParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertParts")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handle on the running pipeline: acknowledge, test a channel, read counters.
+#[derive(Clone)]
+pub struct AlertsHandle {
+    commands: mpsc::Sender<Command>,
+    store: Arc<dyn AlertStore>,
+    notifier: Arc<dyn Notifier>,
+    counters: Arc<AlertCounters>,
+    wake: Arc<Notify>,
+    config: Arc<AlertConfig>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for AlertsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertsHandle").finish_non_exhaustive()
+    }
+}
+
+impl AlertsHandle {
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn AlertStore> {
+        &self.store
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> AlertStats {
+        self.counters.snapshot()
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AlertConfig {
+        &self.config
+    }
+
+    /// Acknowledges an open incident: reminders and escalation stop, channels that were told
+    /// of it are told of the acknowledgement.
+    pub async fn acknowledge(
+        &self,
+        id: Uuid,
+        by: &str,
+        reason: &str,
+    ) -> Result<Incident, AckError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Ack {
+                id,
+                by: by.to_owned(),
+                reason: reason.to_owned(),
+                reply,
+            })
+            .await
+            .map_err(|_| AckError::Stopped)?;
+        let result = rx.await.map_err(|_| AckError::Stopped)?;
+        self.wake.notify_one();
+        result
+    }
+
+    /// Sends a test notice to a channel now: its outcome class and latency, never the
+    /// receiver's body.
+    pub async fn test(&self, channel: &Channel) -> (SendClass, Option<u16>, Duration) {
+        let notice =
+            crate::payload::test_notice(&channel.name, &self.config.public_url, self.clock.now());
+        let started = Instant::now();
+        let key = format!("test-{}", Uuid::new_v4());
+        let sent = self
+            .notifier
+            .send(&channel.config, &notice, &key, SEND_TIMEOUT)
+            .await;
+        (sent.class, sent.status, started.elapsed())
+    }
+}
+
+/// The running pipeline.
+#[derive(Debug)]
+pub struct AlertService;
+
+impl AlertService {
+    /// Starts the evaluator and the senders; both stop when `cancel` fires.
+    pub fn spawn(
+        parts: AlertParts,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> AlertsHandle {
+        let counters = Arc::new(AlertCounters::default());
+        let wake = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::channel(64);
+        let config = Arc::new(parts.config.clone());
+        let handle = AlertsHandle {
+            commands: tx,
+            store: parts.store.clone(),
+            notifier: parts.notifier.clone(),
+            counters: counters.clone(),
+            wake: wake.clone(),
+            config: config.clone(),
+            clock: parts.clock.clone(),
+        };
+        let subscription = parts.events.subscribe("alerts", EVENT_QUEUE);
+        let sender = Sender {
+            store: parts.store.clone(),
+            notifier: parts.notifier.clone(),
+            clock: parts.clock.clone(),
+            counters: counters.clone(),
+            wake: wake.clone(),
+            busy: Arc::new(Mutex::new(HashSet::new())),
+        };
+        let evaluator = Evaluator {
+            store: parts.store,
+            servers: parts.servers,
+            cfg: parts.config,
+            clock: parts.clock,
+            counters,
+            wake,
+            health_interval: parts.health_interval,
+            rules: HashMap::new(),
+            engine: Engine::new(),
+            directory: HashMap::new(),
+            region_sizes: HashMap::new(),
+            routing: Routing::default(),
+            signals: Signals::default(),
+            transitions: Vec::new(),
+            effects: Vec::new(),
+        };
+        let c = cancel.clone();
+        tracker.spawn(async move { evaluator.run(subscription, rx, c).await });
+        let tracker2 = tracker.clone();
+        tracker.spawn(async move { sender.run(cancel, tracker2).await });
+        handle
+    }
+}
+
+#[derive(Debug, Default)]
+struct Routing {
+    channels: Vec<Channel>,
+    policies: Vec<Policy>,
+    silences: Vec<Silence>,
+    windows: Vec<MaintenanceWindow>,
+    full: HashSet<Uuid>,
+}
+
+/// Fleet-wide signals from worker problems and cycle ends.
+#[derive(Debug, Default)]
+struct Signals {
+    writes_failing_since: Option<Instant>,
+    last_drop: Option<Instant>,
+    last_finding: Option<(Instant, String)>,
+    overran: HashMap<WorkerKind, (bool, u32)>,
+    not_checked: HashSet<&'static str>,
+    all_unreachable_cycles: u32,
+    unreachable: u64,
+}
+
+/// How long after the last drop or storage finding its alert resolves.
+const QUIET: Duration = Duration::from_secs(600);
+
+struct Evaluator {
+    store: Arc<dyn AlertStore>,
+    servers: Arc<dyn ServerSource>,
+    cfg: AlertConfig,
+    clock: Arc<dyn Clock>,
+    counters: Arc<AlertCounters>,
+    wake: Arc<Notify>,
+    health_interval: Duration,
+    rules: HashMap<ServerId, ServerRules>,
+    engine: Engine,
+    directory: HashMap<ServerId, ServerInfo>,
+    region_sizes: HashMap<String, u64>,
+    routing: Routing,
+    signals: Signals,
+    transitions: Vec<AlertTransition>,
+    effects: Vec<Effect>,
+}
+
+/// Effects waiting for the store past this many are dropped (and counted): the store has
+/// been down for long, and the engine's memory still holds the current state.
+const MAX_UNWRITTEN: usize = 200_000;
+
+macro_rules! ctx {
+    ($self:ident, $channels:ident) => {
+        Context {
+            now: $self.clock.now(),
+            cfg: &$self.cfg,
+            channels: &$channels,
+            policies: &$self.routing.policies,
+            silences: &$self.routing.silences,
+            windows: &$self.routing.windows,
+            servers: &$self.directory,
+            region_sizes: &$self.region_sizes,
+            fleet_unreachable: ($self.signals.all_unreachable_cycles >= 2)
+                .then_some($self.signals.unreachable),
+        }
+    };
+}
+
+impl Evaluator {
+    async fn run(
+        mut self,
+        mut events: fleet_core::Subscription,
+        mut commands: mpsc::Receiver<Command>,
+        cancel: CancellationToken,
+    ) {
+        // Start from what is stored: firing alerts and open incidents survive a restart.
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.restore().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(target: "fleet::alerts", error = %e, "cannot load alert state; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some(cmd) = commands.recv() => self.command(cmd).await,
+                received = events.recv() => {
+                    let Some(received) = received else { break };
+                    self.receive(received).await;
+                    // Take what else is queued, then write it all in one transaction.
+                    for _ in 0..4_096 {
+                        match events.try_recv() {
+                            Some(r) => self.receive(r).await,
+                            None => break,
+                        }
+                    }
+                    self.flush().await;
+                }
+                _ = tick.tick() => {
+                    if ticks.is_multiple_of(5) {
+                        self.refresh_routing().await;
+                    }
+                    if ticks.is_multiple_of(300) {
+                        self.refresh_directory().await;
+                    }
+                    ticks += 1;
+                    self.signals_tick();
+                    let channels = self.channel_refs();
+                    let ctx = ctx!(self, channels);
+                    let fx = self.engine.tick(&ctx);
+                    self.effects.extend(fx);
+                    self.flush().await;
+                }
+            }
+        }
+        self.flush().await;
+    }
+
+    async fn restore(&mut self) -> Result<(), StoreError> {
+        self.refresh_directory().await;
+        self.refresh_routing().await;
+        let phases = self.store.alert_phases().await?;
+        let open = self.store.open_incidents().await?;
+        let mut by_server: HashMap<ServerId, Vec<_>> = HashMap::new();
+        let mut firing = Vec::new();
+        for p in phases {
+            if matches!(
+                p.phase,
+                crate::model::Phase::Firing | crate::model::Phase::Recovering
+            ) {
+                firing.push((p.key.clone(), p.since));
+            }
+            if let Some(s) = p.key.server {
+                by_server
+                    .entry(s)
+                    .or_default()
+                    .push((p.key.rule, p.key.detail, p.phase, p.since));
+            }
+        }
+        for (server, states) in by_server {
+            self.rules
+                .insert(server, ServerRules::restore(server, None, states));
+        }
+        let n = open.len();
+        self.engine = Engine::restore(open, firing);
+        tracing::info!(target: "fleet::alerts", open_incidents = n, firing = self.engine.active_count(), "alert state loaded");
+        Ok(())
+    }
+
+    async fn refresh_directory(&mut self) {
+        match self.servers.directory().await {
+            Ok(d) => self.directory = d,
+            Err(e) => {
+                tracing::warn!(target: "fleet::alerts", error = %e, "cannot read the registry")
+            }
+        }
+        if let Ok(s) = self.servers.region_sizes().await {
+            self.region_sizes = s;
+        }
+    }
+
+    async fn refresh_routing(&mut self) {
+        let now = self.clock.now();
+        let loaded = async {
+            Ok::<_, StoreError>(Routing {
+                channels: self.store.list_channels().await?,
+                policies: self.store.list_policies().await?,
+                silences: self.store.list_silences(now).await?,
+                windows: self.store.list_windows().await?,
+                full: self
+                    .store
+                    .backlog()
+                    .await?
+                    .into_iter()
+                    .filter(|b| b.pending >= MAX_BACKLOG)
+                    .map(|b| b.channel_id)
+                    .collect(),
+            })
+        }
+        .await;
+        match loaded {
+            Ok(r) => self.routing = r,
+            Err(e) => {
+                tracing::warn!(target: "fleet::alerts", error = %e, "cannot read alert configuration")
+            }
+        }
+        if let Ok(s) = self.servers.region_sizes().await {
+            self.region_sizes = s;
+        }
+    }
+
+    fn channel_refs(&self) -> Vec<ChannelRef> {
+        self.routing
+            .channels
+            .iter()
+            .map(|c| ChannelRef {
+                id: c.id,
+                name: c.name.clone(),
+                send_resolved: c.config.send_resolved(),
+                full: self.routing.full.contains(&c.id),
+            })
+            .collect()
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Ack {
+                id,
+                by,
+                reason,
+                reply,
+            } => {
+                self.flush().await;
+                let channels = self.channel_refs();
+                let ctx = ctx!(self, channels);
+                let result = match self.engine.acknowledge(id, &by, &reason, &ctx) {
+                    Some((incident, fx)) => match self.store.apply(&[], &fx).await {
+                        Ok(()) => Ok(incident),
+                        Err(e) => {
+                            self.effects.extend(fx);
+                            Err(AckError::Store(e))
+                        }
+                    },
+                    None => match self.store.incident(id).await {
+                        Ok(Some(d)) if d.incident.state == IncidentState::Resolved => {
+                            Err(AckError::Resolved)
+                        }
+                        Ok(_) => Err(AckError::NotFound),
+                        Err(e) => Err(AckError::Store(e)),
+                    },
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn receive(&mut self, received: Received) {
+        let event = match received {
+            Received::Event(e) => e,
+            Received::Lagged { missed } => {
+                // Missed results only delay a rule: the next check of each server moves it on.
+                self.counters.lagged.fetch_add(missed, Ordering::Relaxed);
+                tracing::warn!(target: "fleet::alerts", missed, "alert evaluation fell behind; results were skipped");
+                return;
+            }
+        };
+        match &*event {
+            Event::Checked { check, .. } => {
+                self.observe(
+                    check.server_id,
+                    Observation::Health(check.status),
+                    check.timestamp,
+                )
+                .await;
+            }
+            Event::Collected { record, .. } => match record {
+                MetricsRecord::Sample(s) => {
+                    self.observe(
+                        s.server_id,
+                        Observation::Metrics(Some(&s.values)),
+                        s.timestamp,
+                    )
+                    .await;
+                }
+                MetricsRecord::Failure(f) => {
+                    self.observe(f.server_id, Observation::Metrics(None), f.timestamp)
+                        .await;
+                }
+            },
+            Event::CycleFinished {
+                worker, summary, ..
+            } => {
+                let s = &mut self.signals;
+                let entry = s.overran.entry(*worker).or_default();
+                entry.1 = if entry.0 { entry.1 + 1 } else { 0 };
+                entry.0 = false;
+                let streak = entry.1;
+                self.fleet_signal(
+                    &format!("{}_overrun", worker.as_str()),
+                    self.cfg.fleet_self && streak >= 3,
+                    Rule::FleetSelf,
+                );
+                if *worker == WorkerKind::Health {
+                    let kinds: Vec<&'static str> =
+                        self.signals.not_checked.iter().copied().collect();
+                    for kind in kinds {
+                        if !summary.not_checked.contains_key(kind) {
+                            self.signals.not_checked.remove(kind);
+                            self.fleet_signal(kind, false, Rule::FleetSelf);
+                        }
+                    }
+                    let unreachable = summary.count(HealthStatus::Unreachable.as_str());
+                    if summary.completed > 0 && unreachable == summary.completed {
+                        self.signals.all_unreachable_cycles += 1;
+                        self.signals.unreachable = unreachable;
+                    } else {
+                        self.signals.all_unreachable_cycles = 0;
+                    }
+                }
+            }
+            Event::Problem { worker, problem } => self.problem(*worker, problem),
+        }
+    }
+
+    fn problem(&mut self, worker: WorkerKind, problem: &Problem) {
+        match problem {
+            Problem::Overrun { .. } => {
+                self.signals.overran.entry(worker).or_default().0 = true;
+            }
+            Problem::WriteFailing { .. } => {
+                self.signals
+                    .writes_failing_since
+                    .get_or_insert_with(Instant::now);
+            }
+            Problem::WriteRecovered => {
+                self.signals.writes_failing_since = None;
+                self.fleet_signal("writes_failing", false, Rule::Storage);
+            }
+            Problem::ResultsDropped { .. } => {
+                self.signals.last_drop = Some(Instant::now());
+                self.fleet_signal("results_dropped", self.cfg.storage, Rule::Storage);
+            }
+            Problem::StorageFinding(what) | Problem::StorageCheckFailed(what) => {
+                self.signals.last_finding = Some((Instant::now(), what.clone()));
+                self.fleet_signal("partitions", self.cfg.storage, Rule::Storage);
+            }
+            Problem::NotChecked { kind, .. } => {
+                if self.cfg.fleet_self {
+                    self.signals.not_checked.insert(kind);
+                    self.fleet_signal(kind, true, Rule::FleetSelf);
+                }
+            }
+        }
+    }
+
+    fn signals_tick(&mut self) {
+        let failing = self
+            .signals
+            .writes_failing_since
+            .is_some_and(|t| t.elapsed() > self.health_interval * 2);
+        if failing {
+            self.fleet_signal("writes_failing", self.cfg.storage, Rule::Storage);
+        }
+        if self.signals.last_drop.is_some_and(|t| t.elapsed() >= QUIET) {
+            self.signals.last_drop = None;
+            self.fleet_signal("results_dropped", false, Rule::Storage);
+        }
+        if self
+            .signals
+            .last_finding
+            .as_ref()
+            .is_some_and(|(t, _)| t.elapsed() >= QUIET)
+        {
+            self.signals.last_finding = None;
+            self.fleet_signal("partitions", false, Rule::Storage);
+        }
+    }
+
+    /// Raises or clears a fleet-wide alert (no server).
+    fn fleet_signal(&mut self, detail: &str, firing: bool, rule: Rule) {
+        let change = AlertChange {
+            key: AlertKey {
+                rule,
+                server: None,
+                detail: detail.to_owned(),
+            },
+            firing,
+            at: self.clock.now(),
+            since: self.clock.now(),
+        };
+        let channels = self.channel_refs();
+        let ctx = ctx!(self, channels);
+        let fx = self.engine.change(&change, &ctx);
+        self.effects.extend(fx);
+    }
+
+    async fn observe(&mut self, server: ServerId, obs: Observation<'_>, at: OffsetDateTime) {
+        self.counters.results.fetch_add(1, Ordering::Relaxed);
+        let step = self
+            .rules
+            .entry(server)
+            .or_insert_with(|| ServerRules::new(server))
+            .observe(obs, at, &self.cfg);
+        if step.transitions.is_empty() && step.changes.is_empty() {
+            return;
+        }
+        self.transitions.extend(step.transitions);
+        if !step.changes.is_empty() && !self.directory.contains_key(&server) {
+            // A server registered since the last listing: look it up once.
+            if let Ok(Some(info)) = self.servers.server_info(server).await {
+                self.directory.insert(server, info);
+            }
+        }
+        let channels = self.channel_refs();
+        let ctx = ctx!(self, channels);
+        for change in &step.changes {
+            let fx = self.engine.change(change, &ctx);
+            self.effects.extend(fx);
+        }
+    }
+
+    /// Writes what is waiting, in one transaction. On failure it stays (bounded) and is
+    /// retried with the next flush.
+    async fn flush(&mut self) {
+        if self.transitions.is_empty() && self.effects.is_empty() {
+            return;
+        }
+        let opened = self
+            .effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Timeline { kind: "opened", .. }))
+            .count() as u64;
+        let notices = self
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::Notify { .. }));
+        let dropped = self
+            .effects
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::Timeline {
+                        kind: "dropped",
+                        ..
+                    }
+                )
+            })
+            .count() as u64;
+        match self.store.apply(&self.transitions, &self.effects).await {
+            Ok(()) => {
+                self.counters
+                    .transitions
+                    .fetch_add(self.transitions.len() as u64, Ordering::Relaxed);
+                self.counters.opened.fetch_add(opened, Ordering::Relaxed);
+                self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+                self.transitions.clear();
+                self.effects.clear();
+                if notices {
+                    self.wake.notify_one();
+                }
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "fleet::alerts", error = %e, waiting = self.effects.len() + self.transitions.len(), "writing alert state failed; kept for the next try");
+                let over =
+                    (self.effects.len() + self.transitions.len()).saturating_sub(MAX_UNWRITTEN);
+                if over > 0 {
+                    // Phase transitions go first: the engine's memory still holds them.
+                    let n = over.min(self.transitions.len());
+                    self.transitions.drain(..n);
+                }
+            }
+        }
+        self.counters.unwritten.store(
+            (self.effects.len() + self.transitions.len()) as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// Drains the outbox: claims due rows, sends with no transaction open, marks them by claim.
+struct Sender {
+    store: Arc<dyn AlertStore>,
+    notifier: Arc<dyn Notifier>,
+    clock: Arc<dyn Clock>,
+    counters: Arc<AlertCounters>,
+    wake: Arc<Notify>,
+    busy: Arc<Mutex<HashSet<Uuid>>>,
+}
+
+impl Sender {
+    async fn run(self, cancel: CancellationToken, tracker: TaskTracker) {
+        let limits = Arc::new(tokio::sync::Mutex::new(RateLimits::default()));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let busy: Vec<Uuid> = self
+                .busy
+                .lock()
+                .map(|b| b.iter().copied().collect())
+                .unwrap_or_default();
+            if busy.len() >= MAX_SENDS {
+                continue;
+            }
+            let rows = match self
+                .store
+                .claim(self.clock.now(), 200, CLAIM_LEASE, &busy)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(target: "fleet::alerts", error = %e, "cannot claim notices");
+                    continue;
+                }
+            };
+            if rows.is_empty() {
+                continue;
+            }
+            let channels = match self.store.list_channels().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(target: "fleet::alerts", error = %e, "cannot read channels");
+                    continue;
+                }
+            };
+            let mut by_channel: HashMap<Uuid, Vec<crate::model::Delivery>> = HashMap::new();
+            for r in rows {
+                by_channel.entry(r.channel_id).or_default().push(r);
+            }
+            for (channel_id, rows) in by_channel {
+                let Some(channel) = channels.iter().find(|c| c.id == channel_id).cloned() else {
+                    continue;
+                };
+                if let Ok(mut b) = self.busy.lock() {
+                    b.insert(channel_id);
+                }
+                let job = Job {
+                    store: self.store.clone(),
+                    notifier: self.notifier.clone(),
+                    clock: self.clock.clone(),
+                    counters: self.counters.clone(),
+                    limits: limits.clone(),
+                    busy: self.busy.clone(),
+                    wake: self.wake.clone(),
+                };
+                tracker.spawn(job.send_all(channel, rows));
+            }
+        }
+    }
+}
+
+struct Job {
+    store: Arc<dyn AlertStore>,
+    notifier: Arc<dyn Notifier>,
+    clock: Arc<dyn Clock>,
+    counters: Arc<AlertCounters>,
+    limits: Arc<tokio::sync::Mutex<RateLimits>>,
+    busy: Arc<Mutex<HashSet<Uuid>>>,
+    wake: Arc<Notify>,
+}
+
+impl Job {
+    /// Sends one channel's claimed rows in order, one at a time.
+    async fn send_all(self, channel: Channel, rows: Vec<crate::model::Delivery>) {
+        for row in rows {
+            let wait = self.limits.lock().await.take(&channel.config);
+            let outcome = match wait {
+                Err(wait) => Attempted::Retry {
+                    after: wait,
+                    error: "rate limit".into(),
+                    counts: false,
+                },
+                Ok(()) => {
+                    let sent = self
+                        .notifier
+                        .send(
+                            &channel.config,
+                            &row.notice,
+                            &row.idempotency_key(),
+                            SEND_TIMEOUT,
+                        )
+                        .await;
+                    let outcome = decide(&sent, row.attempts);
+                    match &outcome {
+                        Attempted::Sent => {
+                            self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(target: "fleet::alerts", channel = %channel.name, incident = %row.incident_id, kind = row.kind.as_str(), "notice delivered");
+                        }
+                        Attempted::Retry { error, after, .. } => {
+                            self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(target: "fleet::alerts", channel = %channel.name, incident = %row.incident_id, %error, retry_in_s = after.as_secs(), "notice not delivered; will retry");
+                        }
+                        Attempted::Failed { error } => {
+                            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(target: "fleet::alerts", channel = %channel.name, incident = %row.incident_id, %error, "notice given up");
+                        }
+                    }
+                    outcome
+                }
+            };
+            match self
+                .store
+                .finish(row.id, row.claim_token, &outcome, self.clock.now())
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(target: "fleet::alerts", channel = %channel.name, "a notice's claim expired before it was marked")
+                }
+                Err(e) => {
+                    // The claim expires and the row is sent again, with the same key.
+                    tracing::warn!(target: "fleet::alerts", error = %e, "cannot mark a notice")
+                }
+            }
+        }
+        if let Ok(mut b) = self.busy.lock() {
+            b.remove(&channel.id);
+        }
+        self.wake.notify_one();
+    }
+}

@@ -1,0 +1,210 @@
+//! Where alert state lives: the [`AlertStore`] trait. fleet-pg implements it for PostgreSQL,
+//! [`MemoryAlertStore`](crate::MemoryAlertStore) for the demo and tests.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fleet_core::StoreError;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::incidents::{Effect, Restored};
+use crate::model::{
+    AlertKey, AlertTransition, Attempted, Backlog, Channel, ChannelConfig, Delivery, Incident,
+    IncidentDetail, IncidentFilter, MaintenanceWindow, Matchers, Phase, Policy, Scope, Severity,
+    Silence, Step,
+};
+use crate::schedule::Schedule;
+
+/// A stored alert phase: the last transition of one alert.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredPhase {
+    /// The alert.
+    pub key: AlertKey,
+    /// Its phase.
+    pub phase: Phase,
+    /// Since when its episode runs.
+    pub since: OffsetDateTime,
+}
+
+/// Changes to a channel; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelPatch {
+    /// A new name.
+    pub name: Option<String>,
+    /// A new configuration (its kind may change).
+    pub config: Option<ChannelConfig>,
+}
+
+/// Changes to a maintenance window.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WindowPatch {
+    /// A new name.
+    pub name: Option<String>,
+    /// A new scope.
+    pub scope: Option<Scope>,
+    /// New times.
+    pub schedule: Option<Schedule>,
+}
+
+/// Changes to a policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyPatch {
+    /// A new name.
+    pub name: Option<String>,
+    /// New matchers.
+    pub matchers: Option<Matchers>,
+    /// New steps.
+    pub steps: Option<Vec<Step>>,
+}
+
+/// Alert state, incidents, the outbox, and their configuration.
+///
+/// [`apply`](AlertStore::apply) is the one write path of the engine: phase transitions and
+/// incident effects, outbox rows included, in one transaction. Senders
+/// [`claim`](AlertStore::claim) rows (no transaction stays open while they send) and
+/// [`finish`](AlertStore::finish) them with their claim token.
+#[async_trait]
+pub trait AlertStore: Send + Sync {
+    /// Writes phase transitions and incident effects atomically. An outbox row already
+    /// present for its (incident, seq, channel) is not written again.
+    async fn apply(
+        &self,
+        transitions: &[AlertTransition],
+        effects: &[Effect],
+    ) -> Result<(), StoreError>;
+
+    /// Every alert not resolved, as its last transition left it.
+    async fn alert_phases(&self) -> Result<Vec<StoredPhase>, StoreError>;
+
+    /// Open incidents with their members and timers.
+    async fn open_incidents(&self) -> Result<Vec<Restored>, StoreError>;
+
+    /// Claims up to `limit` due outbox rows for `lease`: rows claimed by others and not yet
+    /// expired are skipped, and so are `skip_channels` (busy with a send). The claim is committed before this returns.
+    async fn claim(
+        &self,
+        now: OffsetDateTime,
+        limit: usize,
+        lease: Duration,
+        skip_channels: &[Uuid],
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Records an attempt's outcome, if the claim is still this sender's. False when it is
+    /// not (the lease expired and someone else claimed the row).
+    async fn finish(
+        &self,
+        id: i64,
+        claim_token: Uuid,
+        outcome: &Attempted,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError>;
+
+    /// Each channel's outbox figures.
+    async fn backlog(&self) -> Result<Vec<Backlog>, StoreError>;
+
+    /// Adds a channel; a taken name is a conflict.
+    async fn create_channel(
+        &self,
+        name: &str,
+        config: ChannelConfig,
+        now: OffsetDateTime,
+    ) -> Result<Channel, StoreError>;
+
+    /// Every channel, by name.
+    async fn list_channels(&self) -> Result<Vec<Channel>, StoreError>;
+
+    /// One channel.
+    async fn get_channel(&self, id: Uuid) -> Result<Option<Channel>, StoreError>;
+
+    /// Changes a channel; `None` when it does not exist.
+    async fn update_channel(
+        &self,
+        id: Uuid,
+        patch: ChannelPatch,
+    ) -> Result<Option<Channel>, StoreError>;
+
+    /// Removes a channel and its outbox rows.
+    async fn delete_channel(&self, id: Uuid) -> Result<bool, StoreError>;
+
+    /// A page of incidents, newest first, and how many match.
+    async fn list_incidents(
+        &self,
+        filter: &IncidentFilter,
+    ) -> Result<(Vec<Incident>, u64), StoreError>;
+
+    /// One incident with its members and timeline.
+    async fn incident(&self, id: Uuid) -> Result<Option<IncidentDetail>, StoreError>;
+
+    /// Open incidents by severity.
+    async fn open_by_severity(&self) -> Result<Vec<(Severity, u64)>, StoreError>;
+
+    /// Adds a silence.
+    async fn create_silence(
+        &self,
+        matchers: Matchers,
+        starts_at: OffsetDateTime,
+        ends_at: OffsetDateTime,
+        comment: &str,
+        now: OffsetDateTime,
+    ) -> Result<Silence, StoreError>;
+
+    /// Every silence not ended before `since`, newest first.
+    async fn list_silences(&self, since: OffsetDateTime) -> Result<Vec<Silence>, StoreError>;
+
+    /// One silence.
+    async fn get_silence(&self, id: Uuid) -> Result<Option<Silence>, StoreError>;
+
+    /// Removes a silence.
+    async fn delete_silence(&self, id: Uuid) -> Result<bool, StoreError>;
+
+    /// Adds a maintenance window.
+    async fn create_window(
+        &self,
+        name: &str,
+        scope: Scope,
+        schedule: Schedule,
+        now: OffsetDateTime,
+    ) -> Result<MaintenanceWindow, StoreError>;
+
+    /// Every window, by name.
+    async fn list_windows(&self) -> Result<Vec<MaintenanceWindow>, StoreError>;
+
+    /// One window.
+    async fn get_window(&self, id: Uuid) -> Result<Option<MaintenanceWindow>, StoreError>;
+
+    /// Changes a window.
+    async fn update_window(
+        &self,
+        id: Uuid,
+        patch: WindowPatch,
+    ) -> Result<Option<MaintenanceWindow>, StoreError>;
+
+    /// Removes a window.
+    async fn delete_window(&self, id: Uuid) -> Result<bool, StoreError>;
+
+    /// Adds a policy; a taken name is a conflict.
+    async fn create_policy(
+        &self,
+        name: &str,
+        matchers: Matchers,
+        steps: Vec<Step>,
+        now: OffsetDateTime,
+    ) -> Result<Policy, StoreError>;
+
+    /// Every policy, by name.
+    async fn list_policies(&self) -> Result<Vec<Policy>, StoreError>;
+
+    /// One policy.
+    async fn get_policy(&self, id: Uuid) -> Result<Option<Policy>, StoreError>;
+
+    /// Changes a policy.
+    async fn update_policy(
+        &self,
+        id: Uuid,
+        patch: PolicyPatch,
+    ) -> Result<Option<Policy>, StoreError>;
+
+    /// Removes a policy.
+    async fn delete_policy(&self, id: Uuid) -> Result<bool, StoreError>;
+}
