@@ -26,6 +26,8 @@
 //! ```
 
 mod config;
+#[cfg(any(test, feature = "test-util"))]
+pub mod conformance;
 mod incidents;
 mod memory;
 mod model;

@@ -111,6 +111,22 @@ impl AlertStore for MemoryAlertStore {
     ) -> Result<(), StoreError> {
         let mut g = self.lock();
         let inner = &mut *g;
+        // All or nothing, as a transaction: refuse before changing anything.
+        for e in effects {
+            if let Effect::Save(snap) = e
+                && snap.incident.state != IncidentState::Resolved
+                && inner.incidents.values().any(|s| {
+                    s.incident.id != snap.incident.id
+                        && s.incident.group_key == snap.incident.group_key
+                        && s.incident.state != IncidentState::Resolved
+                })
+            {
+                return Err(StoreError::Conflict(format!(
+                    "an incident for {} is already open",
+                    snap.incident.group_key
+                )));
+            }
+        }
         for t in transitions {
             if t.to == Phase::Inactive {
                 inner.phases.remove(&t.key);
@@ -130,17 +146,6 @@ impl AlertStore for MemoryAlertStore {
                 Effect::Save(snap) => {
                     let id = snap.incident.id;
                     if !inner.incidents.contains_key(&id) {
-                        // One open incident per group key, as PostgreSQL's partial index.
-                        let taken = inner.incidents.values().any(|s| {
-                            s.incident.group_key == snap.incident.group_key
-                                && s.incident.state != IncidentState::Resolved
-                        });
-                        if taken && snap.incident.state != IncidentState::Resolved {
-                            return Err(StoreError::Conflict(format!(
-                                "an incident for {} is already open",
-                                snap.incident.group_key
-                            )));
-                        }
                         inner.order.push(id);
                     }
                     inner.incidents.insert(id, (**snap).clone());
@@ -603,4 +608,17 @@ impl AlertStore for MemoryAlertStore {
     async fn delete_policy(&self, id: Uuid) -> Result<bool, StoreError> {
         Ok(self.lock().policies.remove(&id).is_some())
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::alert_store_conformance_tests!(|| async {
+        (
+            (),
+            MemoryAlertStore::new(),
+            fleet_core::InMemoryStore::new(),
+        )
+    });
 }

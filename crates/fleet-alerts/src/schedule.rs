@@ -7,13 +7,16 @@ use time::OffsetDateTime;
 pub const MAX_DURATION_SECONDS: u64 = 7 * 24 * 3600;
 
 /// A window's times.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
 pub enum Schedule {
     /// From one time to another.
     Once {
         /// From.
+        #[serde(with = "time::serde::rfc3339")]
         starts_at: OffsetDateTime,
         /// Until (exclusive).
+        #[serde(with = "time::serde::rfc3339")]
         ends_at: OffsetDateTime,
     },
     /// On these weekdays at a local time, for a duration.

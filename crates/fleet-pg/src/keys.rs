@@ -26,14 +26,24 @@ pub struct SealedColumn {
     pub key_id: &'static str,
 }
 
-/// Every sealed column: probe tokens today; channel secrets add theirs.
-pub const SEALED_COLUMNS: &[SealedColumn] = &[SealedColumn {
-    label: "managed_servers.api_token",
-    table: "managed_servers",
-    id: "id",
-    sealed: "api_token_sealed",
-    key_id: "api_token_key_id",
-}];
+/// Every sealed column: probe tokens, and alert channels' configurations (their URLs,
+/// routing keys and passwords are secrets).
+pub const SEALED_COLUMNS: &[SealedColumn] = &[
+    SealedColumn {
+        label: "managed_servers.api_token",
+        table: "managed_servers",
+        id: "id",
+        sealed: "api_token_sealed",
+        key_id: "api_token_key_id",
+    },
+    SealedColumn {
+        label: "alert_channels.config",
+        table: "alert_channels",
+        id: "id",
+        sealed: "config_sealed",
+        key_id: "config_key_id",
+    },
+];
 
 /// What `keys rotate` did to one column.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

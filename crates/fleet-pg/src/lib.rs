@@ -20,6 +20,7 @@
 //! ```
 
 mod admin;
+mod alerts;
 mod crypto;
 mod keys;
 mod migrate;

@@ -283,6 +283,15 @@ impl PgStore {
         }
     }
 
+    /// The same store on another pool: the alert senders get a small pool of their own, so
+    /// that a hung receiver never holds the writer's connections.
+    pub fn with_pool(&self, pool: Pool) -> Self {
+        Self {
+            pool,
+            ..self.clone()
+        }
+    }
+
     /// The pool, for callers that need a connection of their own.
     pub fn pool(&self) -> &Pool {
         &self.pool

@@ -64,7 +64,8 @@ async fn migrations_apply_once() {
             "V1__initial",
             "V2__state_changes",
             "V3__case_insensitive_names",
-            "V4__server_tallies"
+            "V4__server_tallies",
+            "V5__alerts"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
@@ -685,13 +686,25 @@ async fn keys_rotate_every_sealed_column_and_the_old_key_can_then_go() {
         .create_server(NewServer::new("s", "http://127.0.0.1:9").with_token(ApiToken::new("tok")))
         .await
         .unwrap();
+    // A channel's secrets too.
+    let slack = fleet_alerts::ChannelConfig::Slack {
+        url: "http://127.0.0.1:9/hook".into(),
+    };
+    let channel = fleet_alerts::AlertStore::create_channel(
+        &store(TokenVault::new(Some(a.clone()))),
+        "slack",
+        slack.clone(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .await
+    .unwrap();
 
     // B alone opens nothing: the start-up check names A, and the target says which key.
     let b_only = store(TokenVault::new(Some(b.clone())));
     let unknown = b_only.unopenable_keys().await.unwrap();
     assert_eq!(
         unknown.into_iter().collect::<Vec<_>>(),
-        [(a.id().to_owned(), 1)]
+        [(a.id().to_owned(), 2)]
     );
     assert_eq!(
         token_of(store(TokenVault::new(Some(b.clone())))).await,
@@ -705,15 +718,16 @@ async fn keys_rotate_every_sealed_column_and_the_old_key_can_then_go() {
     assert!(rotating().unopenable_keys().await.unwrap().is_empty());
     assert_eq!(token_of(rotating()).await, (Some("tok".to_owned()), None));
     let report = rotating().rotate_keys().await.unwrap();
+    let resealed = Rotated {
+        resealed: 1,
+        current: 0,
+    };
     assert_eq!(
         report.into_iter().collect::<Vec<_>>(),
-        [(
-            "managed_servers.api_token",
-            Rotated {
-                resealed: 1,
-                current: 0
-            }
-        )]
+        [
+            ("alert_channels.config", resealed.clone()),
+            ("managed_servers.api_token", resealed)
+        ]
     );
     let again = rotating().rotate_keys().await.unwrap();
     assert_eq!(
@@ -724,6 +738,11 @@ async fn keys_rotate_every_sealed_column_and_the_old_key_can_then_go() {
         }
     );
     // A can go.
+    let b_now = store(TokenVault::new(Some(b.clone())));
+    let opened = fleet_alerts::AlertStore::get_channel(&b_now, channel.id)
+        .await
+        .unwrap();
+    assert_eq!(opened.unwrap().config, slack);
     assert_eq!(
         token_of(store(TokenVault::new(Some(b.clone())))).await,
         (Some("tok".to_owned()), None)
@@ -735,7 +754,7 @@ async fn keys_rotate_every_sealed_column_and_the_old_key_can_then_go() {
             .unwrap()
             .into_iter()
             .collect::<Vec<_>>(),
-        [(b.id().to_owned(), 1)]
+        [(b.id().to_owned(), 2)]
     );
 }
 
