@@ -37,6 +37,8 @@ mod rules;
 pub mod schedule;
 mod service;
 mod store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use config::{AlertConfig, BadSetting};
 pub use incidents::{ChannelRef, Context, Effect, Engine, Restored, ServerInfo, Snapshot};

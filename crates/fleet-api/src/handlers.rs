@@ -162,6 +162,7 @@ pub(crate) async fn openapi() -> ApiResult {
 pub(crate) async fn workers_status(State(app): State<AppState>) -> ApiResult {
     // The workers' own figures must show while the store is away: the counts are then null.
     let servers = active_by_health(&app).await.ok();
+    let incidents = crate::alerts::open_incidents(&app).await;
     let w = app.workers.read().unwrap_or_else(|e| e.into_inner());
     let health = w.health.as_ref().map(|h| h.snapshot());
     let metrics = w.metrics.as_ref().map(|h| h.snapshot());
@@ -178,6 +179,8 @@ pub(crate) async fn workers_status(State(app): State<AppState>) -> ApiResult {
             w.error.as_deref(),
         ),
         events: app.events.stats().into(),
+        incidents,
+        alerts: crate::alerts::stats(&app),
         timestamp: views::ts(app.clock.now()),
     })
 }
@@ -306,6 +309,70 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
             sub.name.replace(['\\', '"', '\n'], "_"),
             sub.lost
         );
+    }
+    if let Some(alerts) = &app.alerts {
+        let a = alerts.stats();
+        for (name, help, value) in [
+            (
+                "fleet_alert_results_total",
+                "Results the alert rules evaluated.",
+                a.results,
+            ),
+            (
+                "fleet_alert_lagged_total",
+                "Results the alert rules missed by falling behind.",
+                a.lagged,
+            ),
+            (
+                "fleet_alert_transitions_total",
+                "Alert phase transitions written.",
+                a.transitions,
+            ),
+            (
+                "fleet_alert_incidents_opened_total",
+                "Incidents opened.",
+                a.opened,
+            ),
+            (
+                "fleet_alert_notices_sent_total",
+                "Notices delivered.",
+                a.sent,
+            ),
+            (
+                "fleet_alert_notices_retried_total",
+                "Delivery attempts that failed and will be retried.",
+                a.retried,
+            ),
+            (
+                "fleet_alert_notices_failed_total",
+                "Notices given up.",
+                a.failed,
+            ),
+            (
+                "fleet_alert_notices_dropped_total",
+                "Notices dropped because a channel's backlog was full.",
+                a.dropped,
+            ),
+            (
+                "fleet_alert_write_errors_total",
+                "Failed writes of alert state (retried).",
+                a.write_errors,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        if let Some(open) = crate::alerts::open_incidents(&app).await {
+            let _ = writeln!(
+                out,
+                "# HELP fleet_incidents_open Open incidents, by severity.\n# TYPE fleet_incidents_open gauge"
+            );
+            for (severity, n) in open {
+                let _ = writeln!(out, "fleet_incidents_open{{severity=\"{severity}\"}} {n}");
+            }
+        }
     }
     if let Ok(by) = active_by_health(&app).await {
         let _ = writeln!(
@@ -788,7 +855,9 @@ pub(crate) async fn summary(
             llm_cost_usd: (u.cost_usd * 1e6).round() / 1e6,
         });
     }
+    let incidents = crate::alerts::open_incidents(&app).await;
     ok(views::Summary {
+        incidents,
         servers: views::ServerCounts {
             total: tallies.iter().map(|t| t.count as usize).sum(),
             by_status,

@@ -3,6 +3,7 @@
 //!
 //! An embedder mounts [`router`] in their own axum app; `fleet-server` serves it as is.
 
+mod alerts;
 pub mod auth;
 mod handlers;
 pub mod listener;
@@ -68,7 +69,12 @@ pub struct AppState {
     pub(crate) trusted_proxies: Arc<Vec<ipnet::IpNet>>,
     pub(crate) listener: Arc<listener::ListenerStats>,
     pub(crate) tallies: Arc<TallyCache>,
+    pub(crate) alerts: Option<fleet_alerts::AlertsHandle>,
 }
+
+/// Who called, by token name, for records such as an acknowledgement.
+#[derive(Clone, Debug)]
+pub(crate) struct Caller(pub(crate) String);
 
 /// The server tallies, read from the store at most once a second: `/metrics` is scraped, the
 /// status endpoint polled and the summary reloaded by many clients, and counts a second old
@@ -119,6 +125,8 @@ pub struct ApiParts {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The listener's counters, for `/metrics`.
     pub listener: Arc<listener::ListenerStats>,
+    /// The alert pipeline, when it runs.
+    pub alerts: Option<fleet_alerts::AlertsHandle>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -156,6 +164,7 @@ impl AppState {
             trusted_proxies: Arc::new(parts.trusted_proxies),
             listener: parts.listener,
             tallies: Arc::default(),
+            alerts: parts.alerts,
         }
     }
 }
@@ -431,6 +440,7 @@ fn ok_json(schema: SchemaFn) -> Reply {
 pub fn routes() -> Vec<Route> {
     use Access::*;
     use Method as M;
+    use alerts as a;
     use handlers as h;
     use views as v;
     const SERVER_FILTERS: &[&str] = &[
@@ -479,6 +489,38 @@ pub fn routes() -> Vec<Route> {
         route((M::DELETE, "/api/v1/fleet/groups/{id}"), Admin, "Remove a group (not its servers).", Reply::Empty, delete(h::delete_group)),
         route((M::PUT, "/api/v1/fleet/groups/{id}/members/{server_id}"), Admin, "Add a server to a group.", Reply::Empty, put(h::add_member)),
         route((M::DELETE, "/api/v1/fleet/groups/{id}/members/{server_id}"), Admin, "Remove a server from a group.", Reply::Empty, delete(h::remove_member)),
+        route((M::GET, "/api/v1/fleet/alerts/channels"), Viewer, "Alert channels, without their secrets.", ok_json(schema::<a::ChannelList>), get(a::list_channels)),
+        route((M::POST, "/api/v1/fleet/alerts/channels"), Admin, "Add a channel: webhook, slack, pagerduty or email. Its secrets are sealed and never shown again.", created(schema::<a::ChannelView>), post(a::create_channel))
+            .with_body(schema::<a::ChannelBody>),
+        route((M::GET, "/api/v1/fleet/alerts/channels/{id}"), Viewer, "One channel.", ok_json(schema::<a::ChannelView>), get(a::get_channel)),
+        route((M::PATCH, "/api/v1/fleet/alerts/channels/{id}"), Admin, "Change a channel; fields not given keep their value.", ok_json(schema::<a::ChannelView>), patch(a::update_channel))
+            .with_body(schema::<a::ChannelBody>),
+        route((M::DELETE, "/api/v1/fleet/alerts/channels/{id}"), Admin, "Remove a channel and its queued notices.", Reply::Empty, delete(a::delete_channel)),
+        route((M::POST, "/api/v1/fleet/alerts/channels/{id}/test"), Admin, "Send a test notice now: the outcome class and latency, never the receiver's answer.", ok_json(schema::<a::TestOutcome>), post(a::test_channel)),
+        route((M::GET, "/api/v1/fleet/alerts/policies"), Viewer, "Escalation policies.", ok_json(schema::<a::PolicyList>), get(a::list_policies)),
+        route((M::POST, "/api/v1/fleet/alerts/policies"), Admin, "Add an escalation policy: matchers and steps.", created(schema::<a::PolicyView>), post(a::create_policy))
+            .with_body(schema::<a::PolicyBody>),
+        route((M::GET, "/api/v1/fleet/alerts/policies/{id}"), Viewer, "One policy.", ok_json(schema::<a::PolicyView>), get(a::get_policy)),
+        route((M::PATCH, "/api/v1/fleet/alerts/policies/{id}"), Admin, "Change a policy.", ok_json(schema::<a::PolicyView>), patch(a::update_policy))
+            .with_body(schema::<a::PolicyBody>),
+        route((M::DELETE, "/api/v1/fleet/alerts/policies/{id}"), Admin, "Remove a policy.", Reply::Empty, delete(a::delete_policy)),
+        route((M::GET, "/api/v1/fleet/incidents"), Viewer, "Incidents, newest first, filtered and paginated.", ok_json(schema::<a::IncidentList>), get(a::list_incidents))
+            .with_query(&["state", "severity", "server_id", "group_id", "region", "limit", "offset"]),
+        route((M::GET, "/api/v1/fleet/incidents/{id}"), Viewer, "One incident with its members and timeline.", ok_json(schema::<a::IncidentDetailView>), get(a::get_incident)),
+        route((M::POST, "/api/v1/fleet/incidents/{id}/ack"), Admin, "Acknowledge an incident with a reason: reminders and escalation stop until it resolves.", ok_json(schema::<a::IncidentView>), post(a::ack_incident))
+            .with_body(schema::<a::AckBody>),
+        route((M::GET, "/api/v1/fleet/silences"), Viewer, "Silences not yet over.", ok_json(schema::<a::SilenceList>), get(a::list_silences)),
+        route((M::POST, "/api/v1/fleet/silences"), Admin, "Mute notifications for matching alerts between two times; incidents are still recorded.", created(schema::<a::SilenceView>), post(a::create_silence))
+            .with_body(schema::<a::SilenceBody>),
+        route((M::GET, "/api/v1/fleet/silences/{id}"), Viewer, "One silence.", ok_json(schema::<a::SilenceView>), get(a::get_silence)),
+        route((M::DELETE, "/api/v1/fleet/silences/{id}"), Admin, "End a silence.", Reply::Empty, delete(a::delete_silence)),
+        route((M::GET, "/api/v1/fleet/maintenance-windows"), Viewer, "Maintenance windows.", ok_json(schema::<a::WindowList>), get(a::list_windows)),
+        route((M::POST, "/api/v1/fleet/maintenance-windows"), Admin, "Add a maintenance window: servers inside it open no incidents (probing goes on).", created(schema::<a::WindowView>), post(a::create_window))
+            .with_body(schema::<a::WindowBody>),
+        route((M::GET, "/api/v1/fleet/maintenance-windows/{id}"), Viewer, "One maintenance window.", ok_json(schema::<a::WindowView>), get(a::get_window)),
+        route((M::PATCH, "/api/v1/fleet/maintenance-windows/{id}"), Admin, "Change a maintenance window.", ok_json(schema::<a::WindowView>), patch(a::update_window))
+            .with_body(schema::<a::WindowBody>),
+        route((M::DELETE, "/api/v1/fleet/maintenance-windows/{id}"), Admin, "Remove a maintenance window.", Reply::Empty, delete(a::delete_window)),
         route((M::GET, "/api/v1/fleet/summary"), Viewer, "Servers by status, health, region and environment; LLM cost and requests over a window.", ok_json(schema::<v::Summary>), get(h::summary))
             .with_query(&["from", "to", "hours", "limit"]),
     ]
@@ -528,18 +570,21 @@ async fn require(
         return Err(unauthorized("missing bearer token"));
     };
     let token = header.to_str().ok().and_then(auth::bearer);
-    let role = match token.filter(|t| auth::well_formed(t)) {
+    let who = match token.filter(|t| auth::well_formed(t)) {
         None => None,
         Some(token) => {
             let hashed = auth::hash(token);
             if app.bootstrap.matches(&hashed) {
-                Some(Role::Admin)
+                Some((Role::Admin, "FLEET_ADMIN_TOKEN".to_owned()))
             } else {
-                app.store.find_token(hashed).await?.map(|t| t.role)
+                app.store
+                    .find_token(hashed)
+                    .await?
+                    .map(|t| (t.role, t.name))
             }
         }
     };
-    let Some(role) = role else {
+    let Some((role, name)) = who else {
         if app.limiter.fail(addr) {
             return Ok(too_many(
                 app.limiter.blocked(addr).unwrap_or(Duration::from_secs(60)),
@@ -554,6 +599,8 @@ async fn require(
             "this route needs an admin token",
         ));
     }
+    let mut req = req;
+    req.extensions_mut().insert(Caller(name));
     Ok(next.run(req).await)
 }
 

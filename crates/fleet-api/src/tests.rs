@@ -23,6 +23,11 @@ use crate::auth;
 struct Api {
     router: Router,
     memory: Arc<InMemoryStore>,
+    alerts: Arc<fleet_alerts::MemoryAlertStore>,
+    notifier: Arc<fleet_alerts::testing::RecordingNotifier>,
+    /// An open incident, made before the alert pipeline started.
+    incident: uuid::Uuid,
+    _stop: tokio_util::sync::DropGuard,
     probe: Arc<ScriptedProbe>,
     events: Events,
     admin: String,
@@ -50,6 +55,24 @@ async fn api_with_limit(limit: u32) -> Api {
         ..Default::default()
     }));
     let events = Events::new();
+    // The alert pipeline on the in-memory alert store, with one open incident to show.
+    let alerts = Arc::new(fleet_alerts::MemoryAlertStore::new());
+    let incident = open_incident(&alerts).await;
+    let notifier = Arc::new(fleet_alerts::testing::RecordingNotifier::new());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = fleet_alerts::AlertService::spawn(
+        fleet_alerts::AlertParts {
+            store: alerts.clone(),
+            servers: memory.clone(),
+            notifier: notifier.clone(),
+            config: fleet_alerts::AlertConfig::default(),
+            clock: clock.clone(),
+            events: events.clone(),
+            health_interval: Duration::from_secs(30),
+        },
+        cancel.clone(),
+        &tokio_util::task::TaskTracker::new(),
+    );
     let state = AppState::new(ApiParts {
         store: memory.clone(),
         health: HealthWork::new(memory.clone(), probe.clone()),
@@ -61,15 +84,81 @@ async fn api_with_limit(limit: u32) -> Api {
         auth_failure_limit: limit,
         trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
         listener: Default::default(),
+        alerts: Some(handle),
     });
     Api {
         router: router(state),
         memory,
+        alerts,
+        notifier,
+        incident,
+        _stop: cancel.drop_guard(),
         probe,
         events,
         admin,
         viewer,
     }
+}
+
+/// An open, announced incident of one server, stored as the engine would have.
+async fn open_incident(store: &fleet_alerts::MemoryAlertStore) -> uuid::Uuid {
+    use fleet_alerts::{AlertStore, Effect, Incident, IncidentState, Rule, Snapshot};
+    let id = uuid::Uuid::new_v4();
+    let t = base_time();
+    let snap = Snapshot {
+        incident: Incident {
+            id,
+            group_key: "server_critical/eu".into(),
+            rule: Rule::ServerCritical,
+            severity: Rule::ServerCritical.severity(),
+            region: Some("eu".into()),
+            state: IncidentState::Firing,
+            summary: "ServerCritical in region eu".into(),
+            opened_at: t,
+            acknowledged_at: None,
+            acknowledged_by: None,
+            ack_reason: None,
+            resolved_at: None,
+            servers: 1,
+            covers: 1,
+        },
+        seq: 1,
+        announced_at: Some(t),
+        notified_at: Some(t),
+        additions: false,
+        immediate: false,
+        escalated_until: 0,
+        told: Default::default(),
+    };
+    let member = fleet_alerts::Member {
+        server_id: ServerId::new(),
+        server_name: "web-1".into(),
+        region: Some("eu".into()),
+        detail: String::new(),
+        joined_at: t,
+        resolved_at: None,
+    };
+    store
+        .apply(
+            &[],
+            &[
+                Effect::Save(Box::new(snap)),
+                Effect::Join {
+                    incident: id,
+                    member,
+                },
+                Effect::Timeline {
+                    incident: id,
+                    at: t,
+                    kind: "opened",
+                    message: "opened".into(),
+                    channel: None,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    id
 }
 
 async fn api() -> Api {
@@ -351,6 +440,46 @@ async fn every_route_answers_what_the_openapi_document_says() {
         .await;
     conforms(&doc, &Method::POST, "/api/v1/fleet/groups", status, &group);
     let group = group["id"].as_str().unwrap().to_owned();
+    // Something in every alert list too.
+    let mut alert_ids = std::collections::BTreeMap::new();
+    for (path, body) in [
+        (
+            "/api/v1/fleet/alerts/channels",
+            json!({"name": "hook", "kind": "webhook", "url": "http://127.0.0.1:9/hook"}),
+        ),
+        (
+            "/api/v1/fleet/silences",
+            json!({"matchers": {"region": "eu"}, "starts_at": "2026-04-01T00:00:00Z", "ends_at": "2026-04-02T00:00:00Z", "comment": "move"}),
+        ),
+        (
+            "/api/v1/fleet/maintenance-windows",
+            json!({"name": "nightly", "region": "eu", "weekdays": ["sat"], "start_time": "02:00", "duration_seconds": 7200, "time_zone": "Europe/Berlin"}),
+        ),
+    ] {
+        let (status, v) = a.admin(Method::POST, path, Some(&body.to_string())).await;
+        conforms(&doc, &Method::POST, path, status, &v);
+        alert_ids.insert(path, v["id"].as_str().unwrap().to_owned());
+    }
+    let channel = alert_ids["/api/v1/fleet/alerts/channels"].clone();
+    let (status, v) = a
+        .admin(
+            Method::POST,
+            "/api/v1/fleet/alerts/policies",
+            Some(&json!({"name": "p1", "matchers": {"rule": "server_critical"}, "steps": [{"after_seconds": 0, "channel_ids": [channel]}]}).to_string()),
+        )
+        .await;
+    conforms(
+        &doc,
+        &Method::POST,
+        "/api/v1/fleet/alerts/policies",
+        status,
+        &v,
+    );
+    alert_ids.insert(
+        "/api/v1/fleet/alerts/policies",
+        v["id"].as_str().unwrap().to_owned(),
+    );
+    alert_ids.insert("/api/v1/fleet/incidents", a.incident.to_string());
 
     // Deletions last, the server's after its membership's and its group's.
     let mut all = routes();
@@ -361,14 +490,18 @@ async fn every_route_answers_what_the_openapi_document_says() {
         _ => 0,
     });
     for r in all {
+        let id = alert_ids
+            .iter()
+            .find(|(prefix, _)| r.path.starts_with(*prefix))
+            .map(|(_, id)| id.as_str());
         let path = r
             .path
             .replace(
                 "{id}",
-                if r.path.starts_with("/api/v1/fleet/groups") {
-                    &group
-                } else {
-                    &other
+                match id {
+                    Some(id) => id,
+                    None if r.path.starts_with("/api/v1/fleet/groups") => &group,
+                    None => &other,
                 },
             )
             .replace("{server_id}", &other);
@@ -385,6 +518,22 @@ async fn every_route_answers_what_the_openapi_document_says() {
             ("PATCH", "/api/v1/fleet/servers/{id}") => Some(r#"{"description": "edge"}"#.into()),
             ("POST", "/api/v1/fleet/groups") => Some(r#"{"name": "g2"}"#.into()),
             ("PATCH", "/api/v1/fleet/groups/{id}") => Some(r#"{"color": "ff8800"}"#.into()),
+            ("POST", "/api/v1/fleet/alerts/channels") => Some(
+                json!({"name": "pager", "kind": "pagerduty", "routing_key": "rk", "url": "http://127.0.0.1:9/pd"}).to_string(),
+            ),
+            ("PATCH", "/api/v1/fleet/alerts/channels/{id}") => Some(r#"{"send_resolved": false}"#.into()),
+            ("POST", "/api/v1/fleet/alerts/policies") => Some(
+                json!({"name": "p2", "steps": [{"after_seconds": 1800, "channel_ids": [channel]}]}).to_string(),
+            ),
+            ("PATCH", "/api/v1/fleet/alerts/policies/{id}") => Some(r#"{"name": "p1 renamed"}"#.into()),
+            ("POST", "/api/v1/fleet/incidents/{id}/ack") => Some(r#"{"reason": "on it"}"#.into()),
+            ("POST", "/api/v1/fleet/silences") => Some(
+                json!({"matchers": {"rule": "server_degraded"}, "starts_at": "2026-04-01T00:00:00Z", "ends_at": "2026-04-01T01:00:00Z"}).to_string(),
+            ),
+            ("POST", "/api/v1/fleet/maintenance-windows") => Some(
+                json!({"name": "once", "server_id": other, "starts_at": "2026-04-01T00:00:00Z", "ends_at": "2026-04-01T01:00:00Z"}).to_string(),
+            ),
+            ("PATCH", "/api/v1/fleet/maintenance-windows/{id}") => Some(r#"{"name": "weekly"}"#.into()),
             _ => None,
         };
         // Histories and logs of the server that has them.
@@ -415,6 +564,11 @@ async fn every_route_answers_what_the_openapi_document_says() {
                     "metrics",
                     "state_changes",
                     "groups",
+                    "channels",
+                    "incidents",
+                    "silences",
+                    "windows",
+                    "policies",
                 ]
                 .iter()
                 .find_map(|k| value[k].as_array())
@@ -1316,4 +1470,323 @@ mod fuzz {
             });
         }
     }
+}
+
+#[tokio::test]
+async fn alert_bodies_name_the_bad_field_and_secrets_never_come_back() {
+    let a = api().await;
+    let admin = Some(a.admin.as_str());
+    let channels = "/api/v1/fleet/alerts/channels";
+    let cases = [
+        (
+            json!({"name": "x", "kind": "webhook", "url": "file:///etc/passwd"}),
+            "url",
+        ),
+        (
+            json!({"name": "x", "kind": "webhook", "url": "http://user:pw@127.0.0.1/h"}),
+            "url",
+        ),
+        (json!({"name": "x", "kind": "webhook"}), "url"),
+        (json!({"name": "x", "kind": "carrier-pigeon"}), "kind"),
+        (
+            json!({"name": "", "kind": "slack", "url": "http://127.0.0.1/h"}),
+            "name",
+        ),
+        (
+            json!({"name": "x", "kind": "slack", "url": "http://127.0.0.1/h", "routing_key": "k"}),
+            "routing_key",
+        ),
+        (
+            json!({"name": "x", "kind": "email", "to": ["nobody"], "from": "f@x.test", "smtp_host": "127.0.0.1", "smtp_port": 25}),
+            "to",
+        ),
+        (
+            json!({"name": "x", "kind": "email", "to": ["a@x.test"], "from": "f@x.test", "smtp_host": "127.0.0.1", "smtp_port": 25, "smtp_tls": "maybe"}),
+            "smtp_tls",
+        ),
+    ];
+    for (body, field) in cases {
+        let v = a
+            .check(
+                Method::POST,
+                channels,
+                admin,
+                Some(&body.to_string()),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await;
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.starts_with(&format!("{field}:")), "{body}: {msg}");
+    }
+    // Unknown fields are refused; malformed JSON is 400.
+    a.check(
+        Method::POST,
+        channels,
+        admin,
+        Some(r#"{"name": "x", "kind": "slack", "url": "http://127.0.0.1/h", "colour": 1}"#),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    a.check(
+        Method::POST,
+        channels,
+        admin,
+        Some("{"),
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+
+    // Secrets go in and never come out.
+    let body = json!({"name": "mail", "kind": "email", "to": ["ops@x.test"], "from": "fleet@x.test", "smtp_host": "127.0.0.1", "smtp_port": 2525, "smtp_tls": "none", "smtp_username": "u", "smtp_password": "hunter2-secret"});
+    let c = a
+        .check(
+            Method::POST,
+            channels,
+            admin,
+            Some(&body.to_string()),
+            StatusCode::CREATED,
+        )
+        .await;
+    let hook =
+        json!({"name": "hook", "kind": "webhook", "url": "http://127.0.0.1:9/hook-secret-path"});
+    let h = a
+        .check(
+            Method::POST,
+            channels,
+            admin,
+            Some(&hook.to_string()),
+            StatusCode::CREATED,
+        )
+        .await;
+    let list = a
+        .check(Method::GET, channels, Some(&a.viewer), None, StatusCode::OK)
+        .await;
+    for shown in [c.to_string(), h.to_string(), list.to_string()] {
+        assert!(
+            !shown.contains("hunter2-secret") && !shown.contains("hook-secret-path"),
+            "{shown}"
+        );
+    }
+    // A PATCH keeps what it does not name, secrets included.
+    let id = c["id"].as_str().unwrap();
+    a.check(
+        Method::PATCH,
+        &format!("{channels}/{id}"),
+        admin,
+        Some(r#"{"smtp_port": 2526}"#),
+        StatusCode::OK,
+    )
+    .await;
+    let stored = fleet_alerts::AlertStore::get_channel(&*a.alerts, id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(stored.config, fleet_alerts::ChannelConfig::Email { smtp_port: 2526, ref smtp_password, .. } if smtp_password.as_deref() == Some("hunter2-secret"))
+    );
+    // Viewers read, never change.
+    a.check(
+        Method::POST,
+        channels,
+        Some(&a.viewer),
+        Some(&hook.to_string()),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+
+    // Test sends: the outcome class and latency only.
+    let hid = h["id"].as_str().unwrap();
+    let t = a
+        .check(
+            Method::POST,
+            &format!("{channels}/{hid}/test"),
+            admin,
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(t["outcome"], "delivered");
+    assert_eq!(a.notifier.received().len(), 1);
+
+    // Silences and windows.
+    let silences = "/api/v1/fleet/silences";
+    for (body, field) in [
+        (
+            json!({"matchers": {"region": "eu"}, "starts_at": "2026-04-02T00:00:00Z", "ends_at": "2026-04-01T00:00:00Z"}),
+            "ends_at",
+        ),
+        (
+            json!({"matchers": {}, "starts_at": "2026-04-01T00:00:00Z", "ends_at": "2026-04-02T00:00:00Z"}),
+            "matchers",
+        ),
+        (
+            json!({"matchers": {"rule": "server_sad"}, "starts_at": "2026-04-01T00:00:00Z", "ends_at": "2026-04-02T00:00:00Z"}),
+            "matchers.rule",
+        ),
+        (
+            json!({"matchers": {"region": "eu"}, "starts_at": "yesterday", "ends_at": "2026-04-02T00:00:00Z"}),
+            "starts_at",
+        ),
+    ] {
+        let v = a
+            .check(
+                Method::POST,
+                silences,
+                admin,
+                Some(&body.to_string()),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await;
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{field}:")),
+            "{v}"
+        );
+    }
+    let windows = "/api/v1/fleet/maintenance-windows";
+    for (body, field) in [
+        (
+            json!({"name": "w", "region": "eu", "weekdays": ["sat"], "start_time": "02:00", "duration_seconds": 60, "time_zone": "Mars/Olympus"}),
+            "time_zone",
+        ),
+        (
+            json!({"name": "w", "region": "eu", "group_id": "00000000-0000-4000-8000-000000000001", "starts_at": "2026-04-01T00:00:00Z", "ends_at": "2026-04-02T00:00:00Z"}),
+            "server_id",
+        ),
+        (
+            json!({"name": "w", "region": "eu", "starts_at": "2026-04-02T00:00:00Z", "ends_at": "2026-04-01T00:00:00Z"}),
+            "ends_at",
+        ),
+        (
+            json!({"name": "w", "region": "eu", "weekdays": ["caturday"], "start_time": "02:00", "duration_seconds": 60, "time_zone": "UTC"}),
+            "weekdays",
+        ),
+    ] {
+        let v = a
+            .check(
+                Method::POST,
+                windows,
+                admin,
+                Some(&body.to_string()),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            )
+            .await;
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{field}:")),
+            "{v}"
+        );
+    }
+    // A policy naming a channel that does not exist.
+    let v = a
+        .check(Method::POST, "/api/v1/fleet/alerts/policies", admin, Some(&json!({"name": "p", "steps": [{"after_seconds": 0, "channel_ids": [uuid::Uuid::new_v4()]}]}).to_string()), StatusCode::UNPROCESSABLE_ENTITY)
+        .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("steps[0].channel_ids:"),
+        "{v}"
+    );
+
+    // Incidents: bad filters are 400; an ack needs a reason, and records who gave it.
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/incidents?state=sad",
+        admin,
+        None,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/incidents?server_id=nope",
+        admin,
+        None,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/incidents?limit=0",
+        admin,
+        None,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    let ack = format!("/api/v1/fleet/incidents/{}/ack", a.incident);
+    let v = a
+        .check(
+            Method::POST,
+            &ack,
+            admin,
+            Some("{}"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("reason:")
+    );
+    a.check(
+        Method::POST,
+        &ack,
+        Some(&a.viewer),
+        Some(r#"{"reason": "x"}"#),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    let v = a
+        .check(
+            Method::POST,
+            &ack,
+            admin,
+            Some(r#"{"reason": "disk swap under way"}"#),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(v["state"], "acknowledged");
+    assert_eq!(v["acknowledged_by"], "admin");
+    assert_eq!(v["ack_reason"], "disk swap under way");
+    let d = a
+        .check(
+            Method::GET,
+            &format!("/api/v1/fleet/incidents/{}", a.incident),
+            Some(&a.viewer),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert!(
+        d["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["kind"] == "acknowledged")
+    );
+    a.check(
+        Method::POST,
+        &format!("/api/v1/fleet/incidents/{}/ack", uuid::Uuid::new_v4()),
+        admin,
+        Some(r#"{"reason": "x"}"#),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    // The summary counts open incidents by severity.
+    let s = a
+        .check(
+            Method::GET,
+            "/api/v1/fleet/summary",
+            admin,
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(s["incidents"]["critical"], 1);
 }

@@ -515,6 +515,11 @@ pub struct WorkersStatus {
     pub health_worker: HealthWorker,
     pub metrics_worker: MetricsWorker,
     pub events: Events,
+    /// Open incidents by severity (`critical`, `warning`); null without alerts.
+    pub incidents: Option<BTreeMap<String, u64>>,
+    /// The alert pipeline's counters; null without alerts.
+    #[schema(value_type = Option<Object>)]
+    pub alerts: Option<serde_json::Value>,
     #[schema(format = DateTime)]
     pub timestamp: String,
 }
@@ -582,6 +587,8 @@ pub struct Llm {
 #[serde(deny_unknown_fields)]
 pub struct Summary {
     pub servers: ServerCounts,
+    /// Open incidents by severity (`critical`, `warning`); null without alerts.
+    pub incidents: Option<BTreeMap<String, u64>>,
     pub llm: Llm,
     #[schema(format = DateTime)]
     pub timestamp: String,

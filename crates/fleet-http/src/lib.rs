@@ -21,9 +21,11 @@ use reqwest::dns::Resolve;
 use tokio::time::{Instant, timeout_at};
 
 mod guard;
+mod notify;
 
 pub use guard::{AddressGuard, DnsError, Refused};
 pub use ipnet::IpNet;
+pub use notify::{AlertNotifier, NOTIFY_BODY_LIMIT};
 pub use reqwest::Certificate;
 
 /// The `User-Agent` sent with every request.
