@@ -273,3 +273,189 @@ impl Client {
         ))
     }
 }
+
+/// How a [`Receiver`] answers one delivery.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// With this status.
+    Status(u16),
+    /// Never: the request hangs until the sender gives up.
+    Hang,
+}
+
+/// One delivery a [`Receiver`] got.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The request path.
+    pub path: String,
+    /// Its `Idempotency-Key` header.
+    pub key: String,
+    /// Its JSON body.
+    pub body: Value,
+    /// How it was answered.
+    pub answer: u16,
+}
+
+/// A real HTTP receiver on loopback (webhook, Slack or PagerDuty alike): it records every
+/// delivery, and answers as scripted (200 once the script is used up).
+#[derive(Clone, Debug)]
+pub struct Receiver {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    got: Arc<Mutex<Vec<Delivery>>>,
+    script: Arc<Mutex<std::collections::VecDeque<Answer>>>,
+}
+
+impl Receiver {
+    /// Starts one on 127.0.0.1.
+    pub async fn start() -> Self {
+        use axum::extract::{Request, State};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let r = Self {
+            addr,
+            got: Arc::default(),
+            script: Arc::default(),
+        };
+        async fn take(State(r): State<Receiver>, req: Request) -> axum::http::StatusCode {
+            let path = req.uri().path().to_owned();
+            let key = req
+                .headers()
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let bytes = axum::body::to_bytes(req.into_body(), 1 << 20)
+                .await
+                .unwrap_or_default();
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let answer = r
+                .script
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or(Answer::Status(200));
+            let code = match answer {
+                Answer::Status(c) => c,
+                Answer::Hang => 0,
+            };
+            r.got.lock().unwrap().push(Delivery {
+                path,
+                key,
+                body,
+                answer: code,
+            });
+            if code == 0 {
+                std::future::pending::<()>().await;
+            }
+            axum::http::StatusCode::from_u16(code).unwrap()
+        }
+        let app = axum::Router::new().fallback(take).with_state(r.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        r
+    }
+
+    /// Its URL for `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The next answers, in order.
+    pub fn answer(&self, answers: impl IntoIterator<Item = Answer>) {
+        self.script.lock().unwrap().extend(answers);
+    }
+
+    /// Every delivery so far, in order.
+    pub fn got(&self) -> Vec<Delivery> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Deliveries to `path`.
+    pub fn at(&self, path: &str) -> Vec<Delivery> {
+        self.got().into_iter().filter(|d| d.path == path).collect()
+    }
+}
+
+/// A message a sink got: its recipients and its text.
+pub type Mail = (Vec<String>, String);
+
+/// A real SMTP sink on loopback: it speaks enough SMTP for a client to deliver, and keeps
+/// each message's recipients and text.
+#[derive(Clone, Debug)]
+pub struct SmtpSink {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    mail: Arc<Mutex<Vec<Mail>>>,
+}
+
+impl SmtpSink {
+    /// Starts one on 127.0.0.1.
+    pub async fn start() -> Self {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mail: Arc<Mutex<Vec<Mail>>> = Arc::default();
+        let sink = mail.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = tokio::io::BufReader::new(read).lines();
+                    let _ = write.write_all(b"220 sink ESMTP\r\n").await;
+                    let mut to = Vec::new();
+                    // Bounded: a session ends at QUIT, at EOF, or after 10,000 lines.
+                    for _ in 0..10_000 {
+                        let Ok(Some(line)) = lines.next_line().await else {
+                            return;
+                        };
+                        let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "EHLO" => b"250-sink\r\n250 8BITMIME\r\n",
+                            "RCPT" => {
+                                to.push(
+                                    line[line.find(':').map_or(0, |i| i + 1)..]
+                                        .trim()
+                                        .to_owned(),
+                                );
+                                b"250 ok\r\n"
+                            }
+                            "DATA" => {
+                                let _ = write.write_all(b"354 go ahead\r\n").await;
+                                let mut text = String::new();
+                                for _ in 0..10_000 {
+                                    let Ok(Some(l)) = lines.next_line().await else {
+                                        return;
+                                    };
+                                    if l == "." {
+                                        break;
+                                    }
+                                    text.push_str(&l);
+                                    text.push('\n');
+                                }
+                                sink.lock().unwrap().push((std::mem::take(&mut to), text));
+                                b"250 queued\r\n"
+                            }
+                            "QUIT" => {
+                                let _ = write.write_all(b"221 bye\r\n").await;
+                                return;
+                            }
+                            _ => b"250 ok\r\n",
+                        };
+                        if write.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, mail }
+    }
+
+    /// Every message so far: its recipients and text.
+    pub fn mail(&self) -> Vec<Mail> {
+        self.mail.lock().unwrap().clone()
+    }
+}

@@ -92,6 +92,14 @@ struct Parts {
     /// Start the metrics worker after the first health cycle, so a fresh registry has healthy
     /// servers to collect from.
     metrics_after_health: bool,
+    /// Names, regions and groups of servers, for the alert pipeline.
+    servers: Arc<dyn fleet_alerts::ServerSource>,
+    /// Where alert state lives; `None` when alerts are off.
+    alert_store: Option<Arc<dyn fleet_alerts::AlertStore>>,
+    /// The rules' settings.
+    alert_config: fleet_alerts::AlertConfig,
+    /// Networks never connected to (probes and notifications alike).
+    deny_nets: Vec<fleet_http::IpNet>,
 }
 
 /// The running parts, and how to stop them.
@@ -164,6 +172,32 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
     let listener = bind(api).await?;
     let listen = listener.local_addr()?;
     let listener_stats = Arc::new(ListenerStats::default());
+    // The alert pipeline subscribes before the workers start, so it sees every result; it
+    // loads its state from the store once the store answers.
+    let alerts = match &parts.alert_store {
+        None => None,
+        Some(store) => {
+            let notifier = fleet_http::AlertNotifier::new(
+                fleet_http::AddressGuard {
+                    deny: parts.deny_nets.clone(),
+                },
+                None,
+            )?;
+            Some(fleet_alerts::AlertService::spawn(
+                fleet_alerts::AlertParts {
+                    store: store.clone(),
+                    servers: parts.servers.clone(),
+                    notifier: Arc::new(notifier),
+                    config: parts.alert_config.clone(),
+                    clock: parts.clock.clone(),
+                    events: events.clone(),
+                    health_interval: health_cfg.interval,
+                },
+                cancel.clone(),
+                &tasks,
+            ))
+        }
+    };
     let state = AppState::new(ApiParts {
         store: parts.store.clone(),
         health: health.clone(),
@@ -175,6 +209,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         auth_failure_limit: api.auth_failure_limit,
         trusted_proxies: api.trusted_proxies.clone(),
         listener: listener_stats.clone(),
+        alerts,
     });
     let config = ListenerConfig {
         header_timeout: api.api_header_timeout,
@@ -369,14 +404,29 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_target(settings.target()),
     );
     let (probe, collector) = http_clients(&args.workers)?;
+    let alert_config = args
+        .alerts
+        .config(fleet_alerts::AlertConfig::default(), args.api.listen)?;
+    // The alert senders' own small pool: a hung receiver never holds the writer's connections.
+    let alert_store: Option<Arc<dyn fleet_alerts::AlertStore>> = if args.alerts.alerts {
+        let mut alert_settings = settings.clone();
+        alert_settings.pool_size = args.alerts.alert_db_pool_size;
+        Some(Arc::new(pg.with_pool(alert_settings.pool()?)))
+    } else {
+        None
+    };
     let parts = Parts {
         store: pg.clone(),
+        servers: pg.clone(),
         pg: Some(pg),
         clock,
         probe,
         collector,
         configs,
         metrics_after_health: false,
+        alert_store,
+        alert_config,
+        deny_nets: args.workers.probe_deny_nets.clone(),
     };
     let run = start(parts, &args.api, args.workers.shutdown_grace)
         .await?
@@ -389,10 +439,61 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// The demo fleet's mix: mostly healthy, some of everything an operator meets.
-const DEMO_MIX: &str = "healthy=34,degraded=5,critical=3,unreachable=2,slow=4,flaky=1,http_error=1";
+const DEMO_MIX: &str = "healthy=40,degraded=4,slow=5,flaky=1";
+
+/// The demo's alert timings: an incident opens, is announced and resolves within two
+/// minutes of a fault, with a 5 s health interval.
+fn demo_alerts() -> fleet_alerts::AlertConfig {
+    fleet_alerts::AlertConfig {
+        critical_after: 2,
+        unreachable_for: Duration::from_secs(20),
+        degraded_for: Duration::from_secs(60),
+        resolve_after: 2,
+        group_wait: Duration::from_secs(5),
+        group_interval: Duration::from_secs(30),
+        repeat_interval: Duration::from_secs(600),
+        ..fleet_alerts::AlertConfig::default()
+    }
+}
+
+/// A webhook receiver of the demo's own on loopback: it prints each notice's headline.
+async fn demo_receiver(
+    cancel: CancellationToken,
+    tasks: &TaskTracker,
+) -> anyhow::Result<SocketAddr> {
+    use axum::routing::post;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("starting the demo's webhook receiver")?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/hook",
+        post(|body: axum::Json<serde_json::Value>| async move {
+            let notice = body.0;
+            println!(
+                "  webhook received: {}  {}",
+                fleet_alerts::payload::headline(&notice),
+                notice["incident"]["url"].as_str().unwrap_or_default()
+            );
+            axum::http::StatusCode::OK
+        }),
+    );
+    tasks.spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+    });
+    Ok(addr)
+}
 
 /// `fleet-server demo`.
-pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+pub async fn demo(mut args: DemoArgs) -> anyhow::Result<()> {
+    if !args.health_interval_given {
+        args.workers.health_interval = Duration::from_secs(5);
+    }
+    if !args.health_timeout_given {
+        args.workers.health_timeout = Duration::from_secs(2);
+    }
     let configs = args.workers.configs()?;
     if args.servers == 0 || args.servers > 5000 {
         anyhow::bail!(
@@ -400,6 +501,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             args.servers
         );
     }
+    let alert_config = args.alerts.config(demo_alerts(), args.api.listen)?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let memory = Arc::new(fleet_core::InMemoryStore::new());
     let store: Arc<dyn FullStore> = memory.clone();
@@ -408,7 +510,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         mix: DEMO_MIX.parse().expect("the demo mix parses"),
         seed: rand::rng().random(),
         prefix: "demo".into(),
-        slow: (Duration::from_millis(300), Duration::from_millis(2500)),
+        slow: (Duration::from_millis(300), Duration::from_millis(1500)),
         ..Default::default()
     };
     let fleet = Arc::new(
@@ -430,70 +532,113 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .insert_token("demo-admin", Role::Admin, auth::hash(&token))
         .await?;
 
+    // Alerts go to a webhook receiver of the demo's own, which prints what it gets.
+    let alert_store = Arc::new(fleet_alerts::MemoryAlertStore::new());
+    let receiver_stop = CancellationToken::new();
+    let receiver_tasks = TaskTracker::new();
+    let receiver = if args.alerts.alerts {
+        let addr = demo_receiver(receiver_stop.clone(), &receiver_tasks).await?;
+        fleet_alerts::AlertStore::create_channel(
+            &*alert_store,
+            "demo-webhook",
+            fleet_alerts::ChannelConfig::Webhook {
+                url: format!("http://{addr}/hook"),
+                send_resolved: true,
+            },
+            clock.now(),
+        )
+        .await?;
+        Some(addr)
+    } else {
+        None
+    };
+
     let (probe, collector) = http_clients(&args.workers)?;
+    let health_interval = configs.0.interval;
     let parts = Parts {
         store,
+        servers: memory.clone(),
         pg: None,
         clock,
         probe,
         collector,
         configs,
         metrics_after_health: true,
+        alert_store: args
+            .alerts
+            .alerts
+            .then(|| alert_store.clone() as Arc<dyn fleet_alerts::AlertStore>),
+        alert_config,
+        deny_nets: args.workers.probe_deny_nets.clone(),
     };
     let running = start(parts, &args.api, args.workers.shutdown_grace).await?;
     let listen = running.listen;
 
     println!();
     println!(
-        "Fleet demo: {} simulated servers on 127.0.0.1, watched by both workers.",
-        args.servers
+        "Fleet demo: {} simulated servers on 127.0.0.1, checked every {} s.",
+        args.servers,
+        health_interval.as_secs_f64()
     );
-    println!("  Status:  http://{listen}/api/v1/fleet/workers/status");
-    println!("  Servers: http://{listen}/api/v1/fleet/servers");
+    println!("  Status:    http://{listen}/api/v1/fleet/workers/status");
+    println!("  Servers:   http://{listen}/api/v1/fleet/servers");
+    println!("  Incidents: http://{listen}/api/v1/fleet/incidents");
+    if let Some(addr) = receiver {
+        println!(
+            "  Alerts go to the demo's webhook receiver at http://{addr}/hook; what it gets is printed below."
+        );
+    }
     println!("  Admin token (shown once): {token}");
     println!();
-    println!(
-        "  curl -H 'Authorization: Bearer {token}' http://{listen}/api/v1/fleet/workers/status"
-    );
+    println!("  curl -H 'Authorization: Bearer {token}' http://{listen}/api/v1/fleet/incidents");
     println!();
     println!("Stop with Ctrl-C.");
 
     if !args.change_every.is_zero() {
         let (fleet, cancel, every) = (fleet.clone(), running.cancel.clone(), args.change_every);
+        // Each fault lasts several health intervals, then the server recovers.
+        let fault_for = (health_interval * 8).max(Duration::from_secs(30));
         running.tasks.spawn(async move {
-            let choices = [
-                Behavior::Healthy,
-                Behavior::Degraded,
-                Behavior::Critical,
-                Behavior::Unreachable,
-                Behavior::Slow,
-                Behavior::HttpError,
-            ];
+            let faults = [Behavior::Critical, Behavior::Unreachable, Behavior::Degraded];
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(every) => {}
                 }
-                let (server, next) = {
+                let (server, fault) = {
                     let mut rng = rand::rng();
-                    let servers = fleet.servers();
-                    let s = servers[rng.random_range(0..servers.len())].clone();
-                    // Always a real change: never "from healthy to healthy".
-                    let others: Vec<Behavior> = choices
+                    let healthy: Vec<_> = fleet
+                        .servers()
                         .iter()
-                        .copied()
-                        .filter(|b| *b != s.behavior())
+                        .filter(|s| s.behavior() == Behavior::Healthy)
+                        .cloned()
                         .collect();
-                    let next = others[rng.random_range(0..others.len())];
-                    (s, next)
+                    if healthy.is_empty() {
+                        continue;
+                    }
+                    let s = healthy[rng.random_range(0..healthy.len())].clone();
+                    (s, faults[rng.random_range(0..faults.len())])
                 };
-                tracing::info!(target: "fleet::demo", "demo: {} changes from {} to {}", server.name(), server.behavior(), next);
-                server.set_behavior(next);
+                tracing::info!(target: "fleet::demo", "demo: {} turns {} for {} s", server.name(), fault, fault_for.as_secs());
+                server.set_behavior(fault);
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = cancel.cancelled() => {}
+                        () = tokio::time::sleep(fault_for) => {
+                            tracing::info!(target: "fleet::demo", "demo: {} is healthy again", server.name());
+                            server.set_behavior(Behavior::Healthy);
+                        }
+                    }
+                });
             }
         });
     }
 
     let run = running.until_signalled().await;
+    receiver_stop.cancel();
+    receiver_tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), receiver_tasks.wait()).await;
     fleet.shutdown().await;
     run?;
     Ok(())
@@ -781,6 +926,160 @@ pub async fn servers(command: ServersCommand, db: DbArgs, keys: KeyArgs) -> anyh
                     s.api_url
                 );
             }
+        }
+    }
+    Ok(())
+}
+
+/// `fleet-server alerts …`: a thin client of a running server's alert routes.
+pub async fn alerts(
+    command: crate::config::AlertsCommand,
+    client: crate::config::ClientArgs,
+) -> anyhow::Result<()> {
+    use crate::config::{AlertsCommand as A, ChannelsCommand as C};
+    let base = client.url.trim_end_matches('/').to_owned();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let mut req = http.request(method, format!("{base}{path}"));
+        if let Some(t) = &client.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_string());
+        }
+        async move {
+            let res = req.send().await.with_context(|| {
+                format!("cannot reach the server at FLEET_URL (--url) = {base}")
+            })?;
+            let status = res.status();
+            let text = res.text().await.unwrap_or_default();
+            let value: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+            if !status.is_success() {
+                let msg = value["error"]["message"]
+                    .as_str()
+                    .unwrap_or(&text)
+                    .to_owned();
+                anyhow::bail!("the server answered {status}: {msg}");
+            }
+            Ok::<_, anyhow::Error>(value)
+        }
+    };
+    use reqwest::Method as M;
+    match command {
+        A::Channels { command } => match command.unwrap_or(C::List) {
+            C::List => {
+                let v = call(M::GET, "/api/v1/fleet/alerts/channels".into(), None).await?;
+                for c in v["channels"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {:<9}  {}",
+                        c["id"].as_str().unwrap_or_default(),
+                        c["kind"].as_str().unwrap_or_default(),
+                        c["name"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            C::Add { json } => {
+                let body: serde_json::Value = serde_json::from_str(&json)
+                    .map_err(|e| anyhow::anyhow!("the channel body is not JSON: {e}"))?;
+                let v = call(M::POST, "/api/v1/fleet/alerts/channels".into(), Some(body)).await?;
+                println!(
+                    "added channel {} ({})",
+                    v["name"].as_str().unwrap_or_default(),
+                    v["id"].as_str().unwrap_or_default()
+                );
+            }
+            C::Remove { id } => {
+                call(
+                    M::DELETE,
+                    format!("/api/v1/fleet/alerts/channels/{id}"),
+                    None,
+                )
+                .await?;
+                println!("removed channel {id}");
+            }
+        },
+        A::Incidents {
+            state,
+            severity,
+            limit,
+        } => {
+            let mut path = format!("/api/v1/fleet/incidents?limit={limit}");
+            if let Some(s) = state {
+                path.push_str(&format!("&state={s}"));
+            }
+            if let Some(s) = severity {
+                path.push_str(&format!("&severity={s}"));
+            }
+            let v = call(M::GET, path, None).await?;
+            for i in v["incidents"].as_array().into_iter().flatten() {
+                println!(
+                    "{}  {:<12}  {:<8}  {}  {}",
+                    i["id"].as_str().unwrap_or_default(),
+                    i["state"].as_str().unwrap_or_default(),
+                    i["severity"].as_str().unwrap_or_default(),
+                    i["opened_at"].as_str().unwrap_or_default(),
+                    i["summary"].as_str().unwrap_or_default()
+                );
+            }
+            println!("{} incident(s) in all", v["total"]);
+        }
+        A::Ack { id, reason } => {
+            let v = call(
+                M::POST,
+                format!("/api/v1/fleet/incidents/{id}/ack"),
+                Some(serde_json::json!({"reason": reason})),
+            )
+            .await?;
+            println!(
+                "incident {id} is {}",
+                v["state"].as_str().unwrap_or_default()
+            );
+        }
+        A::Silence {
+            server_id,
+            group_id,
+            region,
+            rule,
+            duration,
+            comment,
+        } => {
+            let now = time::OffsetDateTime::now_utc();
+            let body = serde_json::json!({
+                "matchers": {"server_id": server_id, "group_id": group_id, "region": region, "rule": rule},
+                "starts_at": crate::api_ts(now),
+                "ends_at": crate::api_ts(now + duration),
+                "comment": comment,
+            });
+            // Absent matchers are left out, not sent as null.
+            let mut body = body;
+            if let Some(m) = body["matchers"].as_object_mut() {
+                m.retain(|_, v| !v.is_null());
+            }
+            let v = call(M::POST, "/api/v1/fleet/silences".into(), Some(body)).await?;
+            println!(
+                "silence {} until {}",
+                v["id"].as_str().unwrap_or_default(),
+                v["ends_at"].as_str().unwrap_or_default()
+            );
+        }
+        A::Test { channel } => {
+            let v = call(
+                M::POST,
+                format!("/api/v1/fleet/alerts/channels/{channel}/test"),
+                None,
+            )
+            .await?;
+            println!(
+                "{} in {} ms",
+                v["outcome"].as_str().unwrap_or_default(),
+                v["latency_ms"]
+            );
         }
     }
     Ok(())

@@ -47,6 +47,14 @@ pub enum Command {
         #[command(flatten)]
         keys: KeyArgs,
     },
+    /// Alert channels, incidents, acknowledgements, silences and test sends, through a
+    /// running server's API (FLEET_URL, with an admin token in FLEET_TOKEN).
+    Alerts {
+        #[command(subcommand)]
+        command: AlertsCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Manage the keys that seal secrets at rest.
     Keys {
         #[command(subcommand)]
@@ -55,6 +63,93 @@ pub enum Command {
         db: DbArgs,
         #[command(flatten)]
         keys: KeyArgs,
+    },
+}
+
+/// Where a running server's API is, and the token to use.
+#[derive(Clone, Debug, Args)]
+pub struct ClientArgs {
+    /// The server's base URL.
+    #[arg(
+        long,
+        env = "FLEET_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    /// An API token (admin, to change anything).
+    #[arg(long, env = "FLEET_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+/// `alerts` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AlertsCommand {
+    /// List channels, or add or remove one.
+    Channels {
+        #[command(subcommand)]
+        command: Option<ChannelsCommand>,
+    },
+    /// List incidents, newest first.
+    Incidents {
+        /// Only this state: firing, acknowledged or resolved.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this severity: critical or warning.
+        #[arg(long)]
+        severity: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Acknowledge an incident, with a reason.
+    Ack {
+        /// The incident's id.
+        id: String,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Mute notifications for matching alerts from now on, for a while.
+    Silence {
+        #[arg(long)]
+        server_id: Option<String>,
+        #[arg(long)]
+        group_id: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// A rule, e.g. server_unreachable.
+        #[arg(long)]
+        rule: Option<String>,
+        /// How long, in seconds.
+        #[arg(long, default_value = "3600", value_parser = seconds)]
+        duration: Duration,
+        /// Why.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Send a test notice to a channel: its outcome and latency.
+    Test {
+        /// The channel's id.
+        channel: String,
+    },
+}
+
+/// `alerts channels` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ChannelsCommand {
+    /// List channels (never their secrets).
+    List,
+    /// Add a channel from its JSON body, e.g.
+    /// '{"name": "ops", "kind": "webhook", "url": "https://hooks.example/fleet"}'.
+    Add {
+        /// The body.
+        json: String,
+    },
+    /// Remove a channel.
+    Remove {
+        /// The channel's id.
+        id: String,
     },
 }
 
@@ -527,6 +622,132 @@ pub struct ServeArgs {
     pub partitions: PartitionArgs,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub alerts: AlertArgs,
+}
+
+/// Alert rules and grouping. Every duration is in seconds; 0 turns its rule off. Unset
+/// values take the defaults shown (the demo uses shorter ones, so that an incident opens,
+/// is announced and resolves within two minutes).
+#[derive(Clone, Debug, Default, Args)]
+pub struct AlertArgs {
+    /// Run the alert pipeline (rules, incidents, notifications).
+    #[arg(long, env = "FLEET_ALERTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub alerts: bool,
+    /// The base of every link in a notification [default: http://{FLEET_LISTEN}].
+    #[arg(long, env = "FLEET_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Consecutive critical checks before "server critical" fires [default: 2].
+    #[arg(long, env = "FLEET_ALERT_CRITICAL_AFTER")]
+    pub alert_critical_after: Option<u32>,
+    /// Seconds unreachable before "server unreachable" fires [default: 300].
+    #[arg(long, env = "FLEET_ALERT_UNREACHABLE_FOR", value_parser = seconds)]
+    pub alert_unreachable_for: Option<Duration>,
+    /// Seconds degraded before a warning [default: 600].
+    #[arg(long, env = "FLEET_ALERT_DEGRADED_FOR", value_parser = seconds)]
+    pub alert_degraded_for: Option<Duration>,
+    /// Consecutive failed metrics collections before a warning [default: 3].
+    #[arg(long, env = "FLEET_ALERT_METRICS_FAILURES")]
+    pub alert_metrics_failures: Option<u32>,
+    /// CPU percent threshold [default: 90; 0 = off].
+    #[arg(long, env = "FLEET_ALERT_CPU_PERCENT")]
+    pub alert_cpu_percent: Option<f64>,
+    /// Memory percent threshold [default: 90; 0 = off].
+    #[arg(long, env = "FLEET_ALERT_MEMORY_PERCENT")]
+    pub alert_memory_percent: Option<f64>,
+    /// Disk percent threshold [default: 90; 0 = off].
+    #[arg(long, env = "FLEET_ALERT_DISK_PERCENT")]
+    pub alert_disk_percent: Option<f64>,
+    /// Seconds a resource must stay over its threshold [default: 600].
+    #[arg(long, env = "FLEET_ALERT_RESOURCE_FOR", value_parser = seconds)]
+    pub alert_resource_for: Option<Duration>,
+    /// Consecutive good checks in recovering before resolved [default: 2].
+    #[arg(long, env = "FLEET_ALERT_RESOLVE_AFTER")]
+    pub alert_resolve_after: Option<u32>,
+    /// Health changes within the flap window that mark a server flapping [default: 6].
+    #[arg(long, env = "FLEET_ALERT_FLAP_CHANGES")]
+    pub alert_flap_changes: Option<u32>,
+    /// The flap window, in seconds [default: 1800].
+    #[arg(long, env = "FLEET_ALERT_FLAP_WINDOW", value_parser = seconds)]
+    pub alert_flap_window: Option<Duration>,
+    /// Seconds a new incident waits for more alerts before it is announced [default: 30].
+    #[arg(long, env = "FLEET_ALERT_GROUP_WAIT", value_parser = seconds)]
+    pub alert_group_wait: Option<Duration>,
+    /// Least seconds between announcements of servers added to an incident [default: 300].
+    #[arg(long, env = "FLEET_ALERT_GROUP_INTERVAL", value_parser = seconds)]
+    pub alert_group_interval: Option<Duration>,
+    /// Seconds between reminders of a still-firing, unacknowledged incident [default: 14400].
+    #[arg(long, env = "FLEET_ALERT_REPEAT_INTERVAL", value_parser = seconds)]
+    pub alert_repeat_interval: Option<Duration>,
+    /// Percent of a region's servers unreachable at once that makes one regional incident
+    /// [default: 50; 0 = off].
+    #[arg(long, env = "FLEET_ALERT_REGION_SHARE")]
+    pub alert_region_share: Option<u32>,
+    /// The least servers a region needs for the regional rule [default: 5].
+    #[arg(long, env = "FLEET_ALERT_REGION_MIN")]
+    pub alert_region_min: Option<u32>,
+    /// The storage rule: missing partitions, failing writes, dropped results [default: true].
+    #[arg(long, env = "FLEET_ALERT_STORAGE")]
+    pub alert_storage: Option<bool>,
+    /// The rule about Fleet itself: overruns, local resource failures, unopenable keys
+    /// [default: true].
+    #[arg(long, env = "FLEET_ALERT_SELF")]
+    pub alert_self: Option<bool>,
+    /// One notification attempt's deadline, in seconds [default: 10]. A sender's claim on a
+    /// notice lasts twice that and 5 s more.
+    #[arg(long, env = "FLEET_ALERT_SEND_TIMEOUT", value_parser = seconds)]
+    pub alert_send_timeout: Option<Duration>,
+    /// Database connections of the alert senders' own pool (PostgreSQL only).
+    #[arg(long, env = "FLEET_ALERT_DB_POOL_SIZE", default_value_t = 2)]
+    pub alert_db_pool_size: usize,
+}
+
+impl AlertArgs {
+    /// The rules' settings: what is set, over `base`.
+    pub fn config(
+        &self,
+        mut base: fleet_alerts::AlertConfig,
+        listen: SocketAddr,
+    ) -> anyhow::Result<fleet_alerts::AlertConfig> {
+        macro_rules! set {
+            ($($field:ident <- $arg:ident),* $(,)?) => {
+                $(if let Some(v) = self.$arg { base.$field = v; })*
+            };
+        }
+        set!(
+            critical_after <- alert_critical_after,
+            unreachable_for <- alert_unreachable_for,
+            degraded_for <- alert_degraded_for,
+            metrics_failures <- alert_metrics_failures,
+            cpu_percent <- alert_cpu_percent,
+            memory_percent <- alert_memory_percent,
+            disk_percent <- alert_disk_percent,
+            resource_for <- alert_resource_for,
+            resolve_after <- alert_resolve_after,
+            flap_changes <- alert_flap_changes,
+            flap_window <- alert_flap_window,
+            group_wait <- alert_group_wait,
+            group_interval <- alert_group_interval,
+            repeat_interval <- alert_repeat_interval,
+            region_share <- alert_region_share,
+            region_min <- alert_region_min,
+            storage <- alert_storage,
+            fleet_self <- alert_self,
+            send_timeout <- alert_send_timeout,
+        );
+        base.public_url = match &self.public_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => format!("http://{listen}"),
+        };
+        if self.alert_db_pool_size == 0 {
+            anyhow::bail!(
+                "invalid FLEET_ALERT_DB_POOL_SIZE (--alert-db-pool-size) = 0: must be at least 1"
+            );
+        }
+        base.validate()
+            .map_err(|e| anyhow::anyhow!("invalid {}: {}", e.setting, e.message))?;
+        Ok(base)
+    }
 }
 
 /// `demo`.
@@ -534,6 +755,15 @@ pub struct ServeArgs {
 pub struct DemoArgs {
     #[command(flatten)]
     pub workers: WorkerArgs,
+    #[command(flatten)]
+    pub alerts: AlertArgs,
+    /// Whether FLEET_HEALTH_INTERVAL (or the flag) was given; without it the demo checks
+    /// every 5 s.
+    #[arg(skip)]
+    pub health_interval_given: bool,
+    /// Whether FLEET_HEALTH_TIMEOUT (or the flag) was given; without it the demo's is 2 s.
+    #[arg(skip)]
+    pub health_timeout_given: bool,
     #[command(flatten)]
     pub api: ApiArgs,
     #[command(flatten)]

@@ -6,7 +6,7 @@ mod config;
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
+use clap::CommandFactory;
 use config::{Cli, Command};
 
 /// RFC 3339 in UTC, as the API shows times.
@@ -17,8 +17,27 @@ pub(crate) fn api_ts(t: time::OffsetDateTime) -> String {
 /// Parses the command line; a bad value's message names both the flag and its environment
 /// variable, since either may have supplied it.
 fn parse() -> Result<Cli, clap::Error> {
-    Cli::try_parse().map_err(|e| {
-        use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use clap::FromArgMatches;
+    let matches = Cli::command().try_get_matches().map_err(named)?;
+    let mut cli = Cli::from_arg_matches(&matches).map_err(named)?;
+    // The demo has its own defaults for what the user did not set.
+    if let (Command::Demo(args), Some(("demo", m))) = (&mut cli.command, matches.subcommand()) {
+        let given = |id: &str| {
+            !matches!(
+                m.value_source(id),
+                None | Some(clap::parser::ValueSource::DefaultValue)
+            )
+        };
+        args.health_interval_given = given("health_interval");
+        args.health_timeout_given = given("health_timeout");
+    }
+    Ok(cli)
+}
+
+/// A bad value's message names both the flag and its environment variable.
+fn named(e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    {
         if !matches!(
             e.kind(),
             ErrorKind::ValueValidation | ErrorKind::InvalidValue
@@ -49,7 +68,7 @@ fn parse() -> Result<Cli, clap::Error> {
             }
             None => e,
         }
-    })
+    }
 }
 
 fn find_env(cmd: &clap::Command, long: &str) -> Option<String> {
@@ -93,6 +112,7 @@ fn main() -> ExitCode {
             Command::Token { command, db } => app::token(command, db).await,
             Command::Servers { command, db, keys } => app::servers(command, db, keys).await,
             Command::Keys { command, db, keys } => app::keys(command, db, keys).await,
+            Command::Alerts { command, client } => app::alerts(command, client).await,
         }
     });
     match result {

@@ -42,6 +42,9 @@ pub struct AlertConfig {
     pub storage: bool,
     /// The rule about Fleet itself (true).
     pub fleet_self: bool,
+    /// One delivery attempt's deadline (10 s). A sender's claim on a notice lasts twice that
+    /// and 5 s more, so a notice is marked before another sender may take it.
+    pub send_timeout: Duration,
     /// The base of every link (`FLEET_PUBLIC_URL`).
     pub public_url: String,
 }
@@ -67,6 +70,7 @@ impl Default for AlertConfig {
             region_min: 5,
             storage: true,
             fleet_self: true,
+            send_timeout: Duration::from_secs(10),
             public_url: "http://127.0.0.1:8080".into(),
         }
     }
@@ -83,6 +87,11 @@ pub struct BadSetting {
 }
 
 impl AlertConfig {
+    /// How long a sender's claim on a notice lasts.
+    pub fn claim_lease(&self) -> Duration {
+        self.send_timeout * 2 + Duration::from_secs(5)
+    }
+
     /// Checks the values that have a range.
     pub fn validate(&self) -> Result<(), BadSetting> {
         let pct = |setting, v: f64| {
@@ -99,6 +108,12 @@ impl AlertConfig {
         pct("FLEET_ALERT_MEMORY_PERCENT", self.memory_percent)?;
         pct("FLEET_ALERT_DISK_PERCENT", self.disk_percent)?;
         pct("FLEET_ALERT_REGION_SHARE", f64::from(self.region_share))?;
+        if self.send_timeout.is_zero() || self.send_timeout > Duration::from_secs(300) {
+            return Err(BadSetting {
+                setting: "FLEET_ALERT_SEND_TIMEOUT",
+                message: format!("{:?} must be between 0 and 300 seconds", self.send_timeout),
+            });
+        }
         if !(self.public_url.starts_with("http://") || self.public_url.starts_with("https://")) {
             return Err(BadSetting {
                 setting: "FLEET_PUBLIC_URL",

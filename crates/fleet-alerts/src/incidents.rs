@@ -476,6 +476,21 @@ impl Engine {
             open.snap.incident.servers += 1;
         }
         open.snap.incident.covers = open.members.values().filter(|m| m.firing).count() as u64;
+        if open.snap.incident.rule == Rule::RegionUnreachable
+            && let Some(region) = &open.snap.incident.region
+        {
+            // The summary names the most servers it stood for.
+            let n = open.snap.incident.covers.max(
+                open.snap
+                    .incident
+                    .summary
+                    .split(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0),
+            );
+            open.snap.incident.summary = format!("{n} servers unreachable in region {region}");
+        }
         if open.snap.announced_at.is_some() {
             open.snap.additions = true;
         }

@@ -53,7 +53,7 @@ pub use notify::{MAX_ATTEMPTS, Notifier, RateLimits, SendClass, Sent, backoff, d
 pub use rules::{AlertChange, Observation, ServerRules, Step as RuleStep};
 pub use schedule::{BadSchedule, Schedule, Weekly};
 pub use service::{
-    AckError, AlertCounters, AlertParts, AlertService, AlertStats, AlertsHandle, CLAIM_LEASE,
-    MAX_BACKLOG, SEND_TIMEOUT, ServerSource,
+    AckError, AlertCounters, AlertParts, AlertService, AlertStats, AlertsHandle, MAX_BACKLOG,
+    ServerSource,
 };
 pub use store::{AlertStore, ChannelPatch, PolicyPatch, StoredPhase, WindowPatch};

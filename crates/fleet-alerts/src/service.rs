@@ -30,10 +30,6 @@ use crate::store::AlertStore;
 
 /// Pending notices per channel past which new ones are dropped (and counted).
 pub const MAX_BACKLOG: u64 = 1_000;
-/// A sender's claim on an outbox row.
-pub const CLAIM_LEASE: Duration = Duration::from_secs(60);
-/// One send's deadline: well within the lease, so a row is marked before another may claim it.
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Channels sent to at once; one send at a time per channel.
 pub const MAX_SENDS: usize = 16;
 /// The result events the evaluator may fall behind by before it is told it lagged.
@@ -237,6 +233,7 @@ pub struct AlertsHandle {
     notifier: Arc<dyn Notifier>,
     counters: Arc<AlertCounters>,
     wake: Arc<Notify>,
+    reload: Arc<Notify>,
     config: Arc<AlertConfig>,
     clock: Arc<dyn Clock>,
 }
@@ -261,6 +258,12 @@ impl AlertsHandle {
     /// The settings.
     pub fn config(&self) -> &AlertConfig {
         &self.config
+    }
+
+    /// Says that channels, policies, silences or windows changed: they are read again now,
+    /// not at the next periodic reading.
+    pub fn reload(&self) {
+        self.reload.notify_one();
     }
 
     /// Acknowledges an open incident: reminders and escalation stop, channels that were told
@@ -295,7 +298,7 @@ impl AlertsHandle {
         let key = format!("test-{}", Uuid::new_v4());
         let sent = self
             .notifier
-            .send(&channel.config, &notice, &key, SEND_TIMEOUT)
+            .send(&channel.config, &notice, &key, self.config.send_timeout)
             .await;
         (sent.class, sent.status, started.elapsed())
     }
@@ -314,6 +317,7 @@ impl AlertService {
     ) -> AlertsHandle {
         let counters = Arc::new(AlertCounters::default());
         let wake = Arc::new(Notify::new());
+        let reload = Arc::new(Notify::new());
         let (tx, rx) = mpsc::channel(64);
         let config = Arc::new(parts.config.clone());
         let handle = AlertsHandle {
@@ -322,11 +326,14 @@ impl AlertService {
             notifier: parts.notifier.clone(),
             counters: counters.clone(),
             wake: wake.clone(),
+            reload: reload.clone(),
             config: config.clone(),
             clock: parts.clock.clone(),
         };
         let subscription = parts.events.subscribe("alerts", EVENT_QUEUE);
         let sender = Sender {
+            timeout: parts.config.send_timeout,
+            lease: parts.config.claim_lease(),
             store: parts.store.clone(),
             notifier: parts.notifier.clone(),
             clock: parts.clock.clone(),
@@ -341,6 +348,7 @@ impl AlertService {
             clock: parts.clock,
             counters,
             wake,
+            reload,
             health_interval: parts.health_interval,
             rules: HashMap::new(),
             engine: Engine::new(),
@@ -390,6 +398,7 @@ struct Evaluator {
     clock: Arc<dyn Clock>,
     counters: Arc<AlertCounters>,
     wake: Arc<Notify>,
+    reload: Arc<Notify>,
     health_interval: Duration,
     rules: HashMap<ServerId, ServerRules>,
     engine: Engine,
@@ -452,6 +461,7 @@ impl Evaluator {
                 biased;
                 _ = cancel.cancelled() => break,
                 Some(cmd) = commands.recv() => self.command(cmd).await,
+                () = self.reload.notified() => self.refresh_routing().await,
                 received = events.recv() => {
                     let Some(received) = received else { break };
                     self.receive(received).await;
@@ -829,6 +839,8 @@ impl Evaluator {
 
 /// Drains the outbox: claims due rows, sends with no transaction open, marks them by claim.
 struct Sender {
+    timeout: Duration,
+    lease: Duration,
     store: Arc<dyn AlertStore>,
     notifier: Arc<dyn Notifier>,
     clock: Arc<dyn Clock>,
@@ -856,7 +868,7 @@ impl Sender {
             }
             let rows = match self
                 .store
-                .claim(self.clock.now(), 200, CLAIM_LEASE, &busy)
+                .claim(self.clock.now(), 200, self.lease, &busy)
                 .await
             {
                 Ok(rows) => rows,
@@ -887,6 +899,7 @@ impl Sender {
                     b.insert(channel_id);
                 }
                 let job = Job {
+                    timeout: self.timeout,
                     store: self.store.clone(),
                     notifier: self.notifier.clone(),
                     clock: self.clock.clone(),
@@ -902,6 +915,7 @@ impl Sender {
 }
 
 struct Job {
+    timeout: Duration,
     store: Arc<dyn AlertStore>,
     notifier: Arc<dyn Notifier>,
     clock: Arc<dyn Clock>,
@@ -929,7 +943,7 @@ impl Job {
                             &channel.config,
                             &row.notice,
                             &row.idempotency_key(),
-                            SEND_TIMEOUT,
+                            self.timeout,
                         )
                         .await;
                     let outcome = decide(&sent, row.attempts);

@@ -54,6 +54,13 @@ fn store(app: &AppState) -> Result<&dyn AlertStore, ApiError> {
     Ok(&**handle(app)?.store())
 }
 
+/// Tells the pipeline its configuration changed.
+fn changed(app: &AppState) {
+    if let Some(h) = &app.alerts {
+        h.reload();
+    }
+}
+
 fn name_field(name: &str) -> Result<String, ApiError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 {
@@ -647,6 +654,7 @@ pub(crate) async fn create_channel(
         .create_channel(&name, config, app.clock.now())
         .await?;
     tracing::info!(target: "fleet::alerts", channel = %c.name, kind = c.config.kind(), "channel added");
+    changed(&app);
     created(ChannelView::from(&c))
 }
 
@@ -680,6 +688,7 @@ pub(crate) async fn update_channel(
         .update_channel(id, patch)
         .await?
         .ok_or_else(|| ApiError::not_found("channel"))?;
+    changed(&app);
     ok(ChannelView::from(&c))
 }
 
@@ -687,7 +696,9 @@ pub(crate) async fn delete_channel(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
-    if store(&app)?.delete_channel(id).await? {
+    let done = store(&app)?.delete_channel(id).await?;
+    changed(&app);
+    if done {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::not_found("channel"))
@@ -871,6 +882,7 @@ pub(crate) async fn create_silence(
     let s = store(&app)?
         .create_silence(matchers, starts, ends, &body.comment, now)
         .await?;
+    changed(&app);
     created(silence_view(&s, now))
 }
 
@@ -889,7 +901,9 @@ pub(crate) async fn delete_silence(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
-    if store(&app)?.delete_silence(id).await? {
+    let done = store(&app)?.delete_silence(id).await?;
+    changed(&app);
+    if done {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::not_found("silence"))
@@ -1013,6 +1027,7 @@ pub(crate) async fn create_window(
     let w = store(&app)?
         .create_window(&name, scope, schedule, now)
         .await?;
+    changed(&app);
     created(window_view(&w, now))
 }
 
@@ -1041,6 +1056,7 @@ pub(crate) async fn update_window(
         .update_window(id, patch)
         .await?
         .ok_or_else(|| ApiError::not_found("maintenance window"))?;
+    changed(&app);
     ok(window_view(&w, app.clock.now()))
 }
 
@@ -1048,7 +1064,9 @@ pub(crate) async fn delete_window(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
-    if store(&app)?.delete_window(id).await? {
+    let done = store(&app)?.delete_window(id).await?;
+    changed(&app);
+    if done {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::not_found("maintenance window"))
@@ -1132,6 +1150,7 @@ pub(crate) async fn create_policy(
     let p = store(&app)?
         .create_policy(&name, matchers, steps, app.clock.now())
         .await?;
+    changed(&app);
     created(policy_view(&p))
 }
 
@@ -1173,6 +1192,7 @@ pub(crate) async fn update_policy(
         .update_policy(id, patch)
         .await?
         .ok_or_else(|| ApiError::not_found("policy"))?;
+    changed(&app);
     ok(policy_view(&p))
 }
 
@@ -1180,7 +1200,9 @@ pub(crate) async fn delete_policy(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
 ) -> ApiResult {
-    if store(&app)?.delete_policy(id).await? {
+    let done = store(&app)?.delete_policy(id).await?;
+    changed(&app);
+    if done {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::not_found("policy"))
