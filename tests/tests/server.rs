@@ -286,7 +286,22 @@ type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
 
 #[test]
 fn bad_settings_exit_non_zero_naming_the_setting_and_value() {
-    let cases: [Case; 9] = [
+    let cases: [Case; 12] = [
+        (
+            &[("FLEET_ALERT_CPU_PERCENT", "150")],
+            &["demo"],
+            &["FLEET_ALERT_CPU_PERCENT", "150"],
+        ),
+        (
+            &[("FLEET_PUBLIC_URL", "ftp://fleet.example")],
+            &["demo"],
+            &["FLEET_PUBLIC_URL", "ftp://fleet.example"],
+        ),
+        (
+            &[("FLEET_ALERT_GROUP_WAIT", "soon")],
+            &["demo"],
+            &["FLEET_ALERT_GROUP_WAIT", "soon"],
+        ),
         (
             &[("FLEET_HEALTH_INTERVAL", "abc")],
             &["demo"],
@@ -358,13 +373,14 @@ fn bad_settings_exit_non_zero_naming_the_setting_and_value() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_shows_a_live_fleet() {
+async fn the_demo_shows_a_live_fleet_and_its_incidents() {
     let port = free_port();
     let mut cmd = Command::new(binary("fleet-server"));
     cmd.arg("demo")
         .env_clear()
         .env("FLEET_LISTEN", format!("127.0.0.1:{port}"))
-        .env("FLEET_DEMO_SERVERS", "10");
+        .env("FLEET_DEMO_SERVERS", "12")
+        .env("FLEET_DEMO_CHANGE_EVERY", "10");
     let mut demo = Proc::start(cmd);
     let token = {
         let mut token = None;
@@ -389,7 +405,19 @@ async fn the_demo_shows_a_live_fleet() {
     })
     .await;
     let (_, list) = api.get("/api/v1/fleet/servers").await.unwrap();
-    assert_eq!(list["servers"].as_array().unwrap().len(), 10);
+    assert_eq!(list["servers"].as_array().unwrap().len(), 12);
+    // Its faults become incidents: announced to the demo's own receiver, which prints them,
+    // and resolved once the fault heals.
+    wait_for("an announced incident", Duration::from_secs(90), || async {
+        demo.stdout().contains("webhook received: [FIRING]")
+    })
+    .await;
+    let (_, open) = api.get("/api/v1/fleet/incidents").await.unwrap();
+    assert!(open["total"].as_u64() >= Some(1), "{open}");
+    wait_for("a resolved incident", Duration::from_secs(180), || async {
+        demo.stdout().contains("webhook received: [RESOLVED]")
+    })
+    .await;
     demo.terminate();
     assert_eq!(
         demo.wait(Duration::from_secs(15)),
@@ -485,7 +513,8 @@ async fn serve_refuses_to_run_blind_and_keys_rotate_to_a_new_key() {
     );
     assert_eq!(
         said.trim(),
-        "managed_servers.api_token: 2 re-sealed, 0 already under the current key"
+        "alert_channels.config: 0 re-sealed, 0 already under the current key\n\
+         managed_servers.api_token: 2 re-sealed, 0 already under the current key"
     );
     let (mut after, listen) = serve(NEW_KEY, None);
     healthy(listen).await;

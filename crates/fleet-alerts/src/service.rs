@@ -985,3 +985,219 @@ impl Job {
         self.wake.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryAlertStore;
+    use crate::testing::RecordingNotifier;
+    use fleet_core::testing::TokioClock;
+    use fleet_core::{HealthCheck, InMemoryStore, NewServer};
+    use time::macros::datetime;
+
+    struct Shell {
+        events: Events,
+        store: Arc<MemoryAlertStore>,
+        notifier: Arc<RecordingNotifier>,
+        clock: Arc<TokioClock>,
+        handle: AlertsHandle,
+        server: ServerId,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    async fn shell(cfg: AlertConfig) -> Shell {
+        let registry = Arc::new(InMemoryStore::new());
+        let mut new = NewServer::new("web-1", "http://127.0.0.1:9");
+        new.region = Some("eu".into());
+        let server = registry.create_server(new).await.unwrap().id;
+        let store = Arc::new(MemoryAlertStore::new());
+        store
+            .create_channel(
+                "hook",
+                crate::ChannelConfig::Webhook {
+                    url: "http://127.0.0.1:9/h".into(),
+                    send_resolved: true,
+                },
+                datetime!(2026-01-01 0:00 UTC),
+            )
+            .await
+            .unwrap();
+        let notifier = Arc::new(RecordingNotifier::new());
+        let clock = Arc::new(TokioClock::new(datetime!(2026-01-01 0:00 UTC)));
+        let events = Events::new();
+        let cancel = CancellationToken::new();
+        let handle = AlertService::spawn(
+            AlertParts {
+                store: store.clone(),
+                servers: registry,
+                notifier: notifier.clone(),
+                config: cfg,
+                clock: clock.clone(),
+                events: events.clone(),
+                health_interval: Duration::from_secs(30),
+            },
+            cancel.clone(),
+            &TaskTracker::new(),
+        );
+        // Let it load its (empty) state.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        Shell {
+            events,
+            store,
+            notifier,
+            clock,
+            handle,
+            server,
+            _stop: cancel.drop_guard(),
+        }
+    }
+
+    impl Shell {
+        fn check(&self, status: HealthStatus) {
+            let check = HealthCheck {
+                server_id: self.server,
+                timestamp: self.clock.now(),
+                status,
+                response_time_ms: Some(5),
+                database_healthy: None,
+                redis_healthy: None,
+                services_healthy: None,
+                error_message: None,
+                error_details: None,
+                responded: status != HealthStatus::Unreachable,
+                successful: true,
+            };
+            self.events.publish(Event::Checked {
+                server: "web-1".into(),
+                check,
+                previous: None,
+                manual: false,
+            });
+        }
+
+        /// Checks every 30 s of paused time.
+        async fn checks(&self, statuses: &[HealthStatus]) {
+            for s in statuses {
+                self.check(*s);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+
+        fn kinds(&self) -> Vec<String> {
+            self.notifier
+                .received()
+                .iter()
+                .map(|r| {
+                    r.notice["incident"]["notice"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned()
+                })
+                .collect()
+        }
+    }
+
+    use HealthStatus::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn results_become_one_announced_and_one_resolved_notice() {
+        let s = shell(AlertConfig::default()).await;
+        s.checks(&[Healthy, Critical, Critical, Critical]).await;
+        assert_eq!(s.kinds(), ["firing"]);
+        let n = &s.notifier.received()[0];
+        assert_eq!(n.notice["alerts"][0]["labels"]["server"], "web-1");
+        assert_eq!(n.notice["alerts"][0]["labels"]["region"], "eu");
+        s.checks(&[Healthy, Healthy, Healthy]).await;
+        assert_eq!(s.kinds(), ["firing", "resolved"]);
+        // Each row sent once, and marked.
+        let rows = s.store.outbox();
+        assert_eq!(rows.len(), 2);
+        assert!(rows.iter().all(|r| r.4 == "sent"), "{rows:?}");
+        let stats = s.handle.stats();
+        assert_eq!((stats.sent, stats.opened, stats.failed), (2, 1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_receiver_is_retried_with_back_off_and_the_same_key() {
+        let s = shell(AlertConfig::default()).await;
+        s.notifier.answer([
+            SendClass::ServerError,
+            SendClass::Timeout,
+            SendClass::ServerError,
+        ]);
+        s.checks(&[Critical, Critical]).await;
+        // 2 + 4 + 8 s of back-off.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let got = s.notifier.received();
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got.iter().all(|g| g.key == got[0].key));
+        assert_eq!(got[3].class, SendClass::Delivered);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(s.notifier.received().len(), 4);
+        assert_eq!(s.handle.stats().retried, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_notice_is_not_retried() {
+        let s = shell(AlertConfig::default()).await;
+        s.notifier.answer([SendClass::Rejected]);
+        s.checks(&[Critical, Critical]).await;
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(s.notifier.received().len(), 1);
+        assert_eq!(s.store.outbox()[0].4, "failed");
+        assert_eq!(s.handle.stats().failed, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_acknowledged_incident_gets_no_reminder_and_its_ack_is_told() {
+        let s = shell(AlertConfig {
+            repeat_interval: Duration::from_secs(120),
+            ..AlertConfig::default()
+        })
+        .await;
+        // Announced after 60 s, reminded 120 s later.
+        s.checks(&[Critical; 8]).await;
+        assert_eq!(s.kinds(), ["firing", "reminder"]);
+        let id: Uuid = s.notifier.received()[0].notice["incident"]["id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let inc = s.handle.acknowledge(id, "ops", "on it").await.unwrap();
+        assert_eq!(inc.state, IncidentState::Acknowledged);
+        s.checks(&[Critical; 20]).await;
+        assert_eq!(s.kinds(), ["firing", "reminder", "acknowledged"]);
+        s.checks(&[Healthy, Healthy]).await;
+        assert_eq!(
+            s.kinds(),
+            ["firing", "reminder", "acknowledged", "resolved"]
+        );
+        assert!(matches!(
+            s.handle.acknowledge(id, "ops", "again").await,
+            Err(AckError::Resolved)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn storage_and_self_problems_raise_fleet_incidents() {
+        let s = shell(AlertConfig::default()).await;
+        s.events.publish(Event::Problem {
+            worker: WorkerKind::Health,
+            problem: Problem::WriteFailing {
+                error: "down".into(),
+                pending: 10,
+            },
+        });
+        // Failing for longer than two intervals (2 x 30 s), then the group wait.
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let got = s.notifier.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].notice["groupLabels"]["alertname"], "StorageProblem");
+        s.events.publish(Event::Problem {
+            worker: WorkerKind::Health,
+            problem: Problem::WriteRecovered,
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(s.kinds(), ["firing", "resolved"]);
+    }
+}
