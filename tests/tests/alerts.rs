@@ -239,15 +239,28 @@ async fn a_region_storm_is_one_incident_and_one_notice_per_channel_through_resta
 
     // Acknowledged with a reason: the channels hear of it, then no reminder comes. Another
     // incident, not acknowledged, gets its reminders meanwhile.
-    let (status, v) = api
-        .post(
-            &format!("/api/v1/fleet/incidents/{incident}/ack"),
-            &json!({"reason": "network team on it"}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{v}");
-    assert_eq!(v["state"], "acknowledged");
+    // Through the CLI, as an operator would: it lists the incident and acknowledges it.
+    let cli = |args: &[&str]| {
+        let out = server_cmd(&url, &["alerts"])
+            .args(args)
+            .env("FLEET_URL", format!("http://{listen}"))
+            .env("FLEET_TOKEN", ADMIN)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = cli(&["incidents", "--state", "firing"]);
+    assert!(
+        listed.contains(&incident) && listed.contains("1 incident(s) in all"),
+        "{listed}"
+    );
+    let said = cli(&["ack", &incident, "--reason", "network team on it"]);
+    assert_eq!(said.trim(), format!("incident {incident} is acknowledged"));
     // Reminders queued before the acknowledgement may still arrive; none may be queued after.
     let reminders_queued = |timeline: &Value| -> (usize, usize) {
         let lines = timeline.as_array().unwrap();

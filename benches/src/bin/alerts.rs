@@ -124,21 +124,29 @@ async fn storm() {
         cancel.clone(),
         &tracker,
     );
-    // Everyone healthy first (as a cycle would publish).
-    for id in &ids {
-        events.publish(Event::Checked {
-            server: String::new(),
-            check: check(*id, HealthStatus::Healthy),
-            previous: None,
-            manual: false,
-        });
-    }
-    while handle.stats().results < SERVERS as u64 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Everyone healthy first, spread as a cycle spreads them (a cycle of 100,000 takes some
+    // 20 s; here 10,000 at a time, each burst taken before the next).
+    for (i, chunk) in ids.chunks(10_000).enumerate() {
+        for id in chunk {
+            events.publish(Event::Checked {
+                server: String::new(),
+                check: check(*id, HealthStatus::Healthy),
+                previous: None,
+                manual: false,
+            });
+        }
+        let want = ((i + 1) * 10_000) as u64;
+        while handle.stats().results + handle.stats().lagged < want {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     let rows_before = rows(&db).await;
-    // The storm: every tenth server unreachable, twice 1 s apart (pending, then firing).
-    let storm: Vec<ServerId> = ids.iter().step_by(10).copied().collect();
+    // The storm: 10 % of the fleet, 10 % of each region, unreachable twice 1 s apart
+    // (pending, then firing).
+    let storm: Vec<ServerId> = (0..SERVERS)
+        .filter(|i| (i / REGIONS).is_multiple_of(10))
+        .map(|i| ids[i])
+        .collect();
     let t0 = Instant::now();
     for round in 0..2 {
         for id in &storm {

@@ -172,6 +172,8 @@ pub struct Snapshot {
 struct MemberState {
     member: Member,
     firing: bool,
+    /// Whether a notice named it.
+    told: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -258,6 +260,7 @@ impl Engine {
                     MemberState {
                         firing: m.resolved_at.is_none(),
                         member: m,
+                        told: true,
                     },
                 );
             }
@@ -470,6 +473,7 @@ impl Engine {
             MemberState {
                 member: member.clone(),
                 firing: true,
+                told: false,
             },
         );
         if was.is_none() {
@@ -670,6 +674,10 @@ impl Engine {
                     .collect();
                 for k in held {
                     let was = self.active.get(&k).and_then(|a| a.incident);
+                    // An alert already told of stays in its incident until it recovers.
+                    if self.told(&k) {
+                        continue;
+                    }
                     self.hold(&k, Hold::Fleet);
                     if let Some(inc) = was {
                         self.drop_member(inc, &k, ctx, fx);
@@ -704,17 +712,22 @@ impl Engine {
         }
     }
 
-    /// Removes a member whose alert moved elsewhere; an incident left with nobody before it
-    /// was announced is closed without a word.
+    /// Whether a notice named this alert (in the incident it is in).
+    fn told(&self, key: &AlertKey) -> bool {
+        self.active
+            .get(key)
+            .and_then(|a| a.incident)
+            .and_then(|inc| self.open.get(&inc))
+            .and_then(|o| o.members.get(key))
+            .is_some_and(|m| m.told)
+    }
+
+    /// Removes a member no notice named yet, whose alert moved elsewhere; an incident left
+    /// with nobody before it was announced is closed without a word.
     fn drop_member(&mut self, id: Uuid, key: &AlertKey, ctx: &Context<'_>, fx: &mut Vec<Effect>) {
         let Some(open) = self.open.get_mut(&id) else {
             return;
         };
-        if open.snap.announced_at.is_some() {
-            // Already told: it recovers like any member would, so that it resolves.
-            self.leave(id, key, ctx.now, ctx, fx);
-            return;
-        }
         if let Some(m) = open.members.remove(key) {
             open.snap.incident.servers = open.snap.incident.servers.saturating_sub(1);
             fx.push(Effect::Leave {
@@ -725,6 +738,8 @@ impl Engine {
             });
         }
         open.snap.incident.covers = open.members.values().filter(|m| m.firing).count() as u64;
+        open.snap.additions =
+            open.snap.announced_at.is_some() && open.members.values().any(|m| m.firing && !m.told);
         if open.members.values().all(|m| !m.firing) {
             self.resolve(id, ctx, fx);
         } else {
@@ -758,7 +773,12 @@ impl Engine {
             if !crossed || self.by_key.contains_key(&gk) {
                 continue;
             }
-            let first = keys[0].clone();
+            // Alerts already announced stay where they were told of (moving them would tell
+            // their channels they had resolved); the regional incident takes the others.
+            let keys: Vec<AlertKey> = keys.into_iter().filter(|k| !self.told(k)).collect();
+            let Some(first) = keys.first().cloned() else {
+                continue;
+            };
             let id = self.open_incident(
                 Rule::RegionUnreachable,
                 gk,
@@ -915,6 +935,11 @@ fn notify(
     let id = open.snap.incident.id;
     open.snap.seq += 1;
     open.snap.notified_at = Some(ctx.now);
+    if !matches!(kind, NoticeKind::Acknowledged | NoticeKind::Resolved) {
+        for m in open.members.values_mut() {
+            m.told = true;
+        }
+    }
     let members: Vec<&Member> = open.members.values().map(|m| &m.member).collect();
     let silenced = |m: Option<&Member>| {
         let groups: Vec<GroupId> = m
@@ -1291,6 +1316,33 @@ mod tests {
         // A server in another region is its own incident.
         w.change(102, 15, Rule::ServerUnreachable, true);
         assert_eq!(w.incidents().len(), 3);
+    }
+
+    #[test]
+    fn alerts_already_announced_stay_in_their_incident_when_the_region_crosses() {
+        let mut w = World::new(10, 20);
+        w.change(0, 0, Rule::ServerUnreachable, true);
+        w.change(0, 1, Rule::ServerUnreachable, true);
+        w.tick_until(40);
+        assert_eq!(w.kinds(), vec![(Firing, 0), (Firing, 1)]);
+        for s in 2..8 {
+            w.change(50, s, Rule::ServerUnreachable, true);
+        }
+        w.tick_until(100);
+        // Nobody is told the first incident resolved; the regional one takes the others.
+        assert!(
+            !w.kinds().iter().any(|k| k.0 == Resolved),
+            "{:?}",
+            w.kinds()
+        );
+        let regional: Vec<Snapshot> = w
+            .incidents()
+            .into_iter()
+            .map(|id| w.last_snapshot(id))
+            .filter(|s| s.incident.rule == Rule::RegionUnreachable)
+            .collect();
+        assert_eq!(regional.len(), 1);
+        assert_eq!(regional[0].incident.covers, 6);
     }
 
     #[test]

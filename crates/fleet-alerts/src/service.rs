@@ -1201,3 +1201,125 @@ mod tests {
         assert_eq!(s.kinds(), ["firing", "resolved"]);
     }
 }
+
+#[cfg(test)]
+mod storm {
+    use super::*;
+    use crate::MemoryAlertStore;
+    use crate::testing::RecordingNotifier;
+    use fleet_core::testing::TokioClock;
+    use fleet_core::{HealthCheck, InMemoryStore, NewServer};
+    use time::macros::datetime;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_across_regions_is_one_incident_per_region_and_channel() {
+        let registry = Arc::new(InMemoryStore::new());
+        let mut ids = Vec::new();
+        for i in 0..1000 {
+            let mut new = NewServer::new(format!("s{i:04}"), "http://127.0.0.1:9");
+            new.region = Some(format!("r{}", i % 10));
+            ids.push(registry.create_server(new).await.unwrap().id);
+        }
+        let store = Arc::new(MemoryAlertStore::new());
+        for name in ["a", "b"] {
+            store
+                .create_channel(
+                    name,
+                    crate::ChannelConfig::Slack {
+                        url: format!("http://127.0.0.1:9/{name}"),
+                    },
+                    datetime!(2026-01-01 0:00 UTC),
+                )
+                .await
+                .unwrap();
+        }
+        let notifier = Arc::new(RecordingNotifier::new());
+        let clock = Arc::new(TokioClock::new(datetime!(2026-01-01 0:00 UTC)));
+        let events = Events::new();
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let handle = AlertService::spawn(
+            AlertParts {
+                store: store.clone(),
+                servers: registry,
+                notifier: notifier.clone(),
+                config: AlertConfig {
+                    unreachable_for: Duration::from_secs(1),
+                    ..AlertConfig::default()
+                },
+                clock: clock.clone(),
+                events: events.clone(),
+                health_interval: Duration::from_secs(30),
+            },
+            cancel,
+            &TaskTracker::new(),
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let publish = |id: ServerId, status: HealthStatus| {
+            events.publish(Event::Checked {
+                server: String::new(),
+                check: HealthCheck {
+                    server_id: id,
+                    timestamp: clock.now(),
+                    status,
+                    response_time_ms: None,
+                    database_healthy: None,
+                    redis_healthy: None,
+                    services_healthy: None,
+                    error_message: None,
+                    error_details: None,
+                    responded: false,
+                    successful: false,
+                },
+                previous: None,
+                manual: false,
+            })
+        };
+        for id in &ids {
+            publish(*id, HealthStatus::Healthy);
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let storm = |picked: Vec<ServerId>| {
+            let publish = &publish;
+            async move {
+                for round in 0..2 {
+                    for id in &picked {
+                        publish(*id, HealthStatus::Unreachable);
+                    }
+                    tokio::time::sleep(Duration::from_secs(if round == 0 { 2 } else { 60 })).await;
+                }
+            }
+        };
+        // A whole region at once: one regional incident, one notice per channel.
+        storm(ids.iter().skip(1).step_by(10).copied().collect()).await;
+        let firing = |region: Option<&str>| crate::IncidentFilter {
+            region: region.map(str::to_owned),
+            state: Some(IncidentState::Firing),
+            limit: 100,
+            ..Default::default()
+        };
+        let (list, _) = store.list_incidents(&firing(Some("r1"))).await.unwrap();
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(list[0].rule, crate::Rule::RegionUnreachable);
+        assert_eq!(list[0].covers, 100);
+        assert_eq!(notifier.received().len(), 2);
+        // Then 10 % of the fleet, 10 % of each region: one incident for each other region.
+        storm(
+            (0..ids.len())
+                .filter(|i| (i / 10).is_multiple_of(10))
+                .map(|i| ids[i])
+                .collect(),
+        )
+        .await;
+        let (list, total) = store.list_incidents(&firing(None)).await.unwrap();
+        let keys: Vec<&str> = list.iter().map(|i| i.group_key.as_str()).collect();
+        assert_eq!(total, 10, "{keys:?}");
+        assert!(
+            list.iter()
+                .all(|i| i.covers == 10 || i.rule == crate::Rule::RegionUnreachable),
+            "{list:?}"
+        );
+        assert_eq!(notifier.received().len(), 20);
+        assert_eq!(handle.stats().lagged, 0);
+    }
+}
