@@ -154,6 +154,9 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
     if let Some(token) = &api.admin_token {
         fleet_api::auth::check_bootstrap(token).map_err(|e| anyhow::anyhow!("invalid {e}"))?;
     }
+    if api.bulk_check_max == 0 {
+        anyhow::bail!("invalid FLEET_BULK_CHECK_MAX (--bulk-check-max) = 0: must be at least 1");
+    }
     let max_connections = file_budget(api, &parts.configs);
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -210,6 +213,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         trusted_proxies: api.trusted_proxies.clone(),
         listener: listener_stats.clone(),
         alerts,
+        bulk_check_max: api.bulk_check_max,
     });
     let config = ListenerConfig {
         header_timeout: api.api_header_timeout,

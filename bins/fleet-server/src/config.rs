@@ -569,6 +569,9 @@ pub struct ApiArgs {
     /// open-file limit would otherwise let them eat the probes' file budget.
     #[arg(long, env = "FLEET_API_MAX_CONNECTIONS", default_value_t = 1024)]
     pub api_max_connections: usize,
+    /// Most checks a group check (`POST …/groups/{id}/check`) may have queued at once.
+    #[arg(long, env = "FLEET_BULK_CHECK_MAX", default_value_t = 1000)]
+    pub bulk_check_max: usize,
 }
 
 /// Logging.

@@ -5,6 +5,7 @@
 
 mod alerts;
 pub mod auth;
+mod bulk;
 mod handlers;
 pub mod listener;
 mod views;
@@ -70,6 +71,7 @@ pub struct AppState {
     pub(crate) listener: Arc<listener::ListenerStats>,
     pub(crate) tallies: Arc<TallyCache>,
     pub(crate) alerts: Option<fleet_alerts::AlertsHandle>,
+    pub(crate) bulk: Arc<bulk::BulkQueue>,
 }
 
 /// Who called, by token name, for records such as an acknowledgement.
@@ -127,6 +129,8 @@ pub struct ApiParts {
     pub listener: Arc<listener::ListenerStats>,
     /// The alert pipeline, when it runs.
     pub alerts: Option<fleet_alerts::AlertsHandle>,
+    /// The most checks queued by group checks at once (`FLEET_BULK_CHECK_MAX`).
+    pub bulk_check_max: usize,
 }
 
 impl std::fmt::Debug for AppState {
@@ -165,6 +169,7 @@ impl AppState {
             listener: parts.listener,
             tallies: Arc::default(),
             alerts: parts.alerts,
+            bulk: Arc::new(bulk::BulkQueue::new(parts.bulk_check_max)),
         }
     }
 }
@@ -441,6 +446,7 @@ pub fn routes() -> Vec<Route> {
     use Access::*;
     use Method as M;
     use alerts as a;
+    use bulk as b;
     use handlers as h;
     use views as v;
     const SERVER_FILTERS: &[&str] = &[
@@ -487,6 +493,11 @@ pub fn routes() -> Vec<Route> {
         route((M::PATCH, "/api/v1/fleet/groups/{id}"), Admin, "Change a group.", ok_json(schema::<v::Group>), patch(h::update_group))
             .with_body(schema::<h::GroupBody>),
         route((M::DELETE, "/api/v1/fleet/groups/{id}"), Admin, "Remove a group (not its servers).", Reply::Empty, delete(h::delete_group)),
+        route((M::POST, "/api/v1/fleet/groups/{id}/members"), Admin, "Add up to 1,000 servers to a group.", ok_json(schema::<b::MembershipChange>), post(b::add_members))
+            .with_body(schema::<b::MemberIds>),
+        route((M::DELETE, "/api/v1/fleet/groups/{id}/members"), Admin, "Remove up to 1,000 servers from a group.", ok_json(schema::<b::MembershipChange>), delete(b::remove_members))
+            .with_body(schema::<b::MemberIds>),
+        route((M::POST, "/api/v1/fleet/groups/{id}/check"), Admin, "Queue a check of every member ahead of the cycle (at most FLEET_BULK_CHECK_MAX queued); results arrive in the history and on the event stream.", Reply::Json(StatusCode::ACCEPTED, schema::<b::BulkCheck>), post(b::check_group)),
         route((M::PUT, "/api/v1/fleet/groups/{id}/members/{server_id}"), Admin, "Add a server to a group.", Reply::Empty, put(h::add_member)),
         route((M::DELETE, "/api/v1/fleet/groups/{id}/members/{server_id}"), Admin, "Remove a server from a group.", Reply::Empty, delete(h::remove_member)),
         route((M::GET, "/api/v1/fleet/alerts/channels"), Viewer, "Alert channels, without their secrets.", ok_json(schema::<a::ChannelList>), get(a::list_channels)),

@@ -85,6 +85,7 @@ async fn api_with_limit(limit: u32) -> Api {
         trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
         listener: Default::default(),
         alerts: Some(handle),
+        bulk_check_max: 3,
     });
     Api {
         router: router(state),
@@ -518,6 +519,8 @@ async fn every_route_answers_what_the_openapi_document_says() {
             ("PATCH", "/api/v1/fleet/servers/{id}") => Some(r#"{"description": "edge"}"#.into()),
             ("POST", "/api/v1/fleet/groups") => Some(r#"{"name": "g2"}"#.into()),
             ("PATCH", "/api/v1/fleet/groups/{id}") => Some(r#"{"color": "ff8800"}"#.into()),
+            ("POST", "/api/v1/fleet/groups/{id}/members") => Some(json!({"server_ids": [other]}).to_string()),
+            ("DELETE", "/api/v1/fleet/groups/{id}/members") => Some(json!({"server_ids": [server]}).to_string()),
             ("POST", "/api/v1/fleet/alerts/channels") => Some(
                 json!({"name": "pager", "kind": "pagerduty", "routing_key": "rk", "url": "http://127.0.0.1:9/pd"}).to_string(),
             ),
@@ -1789,4 +1792,137 @@ async fn alert_bodies_name_the_bad_field_and_secrets_never_come_back() {
         )
         .await;
     assert_eq!(s["incidents"]["critical"], 1);
+}
+
+#[tokio::test]
+async fn groups_gain_members_in_bulk_and_queue_their_checks() {
+    let a = api().await;
+    let admin = Some(a.admin.as_str());
+    let mut servers = Vec::new();
+    for i in 0..5 {
+        servers.push(a.server(&format!("bulk-{i}")).await);
+    }
+    let g = a
+        .check(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            admin,
+            Some(r#"{"name": "bulk"}"#),
+            StatusCode::CREATED,
+        )
+        .await;
+    let members = format!("/api/v1/fleet/groups/{}/members", g["id"].as_str().unwrap());
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let mut ids: Vec<String> = servers.clone();
+    ids.push(unknown);
+    let v = a
+        .check(
+            Method::POST,
+            &members,
+            admin,
+            Some(&json!({"server_ids": ids}).to_string()),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(
+        (
+            v["requested"].as_u64(),
+            v["changed"].as_u64(),
+            v["members"].as_u64()
+        ),
+        (Some(6), Some(5), Some(5))
+    );
+    // Listing by group shows them.
+    let list = a
+        .check(
+            Method::GET,
+            &format!("/api/v1/fleet/servers?group={}", g["id"].as_str().unwrap()),
+            admin,
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(list["servers"].as_array().unwrap().len(), 5);
+    // At most 1,000 ids, at least one; viewers may not; an unknown group is 404.
+    let many: Vec<String> = (0..1001)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    let v = a
+        .check(
+            Method::POST,
+            &members,
+            admin,
+            Some(&json!({"server_ids": many}).to_string()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("server_ids:")
+    );
+    a.check(
+        Method::POST,
+        &members,
+        admin,
+        Some(r#"{"server_ids": []}"#),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    a.check(
+        Method::POST,
+        &members,
+        Some(&a.viewer),
+        Some(&json!({"server_ids": [servers[0]]}).to_string()),
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    a.check(
+        Method::POST,
+        &format!("/api/v1/fleet/groups/{}/members", uuid::Uuid::new_v4()),
+        admin,
+        Some(&json!({"server_ids": [servers[0]]}).to_string()),
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+
+    // A group check queues at most FLEET_BULK_CHECK_MAX (3 here); the results are stored.
+    let mut sub = a.events.subscribe("test", 64);
+    let check = format!("/api/v1/fleet/groups/{}/check", g["id"].as_str().unwrap());
+    let v = a
+        .check(Method::POST, &check, admin, None, StatusCode::ACCEPTED)
+        .await;
+    assert_eq!(
+        (v["queued"].as_u64(), v["skipped"].as_u64()),
+        (Some(3), Some(2)),
+        "{v}"
+    );
+    let mut checked = std::collections::BTreeSet::new();
+    while checked.len() < 3 {
+        let got = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if let fleet_core::Received::Event(e) = got
+            && let fleet_core::Event::Checked { check, manual, .. } = &*e
+        {
+            assert!(manual);
+            checked.insert(check.server_id);
+        }
+    }
+    // Removal in bulk.
+    let v = a
+        .check(
+            Method::DELETE,
+            &members,
+            admin,
+            Some(&json!({"server_ids": servers[..2]}).to_string()),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(
+        (v["changed"].as_u64(), v["members"].as_u64()),
+        (Some(2), Some(3))
+    );
 }

@@ -98,6 +98,7 @@ macro_rules! store_conformance_tests {
             tokens_reach_the_probe,
             servers_can_be_changed,
             groups_hold_members_and_filter_servers,
+            groups_gain_and_lose_members_in_bulk,
             admin_tokens_are_found_by_hash_until_revoked,
             llm_usage_is_the_counters_increase_with_restarts,
             state_changes_are_logged_once_with_the_check,
@@ -966,4 +967,37 @@ pub async fn servers_are_counted_by_status_health_region_and_environment(
         1,
         "{tallies:?}"
     );
+}
+
+/// Bulk membership: one call for many servers, members already and unknown ids skipped.
+pub async fn groups_gain_and_lose_members_in_bulk(store: &impl ConformingStore) {
+    let a = add(store, "a").await;
+    let b = add(store, "b").await;
+    let c = add(store, "c").await;
+    let g = store
+        .create_group(GroupFields {
+            name: Some("web".into()),
+            ..GroupFields::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.add_members(g.id, &[a]).await.unwrap(), Some(1));
+    let unknown = ServerId::new();
+    assert_eq!(
+        store.add_members(g.id, &[a, b, c, unknown]).await.unwrap(),
+        Some(2)
+    );
+    let members = store.get_group(g.id).await.unwrap().unwrap().members;
+    assert_eq!(members.len(), 3);
+    assert_eq!(
+        store.remove_members(g.id, &[a, b, unknown]).await.unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        store.get_group(g.id).await.unwrap().unwrap().members,
+        vec![c]
+    );
+    let nowhere = crate::model::GroupId(uuid::Uuid::new_v4());
+    assert_eq!(store.add_members(nowhere, &[a]).await.unwrap(), None);
+    assert_eq!(store.remove_members(nowhere, &[a]).await.unwrap(), None);
 }

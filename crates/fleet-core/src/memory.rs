@@ -560,6 +560,41 @@ impl Groups for InMemoryStore {
         g.members.retain(|m| *m != server);
         Ok(g.members.len() < before)
     }
+
+    async fn add_members(
+        &self,
+        group: GroupId,
+        servers: &[ServerId],
+    ) -> Result<Option<u64>, StoreError> {
+        let mut state = self.state();
+        let known: Vec<ServerId> = servers
+            .iter()
+            .filter(|s| state.servers.contains_key(s))
+            .copied()
+            .collect();
+        let Some(g) = state.groups.get_mut(&group) else {
+            return Ok(None);
+        };
+        let before = g.members.len();
+        g.members.extend(known);
+        g.members.sort();
+        g.members.dedup();
+        Ok(Some((g.members.len() - before) as u64))
+    }
+
+    async fn remove_members(
+        &self,
+        group: GroupId,
+        servers: &[ServerId],
+    ) -> Result<Option<u64>, StoreError> {
+        let mut state = self.state();
+        let Some(g) = state.groups.get_mut(&group) else {
+            return Ok(None);
+        };
+        let before = g.members.len();
+        g.members.retain(|m| !servers.contains(m));
+        Ok(Some((before - g.members.len()) as u64))
+    }
 }
 
 #[async_trait]

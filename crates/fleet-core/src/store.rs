@@ -176,6 +176,22 @@ pub trait Groups: Send + Sync {
 
     /// Removes a server from a group; false when it was not a member.
     async fn remove_member(&self, group: GroupId, server: ServerId) -> Result<bool, StoreError>;
+
+    /// Adds servers to a group at once: how many became members (members already, and ids
+    /// of no server, are skipped); `None` when the group does not exist.
+    async fn add_members(
+        &self,
+        group: GroupId,
+        servers: &[ServerId],
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Removes servers from a group at once: how many were members; `None` when the group
+    /// does not exist.
+    async fn remove_members(
+        &self,
+        group: GroupId,
+        servers: &[ServerId],
+    ) -> Result<Option<u64>, StoreError>;
 }
 
 /// Admin API tokens, kept only as SHA-256 hashes.

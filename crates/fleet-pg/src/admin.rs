@@ -292,6 +292,54 @@ impl Groups for PgStore {
             .map_err(db_error)?;
         Ok(n == 1)
     }
+
+    async fn add_members(
+        &self,
+        group: GroupId,
+        servers: &[ServerId],
+    ) -> Result<Option<u64>, StoreError> {
+        let ids: Vec<uuid::Uuid> = servers.iter().map(|s| s.0).collect();
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "WITH g AS (SELECT id FROM server_groups WHERE id = $1),
+                 ins AS (
+                    INSERT INTO server_group_members (group_id, server_id)
+                    SELECT g.id, m.id FROM g, managed_servers m
+                    WHERE m.id = ANY($2)
+                    ON CONFLICT DO NOTHING
+                    RETURNING 1
+                 )
+                 SELECT EXISTS (SELECT 1 FROM g), (SELECT count(*) FROM ins)",
+                &[&group.0, &ids],
+            )
+            .await
+            .map_err(db_error)?;
+        let exists: bool = row.get(0);
+        Ok(exists.then(|| row.get::<_, i64>(1) as u64))
+    }
+
+    async fn remove_members(
+        &self,
+        group: GroupId,
+        servers: &[ServerId],
+    ) -> Result<Option<u64>, StoreError> {
+        let ids: Vec<uuid::Uuid> = servers.iter().map(|s| s.0).collect();
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "WITH del AS (
+                    DELETE FROM server_group_members WHERE group_id = $1 AND server_id = ANY($2)
+                    RETURNING 1
+                 )
+                 SELECT EXISTS (SELECT 1 FROM server_groups WHERE id = $1), (SELECT count(*) FROM del)",
+                &[&group.0, &ids],
+            )
+            .await
+            .map_err(db_error)?;
+        let exists: bool = row.get(0);
+        Ok(exists.then(|| row.get::<_, i64>(1) as u64))
+    }
 }
 
 fn token_from_row(row: &Row) -> Result<TokenRecord, StoreError> {
