@@ -135,6 +135,44 @@ impl ServerRules {
         r
     }
 
+    /// Rebuilds the per-check counters of pending and recovering health alerts from the
+    /// server's recent checks, newest first: only transitions are stored, so a restart or an
+    /// instance taking the server over counts from its history, not from zero.
+    pub fn rebuild(&mut self, recent: &[HealthStatus]) {
+        if let Some(h) = recent.first() {
+            self.health = Some(*h);
+        }
+        for ((rule, _), s) in self.alerts.iter_mut() {
+            let wrong = match rule {
+                Rule::ServerCritical => HealthStatus::Critical,
+                Rule::ServerUnreachable => HealthStatus::Unreachable,
+                Rule::ServerDegraded => HealthStatus::Degraded,
+                _ => continue,
+            };
+            match s.phase {
+                Phase::Pending => {
+                    let n = recent.iter().take_while(|h| **h == wrong).count();
+                    s.bad = (n as u32).max(1);
+                }
+                Phase::Recovering => {
+                    s.good = recent.iter().take_while(|h| **h != wrong).count() as u32;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether a pending or recovering health alert counts checks (and so wants
+    /// [`ServerRules::rebuild`] after a restore).
+    pub fn counting(&self) -> bool {
+        self.alerts.iter().any(|((rule, _), s)| {
+            matches!(
+                rule,
+                Rule::ServerCritical | Rule::ServerUnreachable | Rule::ServerDegraded
+            ) && matches!(s.phase, Phase::Pending | Phase::Recovering)
+        })
+    }
+
     /// Its last known health.
     pub fn health(&self) -> Option<HealthStatus> {
         self.health
@@ -598,6 +636,46 @@ mod tests {
             );
         }
         assert_eq!(fired, vec![(Rule::MetricsFailing, String::new(), true)]);
+    }
+
+    #[test]
+    fn counters_are_rebuilt_from_recent_checks_after_a_restore() {
+        let id = ServerId::new();
+        let t0 = datetime!(2026-01-01 0:00 UTC);
+        let cfg = AlertConfig {
+            critical_after: 3,
+            ..cfg()
+        };
+        // Pending with two critical checks stored in history: one more fires it.
+        let mut r = ServerRules::restore(
+            id,
+            None,
+            [(Rule::ServerCritical, String::new(), Phase::Pending, t0)],
+        );
+        assert!(r.counting());
+        r.rebuild(&[Critical, Critical, Healthy]);
+        let s = r.observe(Observation::Health(Critical), t0, &cfg);
+        assert_eq!(s.changes.len(), 1, "{s:?}");
+        // Without the rebuild it would need three more.
+        let mut cold = ServerRules::restore(
+            id,
+            None,
+            [(Rule::ServerCritical, String::new(), Phase::Pending, t0)],
+        );
+        assert!(
+            cold.observe(Observation::Health(Critical), t0, &cfg)
+                .changes
+                .is_empty()
+        );
+        // Recovering with one good check stored: one more resolves it.
+        let mut rec = ServerRules::restore(
+            id,
+            Some(Healthy),
+            [(Rule::ServerCritical, String::new(), Phase::Recovering, t0)],
+        );
+        rec.rebuild(&[Healthy, Critical]);
+        let s = rec.observe(Observation::Health(Healthy), t0, &cfg);
+        assert_eq!(s.changes.iter().filter(|c| !c.firing).count(), 1, "{s:?}");
     }
 
     #[test]

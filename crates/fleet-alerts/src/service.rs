@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fleet_core::{
-    CancellationToken, Clock, Counts, Event, Events, Groups, HealthStatus, MetricsRecord, Problem,
-    Received, Registry, ServerFilter, ServerId, ServerStatus, StoreError, WorkerKind,
+    CancellationToken, Clock, Counts, Event, Events, Groups, HealthStatus, History, MetricsRecord,
+    Problem, Received, Registry, ServerFilter, ServerId, ServerStatus, StoreError, WorkerKind,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -44,10 +44,33 @@ pub trait ServerSource: Send + Sync {
     async fn server_info(&self, id: ServerId) -> Result<Option<ServerInfo>, StoreError>;
     /// Active servers per region.
     async fn region_sizes(&self) -> Result<HashMap<String, u64>, StoreError>;
+    /// A server's most recent health checks' classifications, newest first.
+    async fn recent_health(
+        &self,
+        id: ServerId,
+        limit: usize,
+    ) -> Result<Vec<HealthStatus>, StoreError>;
 }
 
 #[async_trait]
-impl<T: Registry + Groups + Counts + ?Sized> ServerSource for T {
+impl<T: Registry + Groups + Counts + History + ?Sized> ServerSource for T {
+    async fn recent_health(
+        &self,
+        id: ServerId,
+        limit: usize,
+    ) -> Result<Vec<HealthStatus>, StoreError> {
+        let query = fleet_core::HistoryQuery {
+            limit,
+            ..Default::default()
+        };
+        Ok(self
+            .health_history(id, query)
+            .await?
+            .into_iter()
+            .map(|c| c.status)
+            .collect())
+    }
+
     async fn directory(&self) -> Result<HashMap<ServerId, ServerInfo>, StoreError> {
         let groups = self.list_groups().await?;
         let mut member_of: HashMap<ServerId, Vec<(fleet_core::GroupId, String)>> = HashMap::new();
@@ -388,6 +411,9 @@ struct Signals {
     unreachable: u64,
 }
 
+/// Servers whose alert counters are rebuilt from history at a restart.
+const REBUILD_MAX: usize = 1_000;
+
 /// How long after the last drop or storage finding its alert resolves.
 const QUIET: Duration = Duration::from_secs(600);
 
@@ -515,9 +541,20 @@ impl Evaluator {
                     .push((p.key.rule, p.key.detail, p.phase, p.since));
             }
         }
+        // Counters are not stored; alerts counting checks rebuild them from history (for at
+        // most REBUILD_MAX servers, so that a restart amid a storm stays quick; the others
+        // count afresh).
+        let window = self.cfg.critical_after.max(self.cfg.resolve_after) as usize + 1;
+        let mut rebuilt = 0;
         for (server, states) in by_server {
-            self.rules
-                .insert(server, ServerRules::restore(server, None, states));
+            let mut rules = ServerRules::restore(server, None, states);
+            if rules.counting() && rebuilt < REBUILD_MAX {
+                rebuilt += 1;
+                if let Ok(recent) = self.servers.recent_health(server, window).await {
+                    rules.rebuild(&recent);
+                }
+            }
+            self.rules.insert(server, rules);
         }
         let n = open.len();
         self.engine = Engine::restore(open, firing);
