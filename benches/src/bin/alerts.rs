@@ -14,28 +14,15 @@ use fleet_alerts::testing::RecordingNotifier;
 use fleet_alerts::{
     AlertConfig, AlertParts, AlertService, AlertStore, ChannelConfig, Observation, ServerRules,
 };
-use fleet_core::{
-    Event, Events, HealthCheck, HealthStatus, NewServer, Registry, ServerId, SystemClock,
-};
+use fleet_core::{Event, Events, HealthStatus, NewServer, Registry, ServerId, SystemClock};
 use fleet_pg::testing::TestDb;
 
 const SERVERS: usize = 100_000;
 const REGIONS: usize = 10;
 
-fn check(id: ServerId, status: HealthStatus) -> HealthCheck {
-    HealthCheck {
-        server_id: id,
-        timestamp: time::OffsetDateTime::now_utc(),
-        status,
-        response_time_ms: Some(3),
-        database_healthy: None,
-        redis_healthy: None,
-        services_healthy: None,
-        error_message: None,
-        error_details: None,
-        responded: status != HealthStatus::Unreachable,
-        successful: status != HealthStatus::Unreachable,
-    }
+/// A check of `id` now.
+fn check(id: ServerId, status: HealthStatus) -> fleet_core::HealthCheck {
+    fleet_core::conformance::check_at(id, time::OffsetDateTime::now_utc(), status)
 }
 
 fn per_result() {

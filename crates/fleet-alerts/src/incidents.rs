@@ -483,16 +483,8 @@ impl Engine {
         if open.snap.incident.rule == Rule::RegionUnreachable
             && let Some(region) = &open.snap.incident.region
         {
-            // The summary names the most servers it stood for.
-            let n = open.snap.incident.covers.max(
-                open.snap
-                    .incident
-                    .summary
-                    .split(' ')
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or(0),
-            );
+            // Every server that joined it, recovered ones too.
+            let n = open.snap.incident.servers;
             open.snap.incident.summary = format!("{n} servers unreachable in region {region}");
         }
         if open.snap.announced_at.is_some() {
@@ -800,12 +792,6 @@ impl Engine {
                 if let Some(a) = self.active.get_mut(&k) {
                     a.incident = Some(id);
                 }
-            }
-            if let Some(open) = self.open.get_mut(&id) {
-                open.snap.incident.summary = format!(
-                    "{} servers unreachable in region {region}",
-                    open.snap.incident.covers
-                );
             }
             self.save(id, fx);
         }
@@ -1174,6 +1160,15 @@ mod tests {
                 .collect()
         }
 
+        /// The last state of every incident of `rule`.
+        fn of_rule(&self, rule: Rule) -> Vec<Snapshot> {
+            self.incidents()
+                .into_iter()
+                .map(|id| self.last_snapshot(id))
+                .filter(|s| s.incident.rule == rule)
+                .collect()
+        }
+
         fn last_snapshot(&self, id: Uuid) -> Snapshot {
             self.effects
                 .iter()
@@ -1299,12 +1294,7 @@ mod tests {
             w.change(s as u64, s, Rule::ServerUnreachable, true);
         }
         w.tick_until(100);
-        let regional: Vec<Snapshot> = w
-            .incidents()
-            .into_iter()
-            .map(|id| w.last_snapshot(id))
-            .filter(|s| s.incident.rule == Rule::RegionUnreachable)
-            .collect();
+        let regional = w.of_rule(Rule::RegionUnreachable);
         assert_eq!(regional.len(), 1);
         assert_eq!(regional[0].incident.covers, 6);
         // The per-server incident was dropped before it was announced: one notice per channel.
@@ -1335,12 +1325,7 @@ mod tests {
             "{:?}",
             w.kinds()
         );
-        let regional: Vec<Snapshot> = w
-            .incidents()
-            .into_iter()
-            .map(|id| w.last_snapshot(id))
-            .filter(|s| s.incident.rule == Rule::RegionUnreachable)
-            .collect();
+        let regional = w.of_rule(Rule::RegionUnreachable);
         assert_eq!(regional.len(), 1);
         assert_eq!(regional[0].incident.covers, 6);
     }

@@ -178,24 +178,15 @@ fn alert_lines(notice: &Value) -> Vec<String> {
                         } else {
                             "🔥"
                         },
-                        text(a, &["labels", "server"])
-                            .if_empty(|| text(a, &["labels", "alertname"])),
+                        Some(text(a, &["labels", "server"]))
+                            .filter(|s| !s.is_empty())
+                            .unwrap_or_else(|| text(a, &["labels", "alertname"])),
                         text(a, &["annotations", "summary"]),
                     )
                 })
                 .collect()
         })
         .unwrap_or_default()
-}
-
-trait IfEmpty {
-    fn if_empty(self, f: impl FnOnce() -> String) -> String;
-}
-
-impl IfEmpty for String {
-    fn if_empty(self, f: impl FnOnce() -> String) -> String {
-        if self.is_empty() { f() } else { self }
-    }
 }
 
 /// Slack's message: a headline section, sections of alert lines each under Slack's block

@@ -569,9 +569,6 @@ impl Evaluator {
                 tracing::warn!(target: "fleet::alerts", error = %e, "cannot read the registry")
             }
         }
-        if let Ok(s) = self.servers.region_sizes().await {
-            self.region_sizes = s;
-        }
     }
 
     async fn refresh_routing(&mut self) {
@@ -1028,8 +1025,9 @@ mod tests {
     use super::*;
     use crate::MemoryAlertStore;
     use crate::testing::RecordingNotifier;
+    use fleet_core::conformance::check_at;
     use fleet_core::testing::TokioClock;
-    use fleet_core::{HealthCheck, InMemoryStore, NewServer};
+    use fleet_core::{InMemoryStore, NewServer};
     use time::macros::datetime;
 
     struct Shell {
@@ -1091,19 +1089,7 @@ mod tests {
 
     impl Shell {
         fn check(&self, status: HealthStatus) {
-            let check = HealthCheck {
-                server_id: self.server,
-                timestamp: self.clock.now(),
-                status,
-                response_time_ms: Some(5),
-                database_healthy: None,
-                redis_healthy: None,
-                services_healthy: None,
-                error_message: None,
-                error_details: None,
-                responded: status != HealthStatus::Unreachable,
-                successful: true,
-            };
+            let check = check_at(self.server, self.clock.now(), status);
             self.events.publish(Event::Checked {
                 server: "web-1".into(),
                 check,
@@ -1244,8 +1230,9 @@ mod storm {
     use super::*;
     use crate::MemoryAlertStore;
     use crate::testing::RecordingNotifier;
+    use fleet_core::conformance::check_at;
     use fleet_core::testing::TokioClock;
-    use fleet_core::{HealthCheck, InMemoryStore, NewServer};
+    use fleet_core::{InMemoryStore, NewServer};
     use time::macros::datetime;
 
     #[tokio::test(start_paused = true)]
@@ -1295,19 +1282,7 @@ mod storm {
         let publish = |id: ServerId, status: HealthStatus| {
             events.publish(Event::Checked {
                 server: String::new(),
-                check: HealthCheck {
-                    server_id: id,
-                    timestamp: clock.now(),
-                    status,
-                    response_time_ms: None,
-                    database_healthy: None,
-                    redis_healthy: None,
-                    services_healthy: None,
-                    error_message: None,
-                    error_details: None,
-                    responded: false,
-                    successful: false,
-                },
+                check: check_at(id, clock.now(), status),
                 previous: None,
                 manual: false,
             })

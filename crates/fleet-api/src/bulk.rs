@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use fleet_core::{GroupId, ServerId, ServerStatus};
+use fleet_core::{GroupId, ServerFilter, ServerId, ServerStatus};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 use utoipa::ToSchema;
@@ -175,14 +175,19 @@ pub(crate) async fn check_group(
     let Some(g) = app.store.get_group(GroupId(group)).await? else {
         return Err(ApiError::not_found("group"));
     };
+    // One listing for every member's status, not a lookup each.
+    let members = app
+        .store
+        .list_servers(&ServerFilter {
+            group: Some(GroupId(group)),
+            ..ServerFilter::default()
+        })
+        .await?;
     let tx = app.bulk.sender(&app);
     let (mut queued, mut skipped) = (0u64, 0u64);
-    for id in g.members {
-        let active = match app.store.get_server(id).await? {
-            Some(s) => s.status != ServerStatus::Inactive,
-            None => false,
-        };
-        let fresh = active
+    for server in members {
+        let id = server.id;
+        let fresh = server.status != ServerStatus::Inactive
             && app
                 .bulk
                 .queued
