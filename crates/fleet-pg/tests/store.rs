@@ -557,8 +557,13 @@ where
         .spawn(cancel.clone());
     let stats = health.stats().clone();
     fault(stats.clone()).await;
+    // Recovered means: nothing waits, no error stands, and a whole cycle has run since the fault.
+    let after_fault = stats.snapshot().cycles;
+    let recovered = |s: &fleet_core::WorkerStats| {
+        s.pending == 0 && s.last_error.is_none() && s.cycles > after_fault
+    };
     let end = tokio::time::Instant::now() + Duration::from_secs(30);
-    while stats.snapshot().pending > 0 || stats.snapshot().last_error.is_some() {
+    while !recovered(&stats.snapshot()) {
         assert!(
             tokio::time::Instant::now() < end,
             "never recovered: {:?}",
@@ -612,7 +617,7 @@ async fn backends_killed_during_batch_writes_lose_and_duplicate_nothing() {
         assert!(killed > 0, "no backend was caught writing in 10 s");
     })
     .await;
-    assert!(s.cycles >= 2);
+    assert!(s.performed >= 1_000, "not every server was checked: {s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
