@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod browser;
+
 /// A binary of the workspace. A `tests/` crate cannot see other packages' binaries through
 /// `CARGO_BIN_EXE_*`, so it looks in the target folder it was built into; scripts/test builds
 /// the binaries first.
@@ -187,6 +189,14 @@ impl Proc {
             .status()
             .expect("kill");
         assert!(status.success());
+    }
+
+    /// Sends SIGTERM, ignoring a process already gone.
+    pub fn terminate_quietly(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
     }
 
     /// Waits for the process to exit, at most `limit`; its exit code.

@@ -100,6 +100,8 @@ struct Parts {
     alert_config: fleet_alerts::AlertConfig,
     /// Networks never connected to (probes and notifications alike).
     deny_nets: Vec<fleet_http::IpNet>,
+    /// `FLEET_PUBLIC_URL` when given: the dashboard's origin, and whether its cookie is Secure.
+    public_url: Option<url::Url>,
 }
 
 /// The running parts, and how to stop them.
@@ -156,6 +158,12 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
     }
     if api.bulk_check_max == 0 {
         anyhow::bail!("invalid FLEET_BULK_CHECK_MAX (--bulk-check-max) = 0: must be at least 1");
+    }
+    if api.sse_max_rate == 0 {
+        anyhow::bail!("invalid FLEET_SSE_MAX_RATE (--sse-max-rate) = 0: must be at least 1");
+    }
+    if api.sse_max_streams == 0 {
+        anyhow::bail!("invalid FLEET_SSE_MAX_STREAMS (--sse-max-streams) = 0: must be at least 1");
     }
     let max_connections = file_budget(api, &parts.configs);
     let cancel = CancellationToken::new();
@@ -214,6 +222,13 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         listener: listener_stats.clone(),
         alerts,
         bulk_check_max: api.bulk_check_max,
+        dashboard: fleet_api::DashboardConfig {
+            sse_max_rate: api.sse_max_rate,
+            sse_max_streams: api.sse_max_streams,
+            ..Default::default()
+        }
+        .with_public_url(parts.public_url.as_ref()),
+        shutdown: cancel.clone(),
     });
     let config = ListenerConfig {
         header_timeout: api.api_header_timeout,
@@ -431,6 +446,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         alert_store,
         alert_config,
         deny_nets: args.workers.probe_deny_nets.clone(),
+        public_url: args.alerts.public_url()?,
     };
     let run = start(parts, &args.api, args.workers.shutdown_grace)
         .await?
@@ -574,6 +590,7 @@ pub async fn demo(mut args: DemoArgs) -> anyhow::Result<()> {
             .then(|| alert_store.clone() as Arc<dyn fleet_alerts::AlertStore>),
         alert_config,
         deny_nets: args.workers.probe_deny_nets.clone(),
+        public_url: args.alerts.public_url()?,
     };
     let running = start(parts, &args.api, args.workers.shutdown_grace).await?;
     let listen = running.listen;
@@ -584,6 +601,7 @@ pub async fn demo(mut args: DemoArgs) -> anyhow::Result<()> {
         args.servers,
         health_interval.as_secs_f64()
     );
+    println!("  Dashboard: http://{listen}/dashboard/  (sign in with the admin token below)");
     println!("  Status:    http://{listen}/api/v1/fleet/workers/status");
     println!("  Servers:   http://{listen}/api/v1/fleet/servers");
     println!("  Incidents: http://{listen}/api/v1/fleet/incidents");

@@ -572,6 +572,13 @@ pub struct ApiArgs {
     /// Most checks a group check (`POST …/groups/{id}/check`) may have queued at once.
     #[arg(long, env = "FLEET_BULK_CHECK_MAX", default_value_t = 1000)]
     pub bulk_check_max: usize,
+    /// Most change or incident events a live stream carries in a second; past that it sends
+    /// one `resync` and the page reloads its data.
+    #[arg(long, env = "FLEET_SSE_MAX_RATE", default_value_t = 50)]
+    pub sse_max_rate: u32,
+    /// Most live streams (dashboard tabs) open at once; more get 503 and poll instead.
+    #[arg(long, env = "FLEET_SSE_MAX_STREAMS", default_value_t = 256)]
+    pub sse_max_streams: usize,
 }
 
 /// Logging.
@@ -750,6 +757,20 @@ impl AlertArgs {
         base.validate()
             .map_err(|e| anyhow::anyhow!("invalid {}: {}", e.setting, e.message))?;
         Ok(base)
+    }
+}
+
+impl AlertArgs {
+    /// `FLEET_PUBLIC_URL`, parsed, when given.
+    pub fn public_url(&self) -> anyhow::Result<Option<url::Url>> {
+        self.public_url
+            .as_deref()
+            .map(|u| {
+                url::Url::parse(u).map_err(|e| {
+                    anyhow::anyhow!("invalid FLEET_PUBLIC_URL (--public-url) = {u:?}: {e}")
+                })
+            })
+            .transpose()
     }
 }
 

@@ -251,6 +251,15 @@ pub async fn incidents_members_and_timeline_survive_a_restart(
     );
     let kinds: Vec<&str> = detail.timeline.iter().map(|t| t.kind.as_str()).collect();
     assert_eq!(kinds, ["opened", "member_added", "announced", "resolved"]);
+    // The timeline of every incident is tailed by id, oldest first.
+    let (oldest, newest) = store.timeline_ids().await.unwrap().unwrap();
+    assert_eq!(
+        (oldest, newest),
+        (detail.timeline[0].id, detail.timeline[3].id)
+    );
+    let tail = store.timeline_after(oldest, 2).await.unwrap();
+    assert_eq!(tail, detail.timeline[1..3]);
+    assert!(store.timeline_after(newest, 10).await.unwrap().is_empty());
 }
 
 /// A second open incident for a group key is refused, and the batch with it.

@@ -432,6 +432,24 @@ impl AlertStore for MemoryAlertStore {
         }))
     }
 
+    async fn timeline_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        let g = self.lock();
+        let start = g.timeline.partition_point(|t| t.id <= after);
+        Ok(g.timeline[start..].iter().take(limit).cloned().collect())
+    }
+
+    async fn timeline_ids(&self) -> Result<Option<(i64, i64)>, StoreError> {
+        let g = self.lock();
+        Ok(g.timeline
+            .first()
+            .zip(g.timeline.last())
+            .map(|(a, b)| (a.id, b.id)))
+    }
+
     async fn open_by_severity(&self) -> Result<Vec<(Severity, u64)>, StoreError> {
         let g = self.lock();
         Ok(Severity::ALL

@@ -12,7 +12,7 @@ use crate::incidents::{Effect, Restored};
 use crate::model::{
     AlertKey, AlertTransition, Attempted, Backlog, Channel, ChannelConfig, Delivery, Incident,
     IncidentDetail, IncidentFilter, MaintenanceWindow, Matchers, Phase, Policy, Scope, Severity,
-    Silence, Step,
+    Silence, Step, TimelineEntry,
 };
 use crate::schedule::Schedule;
 
@@ -135,6 +135,17 @@ pub trait AlertStore: Send + Sync {
 
     /// One incident with its members and timeline.
     async fn incident(&self, id: Uuid) -> Result<Option<IncidentDetail>, StoreError>;
+
+    /// At most `limit` timeline lines of every incident with an id above `after`, oldest
+    /// first: how a live stream tails incident changes.
+    async fn timeline_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<TimelineEntry>, StoreError>;
+
+    /// The oldest and newest timeline id, `None` when there is none.
+    async fn timeline_ids(&self) -> Result<Option<(i64, i64)>, StoreError>;
 
     /// Open incidents by severity.
     async fn open_by_severity(&self) -> Result<Vec<(Severity, u64)>, StoreError>;

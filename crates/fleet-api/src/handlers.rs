@@ -90,7 +90,7 @@ fn time_param(field: &str, value: &Option<String>) -> Result<Option<OffsetDateTi
 }
 
 /// Servers by current health, every health present, `unknown` for never checked.
-fn by_health<'a>(
+pub(crate) fn by_health<'a>(
     tallies: impl Iterator<Item = &'a fleet_core::ServerTally>,
 ) -> BTreeMap<String, u64> {
     let mut by: BTreeMap<String, u64> = HealthStatus::ALL
@@ -403,6 +403,7 @@ pub(crate) struct ListQuery {
     tag: Option<String>,
     group: Option<Uuid>,
     search: Option<String>,
+    sort: Option<String>,
     limit: Option<usize>,
     offset: Option<usize>,
 }
@@ -441,12 +442,103 @@ pub(crate) async fn list_servers(
         group: q.group.map(GroupId),
         limit: Some(limit),
         offset: q.offset.unwrap_or(0).min(1_000_000_000),
+        sort: q
+            .sort
+            .as_deref()
+            .map(|s| parse("sort", s))
+            .transpose()?
+            .unwrap_or_default(),
     };
-    let servers = app.store.list_servers(&filter).await?;
+    let (servers, total) = tokio::try_join!(
+        app.store.list_servers(&filter),
+        app.store.count_servers(&filter)
+    )?;
     ok(views::ServerList {
         servers: servers.iter().map(Into::into).collect(),
+        total,
         limit,
         offset: filter.offset,
+    })
+}
+
+/// A chart's range: the last `range` (1h, 24h, 7d or 30d; 24h when absent) or `from`..`to`,
+/// cut into `points` buckets (1 to 1,000; 500 when absent).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SeriesQuery {
+    range: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    points: Option<u32>,
+}
+
+impl SeriesQuery {
+    fn window(&self, now: OffsetDateTime) -> Result<fleet_core::SeriesWindow, ApiError> {
+        let points = self.points.unwrap_or(500);
+        if !(1..=fleet_core::series::MAX_BUCKETS).contains(&points) {
+            return Err(ApiError::bad_request("points must be 1 to 1000"));
+        }
+        let (from, to) = match (time_param("from", &self.from)?, time_param("to", &self.to)?) {
+            (Some(from), Some(to)) => {
+                if self.range.is_some() {
+                    return Err(ApiError::bad_request(
+                        "range: give either range or from and to",
+                    ));
+                }
+                (from, to)
+            }
+            (None, None) => {
+                let span = match self.range.as_deref().unwrap_or("24h") {
+                    "1h" => time::Duration::hours(1),
+                    "24h" => time::Duration::hours(24),
+                    "7d" => time::Duration::days(7),
+                    "30d" => time::Duration::days(30),
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "range: unknown range `{other}`; expected 1h, 24h, 7d or 30d"
+                        )));
+                    }
+                };
+                (now - span, now)
+            }
+            _ => return Err(ApiError::bad_request("from and to go together")),
+        };
+        fleet_core::SeriesWindow::new(from, to, points)
+            .ok_or_else(|| ApiError::bad_request("from must be before to"))
+    }
+}
+
+pub(crate) async fn health_series(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<SeriesQuery>,
+) -> ApiResult {
+    let window = q.window(app.clock.now())?;
+    known_server(&app, id).await?;
+    let buckets = app.store.health_series(ServerId(id), window).await?;
+    ok(views::HealthSeries {
+        server_id: id,
+        from: views::ts(window.from),
+        to: views::ts(window.to),
+        step_seconds: window.step().as_seconds_f64(),
+        buckets: buckets.iter().map(Into::into).collect(),
+    })
+}
+
+pub(crate) async fn metrics_series(
+    State(app): State<AppState>,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiQuery(q): ApiQuery<SeriesQuery>,
+) -> ApiResult {
+    let window = q.window(app.clock.now())?;
+    known_server(&app, id).await?;
+    let buckets = app.store.metrics_series(ServerId(id), window).await?;
+    ok(views::MetricsSeries {
+        server_id: id,
+        from: views::ts(window.from),
+        to: views::ts(window.to),
+        step_seconds: window.step().as_seconds_f64(),
+        buckets: buckets.iter().map(Into::into).collect(),
     })
 }
 

@@ -6,9 +6,11 @@
 mod alerts;
 pub mod auth;
 mod bulk;
+mod events;
 mod handlers;
 pub mod listener;
 mod views;
+pub mod web;
 
 pub use views::ts;
 
@@ -25,8 +27,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, patch, post, put};
 use axum::{Json, Router};
 use fleet_core::{
-    AdminTokens, ChangeLog, CheckError, Clock, Counts, Events, Groups, HealthWork, History, Ping,
-    Registry, Role, StatsHandle, Store, StoreError,
+    AdminTokens, CancellationToken, ChangeLog, CheckError, Clock, Counts, Events, Groups,
+    HealthWork, History, Ping, Registry, Role, Sessions, StatsHandle, Store, StoreError,
 };
 use serde_json::json;
 
@@ -34,12 +36,49 @@ use crate::auth::{Bootstrap, FailureLimiter};
 
 /// Everything a store must offer the server.
 pub trait FullStore:
-    Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts + Ping
+    Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts + Ping + Sessions
 {
 }
-impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts + Ping> FullStore
-    for T
+impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts + Ping + Sessions>
+    FullStore for T
 {
+}
+
+/// The dashboard's settings. Plain data with documented defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DashboardConfig {
+    /// The origin pages are served from (`FLEET_PUBLIC_URL`'s); when `None`, the request's
+    /// `Host` over http.
+    pub origin: Option<String>,
+    /// Whether the session cookie is `Secure` (when `FLEET_PUBLIC_URL` is https).
+    pub secure_cookies: bool,
+    /// Most change or incident events a stream carries in a second before it sends one
+    /// `resync` instead (`FLEET_SSE_MAX_RATE`). Default 50.
+    pub sse_max_rate: u32,
+    /// Most streams open at once; past that, 503 (`FLEET_SSE_MAX_STREAMS`). Default 256.
+    pub sse_max_streams: usize,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            origin: None,
+            secure_cookies: false,
+            sse_max_rate: 50,
+            sse_max_streams: 256,
+        }
+    }
+}
+
+impl DashboardConfig {
+    /// Origin and cookie security from the public URL.
+    pub fn with_public_url(mut self, url: Option<&url::Url>) -> Self {
+        if let Some(url) = url {
+            self.origin = Some(url.origin().ascii_serialization());
+            self.secure_cookies = url.scheme() == "https";
+        }
+        self
+    }
 }
 
 /// The workers as the API sees them.
@@ -72,6 +111,10 @@ pub struct AppState {
     pub(crate) tallies: Arc<TallyCache>,
     pub(crate) alerts: Option<fleet_alerts::AlertsHandle>,
     pub(crate) bulk: Arc<bulk::BulkQueue>,
+    pub(crate) dashboard: Arc<DashboardConfig>,
+    pub(crate) streams: Arc<events::Streams>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) llm: Arc<web::LlmCache>,
 }
 
 /// Who called, by token name, for records such as an acknowledgement.
@@ -131,6 +174,10 @@ pub struct ApiParts {
     pub alerts: Option<fleet_alerts::AlertsHandle>,
     /// The most checks queued by group checks at once (`FLEET_BULK_CHECK_MAX`).
     pub bulk_check_max: usize,
+    /// The dashboard's settings.
+    pub dashboard: DashboardConfig,
+    /// Fires at shutdown: live streams end then, instead of holding their connections.
+    pub shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for AppState {
@@ -170,6 +217,13 @@ impl AppState {
             tallies: Arc::default(),
             alerts: parts.alerts,
             bulk: Arc::new(bulk::BulkQueue::new(parts.bulk_check_max)),
+            streams: Arc::new(events::Streams::new(
+                parts.dashboard.sse_max_streams,
+                parts.dashboard.sse_max_rate,
+            )),
+            dashboard: Arc::new(parts.dashboard),
+            shutdown: parts.shutdown,
+            llm: Arc::default(),
         }
     }
 }
@@ -360,6 +414,8 @@ pub enum Reply {
     Empty,
     /// The OpenAPI document itself.
     Document,
+    /// A Server-Sent Events stream.
+    EventStream,
 }
 
 impl std::fmt::Debug for Reply {
@@ -370,6 +426,7 @@ impl std::fmt::Debug for Reply {
             Reply::Text => f.write_str("Text"),
             Reply::Empty => f.write_str("Empty"),
             Reply::Document => f.write_str("Document"),
+            Reply::EventStream => f.write_str("EventStream"),
         }
     }
 }
@@ -457,11 +514,13 @@ pub fn routes() -> Vec<Route> {
         "tag",
         "group",
         "search",
+        "sort",
         "limit",
         "offset",
     ];
     const WINDOW: &[&str] = &["from", "to", "limit"];
     const PAGE: &[&str] = &["limit", "offset"];
+    const SERIES: &[&str] = &["range", "from", "to", "points"];
     let created = |schema| Reply::Json(StatusCode::CREATED, schema);
     vec![
         route((M::GET, "/healthz"), Public, "The process is alive.", ok_json(schema::<v::Alive>), get(h::healthz)),
@@ -482,6 +541,10 @@ pub fn routes() -> Vec<Route> {
             .with_query(WINDOW),
         route((M::GET, "/api/v1/fleet/servers/{id}/metrics"), Viewer, "A server's metrics history, newest first.", ok_json(schema::<v::MetricsHistory>), get(h::metrics_history))
             .with_query(WINDOW),
+        route((M::GET, "/api/v1/fleet/servers/{id}/health-series"), Viewer, "A server's health over a range, aggregated into at most `points` buckets: checks, failures, worst health, mean and longest response time.", ok_json(schema::<v::HealthSeries>), get(h::health_series))
+            .with_query(SERIES),
+        route((M::GET, "/api/v1/fleet/servers/{id}/metrics-series"), Viewer, "A server's metrics over a range, aggregated into at most `points` buckets.", ok_json(schema::<v::MetricsSeries>), get(h::metrics_series))
+            .with_query(SERIES),
         route((M::GET, "/api/v1/fleet/servers/{id}/state-changes"), Viewer, "A server's changes of health, newest first.", ok_json(schema::<v::ChangeList>), get(h::server_state_changes))
             .with_query(PAGE),
         route((M::GET, "/api/v1/fleet/state-changes"), Viewer, "Every server's changes of health, newest first.", ok_json(schema::<v::ChangeList>), get(h::state_changes))
@@ -532,6 +595,7 @@ pub fn routes() -> Vec<Route> {
         route((M::PATCH, "/api/v1/fleet/maintenance-windows/{id}"), Admin, "Change a maintenance window.", ok_json(schema::<a::WindowView>), patch(a::update_window))
             .with_body(schema::<a::WindowBody>),
         route((M::DELETE, "/api/v1/fleet/maintenance-windows/{id}"), Admin, "Remove a maintenance window.", Reply::Empty, delete(a::delete_window)),
+        route((M::GET, "/api/v1/fleet/events"), Viewer, "Live Server-Sent Events: state changes and incident changes from the stored logs (ids `c-N.i-M` resume with Last-Event-ID), cycle ends, and `resync` when a client is too far behind. 503 past FLEET_SSE_MAX_STREAMS.", Reply::EventStream, get(events::stream)),
         route((M::GET, "/api/v1/fleet/summary"), Viewer, "Servers by status, health, region and environment; LLM cost and requests over a window.", ok_json(schema::<v::Summary>), get(h::summary))
             .with_query(&["from", "to", "hours", "limit"]),
     ]
@@ -578,7 +642,27 @@ async fn require(
     }
     let header = req.headers().get(header::AUTHORIZATION);
     let Some(header) = header else {
-        return Err(unauthorized("missing bearer token"));
+        // No bearer token: a dashboard session's cookie stands in for one.
+        if web::session::cookie_id(req.headers()).is_none() {
+            return Err(unauthorized("missing bearer token"));
+        }
+        let Some(session) = web::session::from_cookie(&app, req.headers()).await? else {
+            return Err(unauthorized("the session is over; sign in again"));
+        };
+        if web::session::is_unsafe(req.method()) {
+            let given = req
+                .headers()
+                .get(web::session::CSRF_HEADER)
+                .and_then(|v| v.to_str().ok());
+            web::session::check_unsafe(&app.dashboard, &session, req.headers(), given)?;
+        }
+        if access == Access::Admin && !session.is_admin() {
+            return Err(forbidden());
+        }
+        let mut req = req;
+        req.extensions_mut().insert(Caller(session.name.clone()));
+        req.extensions_mut().insert(session);
+        return Ok(next.run(req).await);
     };
     let token = header.to_str().ok().and_then(auth::bearer);
     let who = match token.filter(|t| auth::well_formed(t)) {
@@ -604,15 +688,19 @@ async fn require(
         return Err(unauthorized("unknown or malformed token"));
     };
     if access == Access::Admin && role != Role::Admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "this route needs an admin token",
-        ));
+        return Err(forbidden());
     }
     let mut req = req;
     req.extensions_mut().insert(Caller(name));
     Ok(next.run(req).await)
+}
+
+fn forbidden() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "this route needs an admin token",
+    )
 }
 
 async fn not_found() -> ApiError {
@@ -649,9 +737,12 @@ pub fn router(state: AppState) -> Router {
         router = router.route(path, mr);
     }
     router
+        .merge(web::router(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .layer(middleware::from_fn(web::security_headers))
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -678,7 +769,11 @@ pub fn openapi() -> serde_json::Value {
         }
         for q in r.query {
             let schema = match *q {
-                "limit" | "offset" | "hours" => json!({"type": "integer", "minimum": 0}),
+                "limit" | "offset" | "hours" | "points" => json!({"type": "integer", "minimum": 0}),
+                "range" => json!({"type": "string", "enum": ["1h", "24h", "7d", "30d"]}),
+                "sort" => {
+                    json!({"type": "string", "pattern": "^-?(name|health|last_seen|response_time)$"})
+                }
                 "from" | "to" => json!({"type": "string", "format": "date-time"}),
                 "group" => json!({"type": "string", "format": "uuid"}),
                 "status" => {
@@ -709,6 +804,10 @@ pub fn openapi() -> serde_json::Value {
                 StatusCode::OK,
                 json!({"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}),
             ),
+            Reply::EventStream => (
+                StatusCode::OK,
+                json!({"description": "Events: `change`, `incident`, `cycle`, `resync` (and `hello` at the start)", "content": {"text/event-stream": {"schema": {"type": "string"}}}}),
+            ),
         };
         let mut responses = serde_json::Map::new();
         if matches!(r.reply, Reply::Readiness(_)) {
@@ -721,6 +820,9 @@ pub fn openapi() -> serde_json::Value {
         }
         if r.access != Access::Public {
             errors.extend(["401", "403", "429"]);
+        }
+        if matches!(r.reply, Reply::EventStream) {
+            errors.push("503");
         }
         for e in errors {
             responses.insert(e.into(), json!({"$ref": "#/components/responses/Error"}));

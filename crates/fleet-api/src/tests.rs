@@ -86,6 +86,12 @@ async fn api_with_limit(limit: u32) -> Api {
         listener: Default::default(),
         alerts: Some(handle),
         bulk_check_max: 3,
+        dashboard: DashboardConfig {
+            sse_max_streams: 2,
+            sse_max_rate: 5,
+            ..Default::default()
+        },
+        shutdown: cancel.clone(),
     });
     Api {
         router: router(state),
@@ -201,6 +207,10 @@ impl Api {
         let res = self.router.clone().oneshot(req).await.unwrap();
         let status = res.status();
         let www = res.headers().get(header::WWW_AUTHENTICATE).cloned();
+        if is_stream(&res) {
+            // A live stream never ends: its first frame stands for its body.
+            return (status, Value::String(first_frame(res).await));
+        }
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
         if status == StatusCode::UNAUTHORIZED {
             assert_eq!(
@@ -275,6 +285,31 @@ impl Api {
             .await;
         v["id"].as_str().unwrap().to_owned()
     }
+}
+
+fn is_stream(res: &axum::response::Response) -> bool {
+    res.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+/// The next frame of a live stream's body, as text; fails after 5 s.
+async fn next_frame(body: &mut Body) -> String {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("a frame within 5 s")
+            .expect("the stream is open")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            return String::from_utf8(data.to_vec()).unwrap();
+        }
+    }
+}
+
+async fn first_frame(res: axum::response::Response) -> String {
+    let mut body = res.into_body();
+    next_frame(&mut body).await
 }
 
 fn concrete(path: &str) -> String {
@@ -542,6 +577,7 @@ async fn every_route_answers_what_the_openapi_document_says() {
         // Histories and logs of the server that has them.
         let path = if r.path.ends_with("health-checks")
             || r.path.ends_with("metrics")
+            || r.path.ends_with("series")
             || r.path.ends_with("state-changes")
         {
             path.replace(&other, &server)
@@ -597,6 +633,10 @@ async fn every_route_answers_what_the_openapi_document_says() {
                 assert!(value.as_str().unwrap().contains("# TYPE"));
             }
             Reply::Document => assert_eq!(value, doc),
+            Reply::EventStream => {
+                assert_eq!(status, StatusCode::OK, "{path}");
+                assert!(value.as_str().unwrap().contains("event: hello"), "{value}");
+            }
         }
     }
     // Errors have their documented shape too.
@@ -1925,4 +1965,636 @@ async fn groups_gain_members_in_bulk_and_queue_their_checks() {
         (v["changed"].as_u64(), v["members"].as_u64()),
         (Some(2), Some(3))
     );
+}
+
+// ---- the dashboard ------------------------------------------------------------------------
+
+const ORIGIN: &str = "http://fleet.test";
+
+/// What a browser request answered: status, headers, body as text.
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+impl Api {
+    /// A browser-like request: Host `fleet.test`, a cookie, extra headers, a body.
+    async fn browse(
+        &self,
+        method: Method,
+        path: &str,
+        cookie: Option<&str>,
+        extra: &[(&str, &str)],
+        body: Option<(&str, String)>,
+    ) -> Answer {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "fleet.test");
+        if let Some(c) = cookie {
+            req = req.header(header::COOKIE, format!("{}={c}", web::session::COOKIE));
+        }
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        let body = match body {
+            Some((content_type, b)) => {
+                req = req.header(header::CONTENT_TYPE, content_type);
+                Body::from(b)
+            }
+            None => Body::empty(),
+        };
+        let mut req = req.body(body).unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 9], 40000))));
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = if is_stream(&res) {
+            first_frame(res).await
+        } else {
+            let bytes = res.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// Signs in with `token` and returns the session cookie's value.
+    async fn sign_in(&self, token: &str) -> String {
+        let a = self
+            .browse(
+                Method::POST,
+                "/dashboard/sign-in",
+                None,
+                &[("origin", ORIGIN)],
+                Some((
+                    "application/x-www-form-urlencoded",
+                    format!("token={token}&next=%2Fdashboard%2Fservers"),
+                )),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::SEE_OTHER, "{}", a.body);
+        assert_eq!(a.headers[header::LOCATION], "/dashboard/servers");
+        let cookie = a.headers[header::SET_COOKIE].to_str().unwrap().to_owned();
+        let value = cookie
+            .strip_prefix("fleet_session=")
+            .and_then(|c| c.split(';').next())
+            .unwrap();
+        value.to_owned()
+    }
+}
+
+fn csrf_in(page: &str) -> String {
+    let at = page
+        .find("name=\"csrf-token\" content=\"")
+        .expect("a csrf meta tag")
+        + 27;
+    page[at..].split('"').next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn signing_in_sets_a_strict_http_only_cookie_and_pages_need_it() {
+    let a = api().await;
+    let away = a.browse(Method::GET, "/dashboard/", None, &[], None).await;
+    assert_eq!(away.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        away.headers[header::LOCATION],
+        "/dashboard/sign-in?next=%2Fdashboard%2F"
+    );
+    let form = a
+        .browse(Method::GET, "/dashboard/sign-in", None, &[], None)
+        .await;
+    assert_eq!(form.status, StatusCode::OK);
+    assert!(form.body.contains("type=\"password\""));
+
+    let bad = a
+        .browse(
+            Method::POST,
+            "/dashboard/sign-in",
+            None,
+            &[("origin", ORIGIN)],
+            Some((
+                "application/x-www-form-urlencoded",
+                "token=fleet_wrongwrongwrongwrong".into(),
+            )),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNAUTHORIZED);
+    assert!(bad.body.contains("That token is not valid"), "{}", bad.body);
+    assert!(bad.headers.get(header::SET_COOKIE).is_none());
+    // A sign-in posted by another site is refused: it would sign the browser in as the
+    // other site's token.
+    let forged = a
+        .browse(
+            Method::POST,
+            "/dashboard/sign-in",
+            None,
+            &[("origin", "http://evil.example")],
+            Some((
+                "application/x-www-form-urlencoded",
+                format!("token={}", a.viewer),
+            )),
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+
+    let ok = a
+        .browse(
+            Method::POST,
+            "/dashboard/sign-in",
+            None,
+            &[("origin", ORIGIN)],
+            Some((
+                "application/x-www-form-urlencoded",
+                format!("token={}", a.viewer),
+            )),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::SEE_OTHER);
+    let cookie = ok.headers[header::SET_COOKIE].to_str().unwrap();
+    for part in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=604800"] {
+        assert!(cookie.contains(part), "{cookie}");
+    }
+    assert!(
+        !cookie.contains("Secure"),
+        "plain http without FLEET_PUBLIC_URL: {cookie}"
+    );
+    let session = a.sign_in(&a.viewer).await;
+    for path in [
+        "/dashboard/",
+        "/dashboard/servers",
+        "/dashboard/groups",
+        "/dashboard/incidents",
+        "/dashboard/maintenance",
+    ] {
+        let page = a.browse(Method::GET, path, Some(&session), &[], None).await;
+        assert_eq!(page.status, StatusCode::OK, "{path}: {}", page.body);
+        let csp = page.headers[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{csp}"
+        );
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert_eq!(page.headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+        assert_eq!(page.headers[header::CACHE_CONTROL], "no-store");
+        assert!(!page.body.contains("<script>"), "{path}: an inline script");
+    }
+    // An unknown cookie is no session.
+    let stale = a
+        .browse(Method::GET, "/dashboard/", Some(&"x".repeat(43)), &[], None)
+        .await;
+    assert_eq!(stale.status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn sign_ins_count_against_the_failure_limit() {
+    let a = api_with_limit(2).await;
+    let attempt = || async {
+        a.browse(
+            Method::POST,
+            "/dashboard/sign-in",
+            None,
+            &[("origin", ORIGIN)],
+            Some((
+                "application/x-www-form-urlencoded",
+                "token=fleet_wrongwrongwrongwrong".into(),
+            )),
+        )
+        .await
+        .status
+    };
+    assert_eq!(attempt().await, StatusCode::UNAUTHORIZED);
+    assert_eq!(attempt().await, StatusCode::UNAUTHORIZED);
+    assert_eq!(attempt().await, StatusCode::UNAUTHORIZED);
+    assert_eq!(attempt().await, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test]
+async fn cookie_changes_need_the_csrf_token_and_the_origin_and_bearer_ones_do_not() {
+    let a = api().await;
+    let session = a.sign_in(&a.admin).await;
+    let page = a
+        .browse(Method::GET, "/dashboard/servers", Some(&session), &[], None)
+        .await;
+    let csrf = csrf_in(&page.body);
+    let body = || Some(("application/json", r#"{"name": "edge"}"#.to_owned()));
+    let post = |extra: Vec<(&'static str, String)>, name: &'static str| {
+        let session = session.clone();
+        let a = &a;
+        async move {
+            let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            a.browse(
+                Method::POST,
+                "/api/v1/fleet/groups",
+                Some(&session),
+                &extra,
+                Some(("application/json", format!(r#"{{"name": "{name}"}}"#))),
+            )
+            .await
+        }
+    };
+    let none = post(vec![("origin", ORIGIN.into())], "g1").await;
+    assert_eq!(none.status, StatusCode::FORBIDDEN);
+    assert!(none.body.contains("csrf"), "{}", none.body);
+    let wrong = post(
+        vec![("origin", ORIGIN.into()), ("x-csrf-token", "nope".into())],
+        "g1",
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::FORBIDDEN);
+    let cross = post(
+        vec![
+            ("origin", "http://evil.example".into()),
+            ("x-csrf-token", csrf.clone()),
+        ],
+        "g1",
+    )
+    .await;
+    assert_eq!(cross.status, StatusCode::FORBIDDEN);
+    assert!(cross.body.contains("cross_origin"), "{}", cross.body);
+    let no_origin = post(vec![("x-csrf-token", csrf.clone())], "g1").await;
+    assert_eq!(no_origin.status, StatusCode::FORBIDDEN);
+    let good = post(
+        vec![("origin", ORIGIN.into()), ("x-csrf-token", csrf.clone())],
+        "g1",
+    )
+    .await;
+    assert_eq!(good.status, StatusCode::CREATED, "{}", good.body);
+    // Reading with the cookie needs no token.
+    let read = a
+        .browse(
+            Method::GET,
+            "/api/v1/fleet/groups",
+            Some(&session),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    // A bearer request is not a browser's: no CSRF token, no Origin.
+    let (status, _) = a
+        .call(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            Some(&a.admin),
+            Some(r#"{"name": "g2"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let _ = body;
+    // A viewer's session may read, not change.
+    let viewer = a.sign_in(&a.viewer).await;
+    let vpage = a
+        .browse(Method::GET, "/dashboard/servers", Some(&viewer), &[], None)
+        .await;
+    let vcsrf = csrf_in(&vpage.body);
+    let refused = a
+        .browse(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            Some(&viewer),
+            &[("origin", ORIGIN), ("x-csrf-token", &vcsrf)],
+            Some(("application/json", r#"{"name": "g3"}"#.into())),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert!(refused.body.contains("forbidden"));
+}
+
+#[tokio::test]
+async fn sessions_end_on_sign_out_and_when_their_token_is_revoked() {
+    let a = api().await;
+    let session = a.sign_in(&a.viewer).await;
+    let read = |s: String| {
+        let a = &a;
+        async move {
+            a.browse(Method::GET, "/api/v1/fleet/servers", Some(&s), &[], None)
+                .await
+                .status
+        }
+    };
+    assert_eq!(read(session.clone()).await, StatusCode::OK);
+    a.memory.revoke_token("viewer").await.unwrap();
+    assert_eq!(read(session.clone()).await, StatusCode::UNAUTHORIZED);
+
+    let admin = a.sign_in(&a.admin).await;
+    let page = a
+        .browse(Method::GET, "/dashboard/", Some(&admin), &[], None)
+        .await;
+    let csrf = csrf_in(&page.body);
+    let forged = a
+        .browse(
+            Method::POST,
+            "/dashboard/sign-out",
+            Some(&admin),
+            &[("origin", ORIGIN)],
+            Some(("application/x-www-form-urlencoded", "csrf=wrong".into())),
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        read(admin.clone()).await,
+        StatusCode::OK,
+        "a forged sign-out did nothing"
+    );
+    let out = a
+        .browse(
+            Method::POST,
+            "/dashboard/sign-out",
+            Some(&admin),
+            &[("origin", ORIGIN)],
+            Some(("application/x-www-form-urlencoded", format!("csrf={csrf}"))),
+        )
+        .await;
+    assert_eq!(out.status, StatusCode::SEE_OTHER);
+    assert!(
+        out.headers[header::SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    assert_eq!(read(admin).await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn names_render_as_text_and_viewers_see_no_admin_action() {
+    let a = api().await;
+    let xss = "<script>alert(1)</script>";
+    let body = json!({"name": xss, "api_url": "http://127.0.0.1:9", "api_token": "t"}).to_string();
+    let (status, v) = a
+        .call(
+            Method::POST,
+            "/api/v1/fleet/servers",
+            Some(&a.admin),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let viewer = a.sign_in(&a.viewer).await;
+    let admin = a.sign_in(&a.admin).await;
+    for path in [
+        "/dashboard/servers".to_owned(),
+        format!("/dashboard/servers/{id}"),
+    ] {
+        let page = a.browse(Method::GET, &path, Some(&viewer), &[], None).await;
+        assert_eq!(page.status, StatusCode::OK);
+        assert!(
+            page.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+            "{path}"
+        );
+        assert!(
+            !page.body.contains(xss),
+            "{path}: the name went out as markup"
+        );
+        for admin_only in ["Check now", "Pause probing", "data-method", "data-bulk"] {
+            assert!(
+                !page.body.contains(admin_only),
+                "{path}: a viewer sees {admin_only}"
+            );
+        }
+        let page = a.browse(Method::GET, &path, Some(&admin), &[], None).await;
+        assert!(
+            page.body.contains("Check now") && page.body.contains("Pause probing"),
+            "{path}"
+        );
+        assert!(
+            page.body.contains("Mute alerts 1 h"),
+            "{path}: the window action is apart"
+        );
+    }
+    let groups = a
+        .browse(Method::GET, "/dashboard/groups", Some(&viewer), &[], None)
+        .await;
+    assert!(!groups.body.contains("Create group"));
+    let overview = a
+        .browse(Method::GET, "/dashboard/", Some(&viewer), &[], None)
+        .await;
+    assert!(
+        !overview.body.contains("Workers"),
+        "worker status is for admins"
+    );
+    let overview = a
+        .browse(Method::GET, "/dashboard/", Some(&admin), &[], None)
+        .await;
+    assert!(overview.body.contains("Workers"));
+}
+
+#[tokio::test]
+async fn the_server_list_is_searched_filtered_sorted_and_paginated_in_the_url() {
+    let a = api().await;
+    for i in 0..60 {
+        let body = json!({"name": format!("web-{i:02}"), "api_url": "http://127.0.0.1:9", "api_token": "t", "region": if i % 2 == 0 { "eu" } else { "us" }}).to_string();
+        let (status, v) = a
+            .call(
+                Method::POST,
+                "/api/v1/fleet/servers",
+                Some(&a.admin),
+                Some(&body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+    }
+    let s = a.sign_in(&a.viewer).await;
+    let page = |path: &str| {
+        let (a, s, path) = (&a, s.clone(), path.to_owned());
+        async move { a.browse(Method::GET, &path, Some(&s), &[], None).await }
+    };
+    let first = page("/dashboard/servers?q=web-&sort=-name").await;
+    assert!(first.body.contains("Showing 1–50 of 60"), "{}", first.body);
+    assert!(first.body.find("web-59").unwrap() < first.body.find("web-58").unwrap());
+    assert!(
+        first
+            .body
+            .contains("href=\"/dashboard/servers?q=web-&amp;sort=-name&amp;page=2\"")
+    );
+    let second = page("/dashboard/servers?q=web-&sort=-name&page=2").await;
+    assert!(second.body.contains("Showing 51–60 of 60"));
+    let eu = page("/dashboard/servers?q=web-&region=eu").await;
+    assert!(eu.body.contains("of 30"), "{}", eu.body);
+    assert!(!eu.body.contains(">web-01<"));
+    for bad in ["?page=0", "?status=broken", "?sort=size", "?group=nope"] {
+        let p = page(&format!("/dashboard/servers{bad}")).await;
+        assert_eq!(p.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn assets_are_cached_by_hash_and_compressed() {
+    let a = api().await;
+    let url = web::asset_url("app.js");
+    let first = a
+        .browse(
+            Method::GET,
+            &url,
+            None,
+            &[("accept-encoding", "gzip")],
+            None,
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.headers[header::CONTENT_ENCODING], "gzip");
+    assert!(
+        first.headers[header::CACHE_CONTROL]
+            .to_str()
+            .unwrap()
+            .contains("immutable")
+    );
+    let etag = first.headers[header::ETAG].to_str().unwrap().to_owned();
+    let again = a
+        .browse(Method::GET, &url, None, &[("if-none-match", &etag)], None)
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED);
+    let missing = a
+        .browse(Method::GET, "/dashboard/assets/0/none.js", None, &[], None)
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
+
+/// Three changes of one server's health, recorded as the writer would.
+async fn changes(a: &Api, n: usize) {
+    let s = a
+        .memory
+        .create_server(NewServer::new(
+            format!("flip-{}", uuid::Uuid::new_v4()),
+            "http://127.0.0.1:9",
+        ))
+        .await
+        .unwrap();
+    let t0 = base_time();
+    let checks: Vec<_> = (0..n)
+        .map(|i| {
+            let status = if i % 2 == 0 {
+                fleet_core::HealthStatus::Critical
+            } else {
+                fleet_core::HealthStatus::Healthy
+            };
+            check_at(s.id, t0 + time::Duration::seconds(i as i64), status)
+        })
+        .collect();
+    a.memory.record_health(&checks).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_stream_resumes_by_id_resyncs_past_its_rate_and_has_a_cap() {
+    let a = api().await;
+    changes(&a, 3).await;
+    let (oldest, newest) = fleet_core::ChangeLog::change_ids(&*a.memory)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(newest - oldest, 2);
+    let open = |last: Option<String>| {
+        let a = &a;
+        async move {
+            let mut req = Request::builder()
+                .uri("/api/v1/fleet/events")
+                .header(header::AUTHORIZATION, format!("Bearer {}", a.viewer));
+            if let Some(l) = last {
+                req = req.header("last-event-id", l);
+            }
+            let res = a
+                .router
+                .clone()
+                .oneshot(req.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            (res.status(), res.into_body())
+        }
+    };
+    // Resuming from before the three: all three, in order, ids naming both sources.
+    let (status, mut body) = open(Some(format!("c-{}", oldest - 1))).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut text = String::new();
+    while text.matches("event: change").count() < 3 {
+        text.push_str(&next_frame(&mut body).await);
+    }
+    for id in oldest..=newest {
+        assert!(text.contains(&format!("id: c-{id}.i-")), "{text}");
+    }
+    assert!(
+        text.find(&format!("c-{oldest}.")).unwrap() < text.find(&format!("c-{newest}.")).unwrap()
+    );
+    // A later change arrives live, without asking.
+    changes(&a, 1).await;
+    let live = next_frame(&mut body).await;
+    assert!(
+        live.contains("event: change") && live.contains("flip-"),
+        "{live}"
+    );
+    // Two streams are the cap here: a third gets 503, and a slot frees when one closes.
+    let (second, second_body) = open(None).await;
+    assert_eq!(second, StatusCode::OK);
+    let (third, _) = open(None).await;
+    assert_eq!(third, StatusCode::SERVICE_UNAVAILABLE);
+    drop(second_body);
+    // Far behind, with more than FLEET_SSE_MAX_RATE (5 here) changes to carry: one resync.
+    drop(body);
+    changes(&a, 8).await;
+    let (status, mut body) = open(Some(format!("c-{newest}"))).await;
+    assert_eq!(status, StatusCode::OK);
+    let first = next_frame(&mut body).await;
+    assert!(first.starts_with("event: resync"), "{first}");
+    let (status, _) = open(Some("bogus".into())).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn the_series_come_in_buckets_and_bad_ranges_are_refused() {
+    let a = api().await;
+    let s = a.server("charted").await;
+    let id = ServerId(s.parse().unwrap());
+    let t0 = base_time();
+    let checks: Vec<_> = (0..120)
+        .map(|i| {
+            check_at(
+                id,
+                t0 + time::Duration::seconds(30 * i),
+                fleet_core::HealthStatus::Healthy,
+            )
+        })
+        .collect();
+    a.memory.record_health(&checks).await.unwrap();
+    // The clock stands at base + 30 min: the last hour holds 60 checks, in 6 buckets of 10.
+    let v = a
+        .check(
+            Method::GET,
+            &format!("/api/v1/fleet/servers/{s}/health-series?range=1h&points=6"),
+            Some(&a.viewer),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    let counts: Vec<u64> = v["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["checks"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts.iter().sum::<u64>(), 60, "{v}");
+    assert!(counts.len() <= 6);
+    assert_eq!(v["step_seconds"], 600.0);
+    for bad in [
+        "range=2h",
+        "points=0",
+        "points=1001",
+        "from=2026-01-01T00:00:00Z",
+        "range=1h&from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z",
+    ] {
+        a.check(
+            Method::GET,
+            &format!("/api/v1/fleet/servers/{s}/health-series?{bad}"),
+            Some(&a.viewer),
+            None,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+    }
 }

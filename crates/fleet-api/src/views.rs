@@ -150,6 +150,8 @@ impl From<&ManagedServer> for Server {
 #[serde(deny_unknown_fields)]
 pub struct ServerList {
     pub servers: Vec<Server>,
+    /// How many servers match the filters, on every page.
+    pub total: u64,
     pub limit: usize,
     pub offset: usize,
 }
@@ -634,5 +636,88 @@ mod tests {
         assert_eq!(json(30.0), "30");
         assert_eq!(json(0.5), "0.5");
         assert_eq!(json(60.0), "60");
+    }
+}
+
+/// A server's health over a range, aggregated into buckets (empty ones left out).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSeries {
+    pub server_id: Uuid,
+    #[schema(format = DateTime)]
+    pub from: String,
+    #[schema(format = DateTime)]
+    pub to: String,
+    /// How long each bucket lasts.
+    pub step_seconds: f64,
+    pub buckets: Vec<HealthBucket>,
+}
+
+/// Health checks in one bucket.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HealthBucket {
+    #[schema(format = DateTime)]
+    pub start: String,
+    pub checks: u32,
+    pub failures: u32,
+    /// The worst health in the bucket.
+    pub worst: Health,
+    pub avg_response_ms: Option<f64>,
+    pub max_response_ms: Option<u32>,
+}
+
+impl From<&fleet_core::HealthBucket> for HealthBucket {
+    fn from(b: &fleet_core::HealthBucket) -> Self {
+        Self {
+            start: ts(b.start),
+            checks: b.checks,
+            failures: b.failures,
+            worst: b.worst.into(),
+            avg_response_ms: b.avg_response_ms,
+            max_response_ms: b.max_response_ms,
+        }
+    }
+}
+
+/// A server's metrics over a range, aggregated into buckets (empty ones left out).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSeries {
+    pub server_id: Uuid,
+    #[schema(format = DateTime)]
+    pub from: String,
+    #[schema(format = DateTime)]
+    pub to: String,
+    /// How long each bucket lasts.
+    pub step_seconds: f64,
+    pub buckets: Vec<MetricsBucket>,
+}
+
+/// Metrics samples in one bucket: means of the gauges, the highest value of the counters.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsBucket {
+    #[schema(format = DateTime)]
+    pub start: String,
+    pub samples: u32,
+    pub cpu_percent: Option<f64>,
+    pub memory_percent: Option<f64>,
+    pub disk_percent: Option<f64>,
+    pub llm_requests: Option<i64>,
+    pub llm_cost_usd: Option<f64>,
+}
+
+impl From<&fleet_core::MetricsBucket> for MetricsBucket {
+    fn from(b: &fleet_core::MetricsBucket) -> Self {
+        Self {
+            start: ts(b.start),
+            samples: b.samples,
+            cpu_percent: b.cpu_percent,
+            memory_percent: b.memory_percent,
+            disk_percent: b.disk_percent,
+            llm_requests: b.llm_requests,
+            llm_cost_usd: b.llm_cost_usd,
+        }
     }
 }

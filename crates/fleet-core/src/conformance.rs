@@ -13,19 +13,20 @@ use crate::model::{
     ApiToken, GroupFields, HealthCheck, HealthStatus, MetricValues, MetricsFailure, MetricsRecord,
     MetricsSample, NewServer, Period, Role, ServerId, ServerStatus, ServerUpdate,
 };
+use crate::series::SeriesWindow;
 use crate::store::{
     AdminTokens, ChangeLog, ChangeQuery, Counts, Groups, History, HistoryQuery, Registry,
-    ServerFilter, Store, StoreError,
+    ServerFilter, SessionRecord, Sessions, Store, StoreError,
 };
 
-/// A store the suite can drive: the workers' side, the registry, groups, tokens, history and
-/// the state-change log.
+/// A store the suite can drive: the workers' side, the registry, groups, tokens, history,
+/// the state-change log and dashboard sessions.
 pub trait ConformingStore:
-    Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts
+    Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts + Sessions
 {
 }
-impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts> ConformingStore
-    for T
+impl<T: Store + Registry + History + Groups + AdminTokens + ChangeLog + Counts + Sessions>
+    ConformingStore for T
 {
 }
 
@@ -103,7 +104,11 @@ macro_rules! store_conformance_tests {
             llm_usage_is_the_counters_increase_with_restarts,
             state_changes_are_logged_once_with_the_check,
             state_changes_page_newest_first_fleet_wide_and_per_server,
-            servers_are_counted_by_status_health_region_and_environment
+            servers_are_counted_by_status_health_region_and_environment,
+            servers_are_searched_sorted_and_counted,
+            recent_checks_and_series_come_per_page_and_per_bucket,
+            the_change_log_is_tailed_by_id,
+            sessions_end_when_idle_when_old_on_sign_out_and_with_their_token
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -1000,4 +1005,275 @@ pub async fn groups_gain_and_lose_members_in_bulk(store: &impl ConformingStore) 
     let nowhere = crate::model::GroupId(uuid::Uuid::new_v4());
     assert_eq!(store.add_members(nowhere, &[a]).await.unwrap(), None);
     assert_eq!(store.remove_members(nowhere, &[a]).await.unwrap(), None);
+}
+
+#[doc(hidden)]
+pub async fn servers_are_searched_sorted_and_counted(store: &impl ConformingStore) {
+    use HealthStatus::*;
+    let t0 = base_time();
+    let mut ids = Vec::new();
+    for (name, region, tag, host) in [
+        ("alpha", "eu-west", "db", "a.example"),
+        ("Bravo", "us-east", "web", "b.example"),
+        ("charlie", "eu-north", "web", "c.internal"),
+        ("delta", "ap-south", "cache", "d.example"),
+    ] {
+        let mut new = NewServer::new(name, format!("http://127.0.0.1:9/{name}"));
+        new.region = Some(region.into());
+        new.tags = vec![tag.into()];
+        new.hostname = Some(host.into());
+        ids.push(store.create_server(new).await.unwrap().id);
+    }
+    // alpha healthy 30 ms, Bravo critical 5 ms, charlie unreachable, delta never checked.
+    let mut a = check_at(ids[0], t0, Healthy);
+    a.response_time_ms = Some(30);
+    let mut b = check_at(ids[1], t0 + secs(5), Critical);
+    b.response_time_ms = Some(5);
+    let mut c = check_at(ids[2], t0 + secs(9), Unreachable);
+    c.response_time_ms = None;
+    store.record_health(&[a, b, c]).await.unwrap();
+
+    let list = |search: Option<&str>, sort: &str| {
+        let filter = ServerFilter {
+            search: search.map(Into::into),
+            sort: sort.parse().unwrap(),
+            ..Default::default()
+        };
+        async move {
+            let found = store.list_servers(&filter).await.unwrap();
+            let count = store.count_servers(&filter).await.unwrap();
+            assert_eq!(count as usize, found.len(), "{filter:?}");
+            found.into_iter().map(|s| s.name).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        list(None, "name").await,
+        ["alpha", "Bravo", "charlie", "delta"]
+    );
+    assert_eq!(
+        list(None, "-name").await,
+        ["delta", "charlie", "Bravo", "alpha"]
+    );
+    assert_eq!(
+        list(None, "health").await,
+        ["alpha", "Bravo", "charlie", "delta"]
+    );
+    assert_eq!(
+        list(None, "-health").await,
+        ["charlie", "Bravo", "alpha", "delta"]
+    );
+    // charlie never answered: no last_seen, like delta; both last, by name.
+    assert_eq!(
+        list(None, "-last_seen").await,
+        ["Bravo", "alpha", "charlie", "delta"]
+    );
+    assert_eq!(
+        list(None, "last_seen").await,
+        ["alpha", "Bravo", "charlie", "delta"]
+    );
+    assert_eq!(
+        list(None, "-response_time").await,
+        ["alpha", "Bravo", "charlie", "delta"]
+    );
+    assert_eq!(
+        list(None, "response_time").await,
+        ["Bravo", "alpha", "charlie", "delta"]
+    );
+    // Search reaches the name, the hostname, the region and the tags, in any case.
+    assert_eq!(list(Some("BRAV"), "name").await, ["Bravo"]);
+    assert_eq!(list(Some("internal"), "name").await, ["charlie"]);
+    assert_eq!(list(Some("eu-"), "name").await, ["alpha", "charlie"]);
+    assert_eq!(list(Some("WEB"), "name").await, ["Bravo", "charlie"]);
+    assert_eq!(list(Some("100%_"), "name").await, Vec::<String>::new());
+    let page = ServerFilter {
+        limit: Some(2),
+        offset: 1,
+        ..Default::default()
+    };
+    let names: Vec<String> = store
+        .list_servers(&page)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["Bravo", "charlie"]);
+    assert_eq!(
+        store.count_servers(&page).await.unwrap(),
+        4,
+        "a count ignores the page"
+    );
+    let filtered = ServerFilter {
+        health_status: Some(Critical),
+        ..Default::default()
+    };
+    assert_eq!(store.count_servers(&filtered).await.unwrap(), 1);
+}
+
+#[doc(hidden)]
+pub async fn recent_checks_and_series_come_per_page_and_per_bucket(store: &impl ConformingStore) {
+    use HealthStatus::*;
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let b = add(store, "b").await;
+    let quiet = add(store, "quiet").await;
+    let mut checks = Vec::new();
+    for i in 0..40 {
+        let status = if i == 35 { Critical } else { Healthy };
+        let mut c = check_at(a, t0 + secs(30 * i), status);
+        c.response_time_ms = Some(10 + i as u32);
+        checks.push(c);
+    }
+    checks.push(check_at(b, t0, Degraded));
+    store.record_health(&checks).await.unwrap();
+
+    let recent = store.recent_checks(&[a, b, quiet], 30).await.unwrap();
+    let of = |id: ServerId| {
+        recent
+            .iter()
+            .find(|(s, _)| *s == id)
+            .map(|(_, c)| c.clone())
+    };
+    let of_a = of(a).unwrap();
+    assert_eq!(of_a.len(), 30);
+    assert_eq!(of_a[0].timestamp, t0 + secs(30 * 39), "newest first");
+    assert_eq!(of_a[29].timestamp, t0 + secs(30 * 10));
+    assert_eq!(of(b).unwrap().len(), 1);
+    assert!(of(quiet).is_none_or(|c| c.is_empty()));
+
+    // 20 minutes in 4 buckets of 5 minutes: 10 checks each.
+    let window = SeriesWindow::new(t0, t0 + Duration::minutes(20), 4).unwrap();
+    let series = store.health_series(a, window).await.unwrap();
+    assert_eq!(series.len(), 4);
+    assert_eq!(
+        series.iter().map(|b| b.checks).collect::<Vec<_>>(),
+        [10, 10, 10, 10]
+    );
+    assert_eq!(series[3].start, t0 + Duration::minutes(15));
+    assert_eq!(series[3].worst, Critical);
+    assert_eq!(series[2].worst, Healthy);
+    assert_eq!(series[0].avg_response_ms, Some(14.5));
+    assert_eq!(series[0].max_response_ms, Some(19));
+    // Outside the range, nothing; empty buckets are left out.
+    let later = SeriesWindow::new(t0 + Duration::minutes(15), t0 + Duration::hours(2), 10).unwrap();
+    assert_eq!(store.health_series(a, later).await.unwrap().len(), 1);
+
+    let samples: Vec<MetricsRecord> = (0..6)
+        .map(|i| {
+            let mut s = sample_at(a, t0 + secs(60 * i), 10.0 * i as f64);
+            s.values.llm_requests = Some(100 + i);
+            MetricsRecord::Sample(s)
+        })
+        .collect();
+    store.record_metrics(&samples).await.unwrap();
+    let window = SeriesWindow::new(t0, t0 + Duration::minutes(6), 2).unwrap();
+    let m = store.metrics_series(a, window).await.unwrap();
+    assert_eq!(m.len(), 2);
+    assert_eq!((m[0].samples, m[0].cpu_percent), (3, Some(10.0)));
+    assert_eq!(
+        (m[1].cpu_percent, m[1].llm_requests),
+        (Some(40.0), Some(105))
+    );
+    assert_eq!(m[1].memory_percent, Some(50.5));
+}
+
+#[doc(hidden)]
+pub async fn the_change_log_is_tailed_by_id(store: &impl ConformingStore) {
+    use HealthStatus::*;
+    assert_eq!(store.change_ids().await.unwrap(), None);
+    let t0 = base_time();
+    let a = add(store, "a").await;
+    let b = add(store, "b").await;
+    for (i, status) in [Healthy, Critical, Healthy].into_iter().enumerate() {
+        let at = t0 + secs(30 * i as i64);
+        store
+            .record_health(&[check_at(a, at, status), check_at(b, at + secs(1), status)])
+            .await
+            .unwrap();
+    }
+    let newest_first = store.state_changes(ChangeQuery::default()).await.unwrap();
+    let (oldest, newest) = store.change_ids().await.unwrap().unwrap();
+    assert_eq!(newest, newest_first[0].id);
+    assert_eq!(oldest, newest_first[5].id);
+    let all = store.changes_after(oldest - 1, 100).await.unwrap();
+    let mut expected = newest_first.clone();
+    expected.reverse();
+    assert_eq!(all, expected, "oldest first, the same rows");
+    let tail = store.changes_after(all[2].id, 2).await.unwrap();
+    assert_eq!(tail, all[3..5]);
+    assert!(store.changes_after(newest, 10).await.unwrap().is_empty());
+}
+
+#[doc(hidden)]
+pub async fn sessions_end_when_idle_when_old_on_sign_out_and_with_their_token(
+    store: &impl ConformingStore,
+) {
+    let t0 = base_time();
+    let token = [7u8; 32];
+    store
+        .insert_token("ops", Role::Viewer, token)
+        .await
+        .unwrap();
+    let session = |n: u8, token_sha256: [u8; 32]| SessionRecord {
+        sha256: [n; 32],
+        token_sha256,
+        token_name: "ops".into(),
+        role: Role::Viewer,
+        created_at: t0,
+        idle_expires_at: t0 + Duration::hours(8),
+        expires_at: t0 + Duration::days(7),
+    };
+    store.create_session(session(1, token)).await.unwrap();
+    store.create_session(session(2, token)).await.unwrap();
+    // A session of a token the store does not hold (the bootstrap token) stands.
+    store.create_session(session(3, [9u8; 32])).await.unwrap();
+    let found = store
+        .find_session([1; 32], t0 + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(found, Some(session(1, token)));
+    assert!(store.find_session([4; 32], t0).await.unwrap().is_none());
+    // Idle past 8 h: over, unless touched.
+    assert!(
+        store
+            .find_session([1; 32], t0 + Duration::hours(9))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .touch_session([1; 32], t0 + Duration::hours(16))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .find_session([1; 32], t0 + Duration::hours(9))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Never past the absolute end, however often touched.
+    store
+        .touch_session([1; 32], t0 + Duration::days(30))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .find_session([1; 32], t0 + Duration::days(8))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Sign-out.
+    assert!(store.delete_session([3; 32]).await.unwrap());
+    assert!(!store.delete_session([3; 32]).await.unwrap());
+    assert!(store.find_session([3; 32], t0).await.unwrap().is_none());
+    // Revoking the token ends its sessions.
+    assert!(store.find_session([2; 32], t0).await.unwrap().is_some());
+    assert!(store.revoke_token("ops").await.unwrap());
+    assert!(store.find_session([2; 32], t0).await.unwrap().is_none());
+    assert!(
+        !store.delete_session([2; 32]).await.unwrap(),
+        "deleted with the token"
+    );
 }

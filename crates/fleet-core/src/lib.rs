@@ -91,6 +91,7 @@ mod events;
 mod memory;
 mod model;
 mod probe;
+pub mod series;
 mod store;
 pub mod validate;
 mod workers;
@@ -119,9 +120,11 @@ pub use model::{
 pub use probe::{
     CollectError, HealthProbe, MetricsCollector, NotChecked, ProbeFailure, ProbeOutcome,
 };
+pub use series::{HealthBucket, MetricsBucket, SeriesWindow};
 pub use store::{
     AdminTokens, BoxError, ChangeLog, ChangeQuery, Counts, Findings, Groups, History, HistoryQuery,
-    Ping, Registry, ServerFilter, ServerTally, StorageCheck, Store, StoreError,
+    Ping, Registry, ServerFilter, ServerSort, ServerTally, SessionRecord, Sessions, SortKey,
+    StorageCheck, Store, StoreError, health_rank,
 };
 pub use workers::{HealthWork, MetricsWork, health_check};
 

@@ -13,9 +13,10 @@ use crate::model::{
     MetricsRecord, MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId,
     ServerStatus, ServerUpdate, StateChange, TokenRecord, counter_increase,
 };
+use crate::series::{HealthBucket, MetricsBucket, SeriesWindow, health_buckets, metrics_buckets};
 use crate::store::{
     AdminTokens, ChangeLog, ChangeQuery, Counts, Groups, History, HistoryQuery, Ping, Registry,
-    ServerFilter, ServerTally, Store, StoreError,
+    ServerFilter, ServerTally, SessionRecord, Sessions, SortKey, Store, StoreError, health_rank,
 };
 
 /// Keeps the registry and a bounded history in memory.
@@ -38,6 +39,7 @@ struct State {
     /// [`InMemoryStore::CHANGES_PER_LIMIT`].
     changes: VecDeque<StateChange>,
     last_change_id: i64,
+    sessions: HashMap<[u8; 32], SessionRecord>,
 }
 
 impl State {
@@ -273,6 +275,37 @@ impl ChangeLog for InMemoryStore {
             })
             .collect())
     }
+
+    async fn changes_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StateChange>, StoreError> {
+        let state = self.state();
+        // Ids increase along the log, so the first one past `after` is found by halving.
+        let start = state.changes.partition_point(|c| c.id <= after);
+        Ok(state
+            .changes
+            .range(start..)
+            .take(limit)
+            .map(|c| StateChange {
+                server_name: state
+                    .servers
+                    .get(&c.server_id)
+                    .map_or_else(|| c.server_name.clone(), |e| e.server.name.clone()),
+                ..c.clone()
+            })
+            .collect())
+    }
+
+    async fn change_ids(&self) -> Result<Option<(i64, i64)>, StoreError> {
+        let state = self.state();
+        Ok(state
+            .changes
+            .front()
+            .zip(state.changes.back())
+            .map(|(a, b)| (a.id, b.id)))
+    }
 }
 
 #[async_trait]
@@ -324,54 +357,43 @@ impl Registry for InMemoryStore {
 
     async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError> {
         let state = self.state();
-        let search = filter.search.as_ref().map(|s| s.to_lowercase());
-        let members = filter.group.map(|g| {
-            state
-                .groups
-                .get(&g)
-                .map(|g| g.members.clone())
-                .unwrap_or_default()
+        let mut found = matching(&state, filter);
+        let rank = |s: &ManagedServer| -> Option<i128> {
+            match filter.sort.key {
+                SortKey::Name => Some(0),
+                SortKey::Health => s.health_status.map(|h| i128::from(health_rank(h))),
+                SortKey::LastSeen => s.last_seen_at.map(|t| t.unix_timestamp_nanos()),
+                SortKey::ResponseTime => s.last_response_time_ms.map(i128::from),
+            }
+        };
+        let descending = filter.sort.descending;
+        found.sort_by(|a, b| {
+            let by_key = match (rank(a), rank(b)) {
+                (Some(x), Some(y)) if descending => y.cmp(&x),
+                (Some(x), Some(y)) => x.cmp(&y),
+                // Without a value: last, in either direction.
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            };
+            let by_name = a.name.to_lowercase().cmp(&b.name.to_lowercase());
+            let by_name = if descending && filter.sort.key == SortKey::Name {
+                by_name.reverse()
+            } else {
+                by_name
+            };
+            by_key.then(by_name).then(a.id.cmp(&b.id))
         });
-        let mut found: Vec<&ManagedServer> = state
-            .servers
-            .values()
-            .map(|e| &e.server)
-            .filter(|s| filter.status.is_none_or(|v| s.status == v))
-            .filter(|s| {
-                filter
-                    .health_status
-                    .is_none_or(|v| s.health_status == Some(v))
-            })
-            .filter(|s| {
-                filter
-                    .region
-                    .as_ref()
-                    .is_none_or(|v| s.region.as_ref() == Some(v))
-            })
-            .filter(|s| {
-                filter
-                    .environment
-                    .as_ref()
-                    .is_none_or(|v| s.environment.as_ref() == Some(v))
-            })
-            .filter(|s| filter.tag.as_ref().is_none_or(|v| s.tags.contains(v)))
-            .filter(|s| members.as_ref().is_none_or(|m| m.contains(&s.id)))
-            .filter(|s| {
-                search.as_ref().is_none_or(|q| {
-                    s.name.to_lowercase().contains(q)
-                        || s.hostname
-                            .as_ref()
-                            .is_some_and(|h| h.to_lowercase().contains(q))
-                })
-            })
-            .collect();
-        found.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(found
             .into_iter()
             .skip(filter.offset)
             .take(filter.limit.unwrap_or(usize::MAX))
             .cloned()
             .collect())
+    }
+
+    async fn count_servers(&self, filter: &ServerFilter) -> Result<u64, StoreError> {
+        Ok(matching(&self.state(), filter).len() as u64)
     }
 
     async fn set_server_status(
@@ -597,6 +619,53 @@ impl Groups for InMemoryStore {
     }
 }
 
+/// The servers a filter selects, its order, limit and offset aside.
+fn matching<'a>(state: &'a State, filter: &ServerFilter) -> Vec<&'a ManagedServer> {
+    let search = filter.search.as_ref().map(|s| s.to_lowercase());
+    let contains =
+        |v: &Option<String>, q: &str| v.as_ref().is_some_and(|v| v.to_lowercase().contains(q));
+    let members = filter.group.map(|g| {
+        state
+            .groups
+            .get(&g)
+            .map(|g| g.members.clone())
+            .unwrap_or_default()
+    });
+    state
+        .servers
+        .values()
+        .map(|e| &e.server)
+        .filter(|s| filter.status.is_none_or(|v| s.status == v))
+        .filter(|s| {
+            filter
+                .health_status
+                .is_none_or(|v| s.health_status == Some(v))
+        })
+        .filter(|s| {
+            filter
+                .region
+                .as_ref()
+                .is_none_or(|v| s.region.as_ref() == Some(v))
+        })
+        .filter(|s| {
+            filter
+                .environment
+                .as_ref()
+                .is_none_or(|v| s.environment.as_ref() == Some(v))
+        })
+        .filter(|s| filter.tag.as_ref().is_none_or(|v| s.tags.contains(v)))
+        .filter(|s| members.as_ref().is_none_or(|m| m.contains(&s.id)))
+        .filter(|s| {
+            search.as_ref().is_none_or(|q| {
+                s.name.to_lowercase().contains(q)
+                    || contains(&s.hostname, q)
+                    || contains(&s.region, q)
+                    || s.tags.iter().any(|t| t.to_lowercase().contains(q))
+            })
+        })
+        .collect()
+}
+
 #[async_trait]
 impl AdminTokens for InMemoryStore {
     async fn insert_token(
@@ -646,12 +715,59 @@ impl AdminTokens for InMemoryStore {
             .iter_mut()
             .find(|(t, _)| t.name == name && t.revoked_at.is_none())
         {
-            Some((t, _)) => {
+            Some((t, hash)) => {
                 t.revoked_at = Some(OffsetDateTime::now_utc());
+                let hash = *hash;
+                state.sessions.retain(|_, s| s.token_sha256 != hash);
                 Ok(true)
             }
             None => Ok(false),
         }
+    }
+}
+
+#[async_trait]
+impl Sessions for InMemoryStore {
+    async fn create_session(&self, session: SessionRecord) -> Result<(), StoreError> {
+        let mut state = self.state();
+        let now = session.created_at;
+        state
+            .sessions
+            .retain(|_, s| s.expires_at > now && s.idle_expires_at > now);
+        state.sessions.insert(session.sha256, session);
+        Ok(())
+    }
+
+    async fn find_session(
+        &self,
+        sha256: [u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let state = self.state();
+        let Some(s) = state.sessions.get(&sha256) else {
+            return Ok(None);
+        };
+        let revoked = state
+            .tokens
+            .iter()
+            .any(|(t, h)| *h == s.token_sha256 && t.revoked_at.is_some());
+        let live = s.expires_at > now && s.idle_expires_at > now && !revoked;
+        Ok(live.then(|| s.clone()))
+    }
+
+    async fn touch_session(
+        &self,
+        sha256: [u8; 32],
+        idle_expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        if let Some(s) = self.state().sessions.get_mut(&sha256) {
+            s.idle_expires_at = idle_expires_at.min(s.expires_at);
+        }
+        Ok(())
+    }
+
+    async fn delete_session(&self, sha256: [u8; 32]) -> Result<bool, StoreError> {
+        Ok(self.state().sessions.remove(&sha256).is_some())
     }
 }
 
@@ -720,6 +836,60 @@ impl History for InMemoryStore {
             .collect();
         out.sort_by_key(|u| u.server_id);
         Ok(out)
+    }
+
+    async fn recent_checks(
+        &self,
+        servers: &[ServerId],
+        per_server: usize,
+    ) -> Result<Vec<(ServerId, Vec<HealthCheck>)>, StoreError> {
+        let state = self.state();
+        Ok(servers
+            .iter()
+            .filter_map(|id| {
+                let e = state.servers.get(id)?;
+                Some((
+                    *id,
+                    e.health.values().rev().take(per_server).cloned().collect(),
+                ))
+            })
+            .collect())
+    }
+
+    async fn health_series(
+        &self,
+        id: ServerId,
+        window: SeriesWindow,
+    ) -> Result<Vec<HealthBucket>, StoreError> {
+        let state = self.state();
+        Ok(state
+            .servers
+            .get(&id)
+            .map(|e| {
+                health_buckets(
+                    &window,
+                    e.health.range(window.from..window.to).map(|(_, c)| c),
+                )
+            })
+            .unwrap_or_default())
+    }
+
+    async fn metrics_series(
+        &self,
+        id: ServerId,
+        window: SeriesWindow,
+    ) -> Result<Vec<MetricsBucket>, StoreError> {
+        let state = self.state();
+        Ok(state
+            .servers
+            .get(&id)
+            .map(|e| {
+                metrics_buckets(
+                    &window,
+                    e.metrics.range(window.from..window.to).map(|(_, s)| s),
+                )
+            })
+            .unwrap_or_default())
     }
 }
 

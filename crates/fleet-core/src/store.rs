@@ -14,6 +14,7 @@ use crate::model::{
     MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate,
     StateChange, TokenRecord,
 };
+use crate::series::{HealthBucket, MetricsBucket, SeriesWindow};
 
 /// A boxed error source.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -106,7 +107,7 @@ pub struct ServerFilter {
     pub environment: Option<String>,
     /// Only servers with this tag.
     pub tag: Option<String>,
-    /// A case-insensitive substring of the name or hostname.
+    /// A case-insensitive substring of the name, hostname, region or one of the tags.
     pub search: Option<String>,
     /// Only members of this group.
     pub group: Option<GroupId>,
@@ -114,6 +115,79 @@ pub struct ServerFilter {
     pub limit: Option<usize>,
     /// Skip this many first.
     pub offset: usize,
+    /// In which order.
+    pub sort: ServerSort,
+}
+
+/// What a server listing is ordered by. Ties are broken by name, and servers without the
+/// value (never checked, never seen) come last in either direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerSort {
+    /// The key.
+    pub key: SortKey,
+    /// Largest (or worst) first.
+    pub descending: bool,
+}
+
+/// A key to order servers by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SortKey {
+    /// By name, case-insensitively.
+    #[default]
+    Name,
+    /// By health, healthy < degraded < critical < unreachable.
+    Health,
+    /// By `last_seen_at`.
+    LastSeen,
+    /// By the last check's response time.
+    ResponseTime,
+}
+
+impl std::str::FromStr for ServerSort {
+    type Err = String;
+
+    /// `name`, `health`, `last_seen` or `response_time`, descending with a leading `-`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (descending, key) = match s.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let key = match key {
+            "name" => SortKey::Name,
+            "health" => SortKey::Health,
+            "last_seen" => SortKey::LastSeen,
+            "response_time" => SortKey::ResponseTime,
+            other => {
+                return Err(format!(
+                    "unknown sort `{other}`; expected name, health, last_seen or response_time, \
+                     with a leading - for descending"
+                ));
+            }
+        };
+        Ok(Self { key, descending })
+    }
+}
+
+impl std::fmt::Display for ServerSort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = match self.key {
+            SortKey::Name => "name",
+            SortKey::Health => "health",
+            SortKey::LastSeen => "last_seen",
+            SortKey::ResponseTime => "response_time",
+        };
+        write!(f, "{}{key}", if self.descending { "-" } else { "" })
+    }
+}
+
+/// The rank [`SortKey::Health`] orders by.
+pub fn health_rank(h: HealthStatus) -> u8 {
+    match h {
+        HealthStatus::Healthy => 0,
+        HealthStatus::Degraded => 1,
+        HealthStatus::Critical => 2,
+        HealthStatus::Unreachable => 3,
+    }
 }
 
 /// The registry of managed servers.
@@ -128,8 +202,11 @@ pub trait Registry: Send + Sync {
     /// What a probe needs to reach one server (its token included), if it exists.
     async fn probe_target(&self, id: ServerId) -> Result<Option<ProbeTarget>, StoreError>;
 
-    /// Servers matching `filter`, ordered by name.
+    /// Servers matching `filter`, in its order.
     async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError>;
+
+    /// How many servers match `filter` (its limit, offset and sort aside).
+    async fn count_servers(&self, filter: &ServerFilter) -> Result<u64, StoreError>;
 
     /// Changes a server's status; false when it does not exist.
     async fn set_server_status(
@@ -261,6 +338,30 @@ pub trait History: Send + Sync {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<LlmUsage>, StoreError>;
+
+    /// Each server's last `per_server` health checks, newest first, for a page of servers:
+    /// one round trip however many servers the page shows.
+    async fn recent_checks(
+        &self,
+        servers: &[ServerId],
+        per_server: usize,
+    ) -> Result<Vec<(ServerId, Vec<HealthCheck>)>, StoreError>;
+
+    /// A server's health in `window`, aggregated by the store into its buckets; empty buckets
+    /// are left out.
+    async fn health_series(
+        &self,
+        id: ServerId,
+        window: SeriesWindow,
+    ) -> Result<Vec<HealthBucket>, StoreError>;
+
+    /// A server's metrics in `window`, aggregated by the store into its buckets; empty
+    /// buckets are left out.
+    async fn metrics_series(
+        &self,
+        id: ServerId,
+        window: SeriesWindow,
+    ) -> Result<Vec<MetricsBucket>, StoreError>;
 }
 
 /// How many servers share a status, a current health, a region and an environment.
@@ -315,6 +416,60 @@ impl Default for ChangeQuery {
 pub trait ChangeLog: Send + Sync {
     /// A page of changes, newest first.
     async fn state_changes(&self, query: ChangeQuery) -> Result<Vec<StateChange>, StoreError>;
+
+    /// At most `limit` changes with an id above `after`, oldest first: how a live stream
+    /// tails the log.
+    async fn changes_after(&self, after: i64, limit: usize)
+    -> Result<Vec<StateChange>, StoreError>;
+
+    /// The oldest and newest id still in the log, `None` when it is empty.
+    async fn change_ids(&self) -> Result<Option<(i64, i64)>, StoreError>;
+}
+
+/// A dashboard session as stored: only a hash of its id is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// SHA-256 of the session id.
+    pub sha256: [u8; 32],
+    /// SHA-256 of the token that signed in; the session ends with the token.
+    pub token_sha256: [u8; 32],
+    /// The token's name, shown and recorded (e.g. on an acknowledgement).
+    pub token_name: String,
+    /// The token's role.
+    pub role: Role,
+    /// When the session was made.
+    pub created_at: OffsetDateTime,
+    /// When it ends if unused (moved forward by [`Sessions::touch_session`]).
+    pub idle_expires_at: OffsetDateTime,
+    /// When it ends regardless.
+    pub expires_at: OffsetDateTime,
+}
+
+/// Dashboard sessions. Revoking a token ([`AdminTokens::revoke_token`]) deletes its
+/// sessions.
+#[async_trait]
+pub trait Sessions: Send + Sync {
+    /// Stores a session, and deletes every session over at `session.created_at`.
+    async fn create_session(&self, session: SessionRecord) -> Result<(), StoreError>;
+
+    /// The session with this hash, if it is not over at `now` and its token still stands:
+    /// a token of the store that is not revoked, or one the store does not hold (the
+    /// bootstrap token, which the caller checks).
+    async fn find_session(
+        &self,
+        sha256: [u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Moves a session's idle end to `idle_expires_at`.
+    async fn touch_session(
+        &self,
+        sha256: [u8; 32],
+        idle_expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes a session (sign-out); false when there was none.
+    async fn delete_session(&self, sha256: [u8; 32]) -> Result<bool, StoreError>;
 }
 
 /// Whether a store is reachable now, for readiness checks.

@@ -3,14 +3,14 @@
 use async_trait::async_trait;
 use fleet_core::{
     AdminTokens, GroupFields, GroupId, Groups, LlmUsage, ManagedServer, Role, ServerGroup,
-    ServerId, ServerUpdate, StoreError, TokenRecord,
+    ServerId, ServerUpdate, SessionRecord, Sessions, StoreError, TokenRecord,
 };
 use time::OffsetDateTime;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use crate::store::{PgStore, db_error};
+use crate::store::{PgStore, db_error, parsed};
 
 fn json_list(v: &[String]) -> serde_json::Value {
     serde_json::Value::Array(v.iter().cloned().map(serde_json::Value::String).collect())
@@ -403,10 +403,115 @@ impl AdminTokens for PgStore {
 
     async fn revoke_token(&self, name: &str) -> Result<bool, StoreError> {
         let client = self.client().await?;
+        // The token's sessions end in the same statement.
+        let n: i64 = client
+            .query_one(
+                "WITH revoked AS (UPDATE api_tokens SET revoked_at = now() \
+                     WHERE name = $1 AND revoked_at IS NULL RETURNING token_sha256), \
+                 ended AS (DELETE FROM dashboard_sessions \
+                     WHERE token_sha256 IN (SELECT token_sha256 FROM revoked)) \
+                 SELECT count(*) FROM revoked",
+                &[&name],
+            )
+            .await
+            .map_err(db_error)?
+            .get(0);
+        Ok(n == 1)
+    }
+}
+
+fn session_from_row(row: &Row) -> Result<SessionRecord, StoreError> {
+    let hash = |column: &str| -> Result<[u8; 32], StoreError> {
+        let bytes: &[u8] = row.get(column);
+        bytes.try_into().map_err(|_| {
+            StoreError::backend(format!("dashboard_sessions.{column} is not 32 bytes"))
+        })
+    };
+    Ok(SessionRecord {
+        sha256: hash("session_sha256")?,
+        token_sha256: hash("token_sha256")?,
+        token_name: row.get("token_name"),
+        role: parsed("dashboard_sessions.role", row.get("role"))?,
+        created_at: row.get("created_at"),
+        idle_expires_at: row.get("idle_expires_at"),
+        expires_at: row.get("expires_at"),
+    })
+}
+
+#[async_trait]
+impl Sessions for PgStore {
+    async fn create_session(&self, s: SessionRecord) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM dashboard_sessions WHERE expires_at <= $1 OR idle_expires_at <= $1",
+            &[&s.created_at],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO dashboard_sessions (session_sha256, token_sha256, token_name, role, \
+             created_at, idle_expires_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &s.sha256.as_slice(),
+                &s.token_sha256.as_slice(),
+                &s.token_name,
+                &s.role.as_str(),
+                &s.created_at,
+                &s.idle_expires_at,
+                &s.expires_at,
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn find_session(
+        &self,
+        sha256: [u8; 32],
+        now: OffsetDateTime,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT s.* FROM dashboard_sessions s \
+                 WHERE s.session_sha256 = $1 AND s.expires_at > $2 AND s.idle_expires_at > $2 \
+                 AND NOT EXISTS (SELECT 1 FROM api_tokens t \
+                     WHERE t.token_sha256 = s.token_sha256 AND t.revoked_at IS NOT NULL)",
+            )
+            .await
+            .map_err(db_error)?;
+        let row = client
+            .query_opt(&stmt, &[&sha256.as_slice(), &now])
+            .await
+            .map_err(db_error)?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn touch_session(
+        &self,
+        sha256: [u8; 32],
+        idle_expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE dashboard_sessions SET idle_expires_at = least($2, expires_at) \
+                 WHERE session_sha256 = $1",
+                &[&sha256.as_slice(), &idle_expires_at],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn delete_session(&self, sha256: [u8; 32]) -> Result<bool, StoreError> {
+        let client = self.client().await?;
         let n = client
             .execute(
-                "UPDATE api_tokens SET revoked_at = now() WHERE name = $1 AND revoked_at IS NULL",
-                &[&name],
+                "DELETE FROM dashboard_sessions WHERE session_sha256 = $1",
+                &[&sha256.as_slice()],
             )
             .await
             .map_err(db_error)?;

@@ -742,20 +742,41 @@ impl AlertStore for PgStore {
             .await
             .map_err(db_error)?
             .iter()
-            .map(|r| TimelineEntry {
-                id: r.get(0),
-                incident_id: r.get(1),
-                at: r.get(2),
-                kind: r.get(3),
-                message: r.get(4),
-                channel_id: r.get(5),
-            })
+            .map(timeline_from_row)
             .collect();
         Ok(Some(IncidentDetail {
             incident: snap.incident,
             members,
             timeline,
         }))
+    }
+
+    async fn timeline_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        let client = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "SELECT id, incident_id, at, kind, message, channel_id FROM incident_timeline \
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &limit],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows.iter().map(timeline_from_row).collect())
+    }
+
+    async fn timeline_ids(&self) -> Result<Option<(i64, i64)>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT min(id), max(id) FROM incident_timeline", &[])
+            .await
+            .map_err(db_error)?;
+        let ids: (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+        Ok(ids.0.zip(ids.1))
     }
 
     async fn open_by_severity(&self) -> Result<Vec<(Severity, u64)>, StoreError> {
@@ -1020,5 +1041,16 @@ impl AlertStore for PgStore {
             .await
             .map_err(db_error)?
             == 1)
+    }
+}
+
+fn timeline_from_row(r: &tokio_postgres::Row) -> TimelineEntry {
+    TimelineEntry {
+        id: r.get(0),
+        incident_id: r.get(1),
+        at: r.get(2),
+        kind: r.get(3),
+        message: r.get(4),
+        channel_id: r.get(5),
     }
 }

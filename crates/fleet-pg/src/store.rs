@@ -6,10 +6,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use fleet_core::{
-    ApiToken, ChangeLog, ChangeQuery, Clock, Counts, Findings, HealthCheck, HealthStatus, History,
-    HistoryQuery, LlmUsage, ManagedServer, MetricValues, MetricsRecord, MetricsSample, NewServer,
-    Period, ProbeTarget, Registry, ServerFilter, ServerId, ServerStatus, ServerTally, ServerUpdate,
-    StateChange, StorageCheck, Store, StoreError,
+    ApiToken, ChangeLog, ChangeQuery, Clock, Counts, Findings, HealthBucket, HealthCheck,
+    HealthStatus, History, HistoryQuery, LlmUsage, ManagedServer, MetricValues, MetricsBucket,
+    MetricsRecord, MetricsSample, NewServer, Period, ProbeTarget, Registry, SeriesWindow,
+    ServerFilter, ServerId, ServerStatus, ServerTally, ServerUpdate, SortKey, StateChange,
+    StorageCheck, Store, StoreError,
 };
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
@@ -178,7 +179,7 @@ pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
 
 /// A stored enum read back; a value the code does not know is a backend error naming the
 /// column and the value.
-fn parsed<T: std::str::FromStr>(column: &str, text: &str) -> Result<T, StoreError> {
+pub(crate) fn parsed<T: std::str::FromStr>(column: &str, text: &str) -> Result<T, StoreError> {
     text.parse()
         .map_err(|_| StoreError::backend(format!("{column} holds `{text}`")))
 }
@@ -186,6 +187,9 @@ fn parsed<T: std::str::FromStr>(column: &str, text: &str) -> Result<T, StoreErro
 const STATE_CHANGES: &str = "SELECT c.id, c.server_id, m.name, c.changed_at, c.from_status, c.to_status, c.error_message \
      FROM server_state_changes c JOIN managed_servers m ON m.id = c.server_id \
      ORDER BY c.changed_at DESC, c.id DESC LIMIT $1 OFFSET $2";
+const CHANGES_AFTER: &str = "SELECT c.id, c.server_id, m.name, c.changed_at, c.from_status, c.to_status, c.error_message \
+     FROM server_state_changes c JOIN managed_servers m ON m.id = c.server_id \
+     WHERE c.id > $1 ORDER BY c.id LIMIT $2";
 const SERVER_STATE_CHANGES: &str = "SELECT c.id, c.server_id, m.name, c.changed_at, c.from_status, c.to_status, c.error_message \
      FROM server_state_changes c JOIN managed_servers m ON m.id = c.server_id \
      WHERE c.server_id = $3 ORDER BY c.changed_at DESC, c.id DESC LIMIT $1 OFFSET $2";
@@ -246,23 +250,51 @@ impl ChangeLog for PgStore {
             }
         }
         .map_err(db_error)?;
-        rows.iter()
-            .map(|r| {
-                let from: Option<&str> = r.get(4);
-                Ok(StateChange {
-                    id: r.get(0),
-                    server_id: ServerId(r.get(1)),
-                    server_name: r.get(2),
-                    changed_at: r.get(3),
-                    from_status: from
-                        .map(|h| parsed("server_state_changes.from_status", h))
-                        .transpose()?,
-                    to_status: parsed("server_state_changes.to_status", r.get(5))?,
-                    error_message: r.get(6),
-                })
-            })
-            .collect()
+        rows.iter().map(change_from_row).collect()
     }
+
+    async fn changes_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StateChange>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(CHANGES_AFTER)
+            .await
+            .map_err(db_error)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&stmt, &[&after, &limit])
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(change_from_row).collect()
+    }
+
+    async fn change_ids(&self) -> Result<Option<(i64, i64)>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT min(id), max(id) FROM server_state_changes", &[])
+            .await
+            .map_err(db_error)?;
+        let ids: (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+        Ok(ids.0.zip(ids.1))
+    }
+}
+
+fn change_from_row(r: &Row) -> Result<StateChange, StoreError> {
+    let from: Option<&str> = r.get(4);
+    Ok(StateChange {
+        id: r.get(0),
+        server_id: ServerId(r.get(1)),
+        server_name: r.get(2),
+        changed_at: r.get(3),
+        from_status: from
+            .map(|h| parsed("server_state_changes.from_status", h))
+            .transpose()?,
+        to_status: parsed("server_state_changes.to_status", r.get(5))?,
+        error_message: r.get(6),
+    })
 }
 
 impl PgStore {
@@ -701,6 +733,59 @@ impl Store for PgStore {
     }
 }
 
+type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// The `WHERE` of a server filter (with its leading space), and its parameters.
+fn where_clause(filter: &ServerFilter) -> (String, Params) {
+    let mut clauses: Vec<String> = Vec::new();
+    let mut params: Params = Vec::new();
+    let mut add = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
+        params.push(value);
+        clauses.push(clause.replace('?', &format!("${}", params.len())));
+    };
+    if let Some(v) = filter.status {
+        add("status = ?", Box::new(v.as_str()));
+    }
+    if let Some(v) = filter.health_status {
+        add("health_status = ?", Box::new(v.as_str()));
+    }
+    if let Some(v) = &filter.region {
+        add("region = ?", Box::new(v.clone()));
+    }
+    if let Some(v) = &filter.environment {
+        add("environment = ?", Box::new(v.clone()));
+    }
+    if let Some(v) = &filter.tag {
+        add("tags @> jsonb_build_array(?::text)", Box::new(v.clone()));
+    }
+    if let Some(g) = filter.group {
+        add(
+            "id IN (SELECT server_id FROM server_group_members WHERE group_id = ?)",
+            Box::new(g.0),
+        );
+    }
+    if let Some(q) = &filter.search {
+        let escaped = q
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        add(
+            "(name ILIKE ? OR hostname ILIKE $P OR region ILIKE $P \
+             OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(tags) AS t(tag) WHERE t.tag ILIKE $P))",
+            Box::new(format!("%{escaped}%")),
+        );
+        let n = params.len();
+        if let Some(last) = clauses.last_mut() {
+            *last = last.replace("$P", &format!("${n}"));
+        }
+    }
+    if clauses.is_empty() {
+        (String::new(), params)
+    } else {
+        (format!(" WHERE {}", clauses.join(" AND ")), params)
+    }
+}
+
 #[async_trait]
 impl Registry for PgStore {
     async fn create_server(&self, new: NewServer) -> Result<ManagedServer, StoreError> {
@@ -766,49 +851,26 @@ impl Registry for PgStore {
     }
 
     async fn list_servers(&self, filter: &ServerFilter) -> Result<Vec<ManagedServer>, StoreError> {
-        let mut clauses: Vec<String> = Vec::new();
-        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-        let mut add = |clause: &str, value: Box<dyn ToSql + Sync + Send>| {
-            params.push(value);
-            clauses.push(clause.replace('?', &format!("${}", params.len())));
+        let (clauses, params) = where_clause(filter);
+        let direction = if filter.sort.descending {
+            "DESC"
+        } else {
+            "ASC"
         };
-        if let Some(v) = filter.status {
-            add("status = ?", Box::new(v.as_str()));
-        }
-        if let Some(v) = filter.health_status {
-            add("health_status = ?", Box::new(v.as_str()));
-        }
-        if let Some(v) = &filter.region {
-            add("region = ?", Box::new(v.clone()));
-        }
-        if let Some(v) = &filter.environment {
-            add("environment = ?", Box::new(v.clone()));
-        }
-        if let Some(v) = &filter.tag {
-            add("tags @> jsonb_build_array(?::text)", Box::new(v.clone()));
-        }
-        if let Some(g) = filter.group {
-            add(
-                "id IN (SELECT server_id FROM server_group_members WHERE group_id = ?)",
-                Box::new(g.0),
-            );
-        }
-        if let Some(q) = &filter.search {
-            let escaped = q
-                .replace('\\', "\\\\")
-                .replace('%', "\\%")
-                .replace('_', "\\_");
-            add(
-                "(name ILIKE ? OR hostname ILIKE ?)",
-                Box::new(format!("%{escaped}%")),
-            );
-        }
-        let mut sql = format!("SELECT {SERVER_COLUMNS} FROM managed_servers");
-        if !clauses.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&clauses.join(" AND "));
-        }
-        sql.push_str(" ORDER BY name");
+        let order = match filter.sort.key {
+            SortKey::Name => format!("lower(name) {direction}, id"),
+            SortKey::Health => format!(
+                "CASE health_status WHEN 'healthy' THEN 0 WHEN 'degraded' THEN 1 \
+                 WHEN 'critical' THEN 2 WHEN 'unreachable' THEN 3 END {direction} NULLS LAST, \
+                 lower(name), id"
+            ),
+            SortKey::LastSeen => format!("last_seen_at {direction} NULLS LAST, lower(name), id"),
+            SortKey::ResponseTime => {
+                format!("last_response_time_ms {direction} NULLS LAST, lower(name), id")
+            }
+        };
+        let mut sql =
+            format!("SELECT {SERVER_COLUMNS} FROM managed_servers{clauses} ORDER BY {order}");
         if let Some(limit) = filter.limit {
             sql.push_str(&format!(" LIMIT {}", limit.min(i64::MAX as usize)));
         }
@@ -820,6 +882,33 @@ impl Registry for PgStore {
             params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
         let rows = client.query(&sql, &refs).await.map_err(db_error)?;
         rows.iter().map(server_from_row).collect()
+    }
+
+    async fn count_servers(&self, filter: &ServerFilter) -> Result<u64, StoreError> {
+        // What the kept tallies can answer costs a few rows, not a scan of the registry.
+        let tallied = filter.tag.is_none() && filter.search.is_none() && filter.group.is_none();
+        if tallied {
+            let tallies = self.server_tallies().await?;
+            return Ok(tallies
+                .iter()
+                .filter(|t| filter.status.is_none_or(|v| t.status == v))
+                .filter(|t| filter.health_status.is_none_or(|v| t.health == Some(v)))
+                .filter(|t| filter.region.is_none() || t.region == filter.region)
+                .filter(|t| filter.environment.is_none() || t.environment == filter.environment)
+                .map(|t| t.count)
+                .sum());
+        }
+        let (clauses, params) = where_clause(filter);
+        let sql = format!("SELECT count(*) FROM managed_servers{clauses}");
+        let client = self.client().await?;
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect();
+        let n: i64 = client
+            .query_one(&sql, &refs)
+            .await
+            .map_err(db_error)?
+            .get(0);
+        Ok(n.max(0) as u64)
     }
 
     async fn set_server_status(
@@ -973,6 +1062,147 @@ impl History for PgStore {
     ) -> Result<Vec<LlmUsage>, StoreError> {
         self.usage(from, to).await
     }
+
+    async fn recent_checks(
+        &self,
+        servers: &[ServerId],
+        per_server: usize,
+    ) -> Result<Vec<(ServerId, Vec<HealthCheck>)>, StoreError> {
+        if servers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT h.* FROM unnest($1::uuid[]) AS s(id) CROSS JOIN LATERAL \
+                 (SELECT * FROM server_health_checks c WHERE c.server_id = s.id \
+                  ORDER BY c.timestamp DESC LIMIT $2) h",
+            )
+            .await
+            .map_err(db_error)?;
+        let ids: Vec<Uuid> = servers.iter().map(|s| s.0).collect();
+        let limit = i64::try_from(per_server).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&stmt, &[&ids, &limit])
+            .await
+            .map_err(db_error)?;
+        let mut out: Vec<(ServerId, Vec<HealthCheck>)> =
+            servers.iter().map(|s| (*s, Vec::new())).collect();
+        for row in &rows {
+            let check = health_from_row(row)?;
+            if let Some((_, checks)) = out.iter_mut().find(|(id, _)| *id == check.server_id) {
+                checks.push(check);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn health_series(
+        &self,
+        id: ServerId,
+        window: SeriesWindow,
+    ) -> Result<Vec<HealthBucket>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {BUCKET} AS b, count(*), count(*) FILTER (WHERE NOT successful), \
+                 max(CASE status WHEN 'healthy' THEN 0 WHEN 'degraded' THEN 1 \
+                     WHEN 'critical' THEN 2 ELSE 3 END), \
+                 avg(response_time_ms)::float8, max(response_time_ms) \
+                 FROM server_health_checks \
+                 WHERE server_id = $1 AND timestamp >= $2 AND timestamp < $3 \
+                 GROUP BY b ORDER BY b"
+            ))
+            .await
+            .map_err(db_error)?;
+        let args = SeriesArgs::new(id, &window);
+        let rows = client
+            .query(&stmt, &args.params())
+            .await
+            .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let worst = match r.get::<_, i32>(3) {
+                    0 => HealthStatus::Healthy,
+                    1 => HealthStatus::Degraded,
+                    2 => HealthStatus::Critical,
+                    _ => HealthStatus::Unreachable,
+                };
+                Ok(HealthBucket {
+                    start: window.start_of(bucket(r)),
+                    checks: r.get::<_, i64>(1) as u32,
+                    failures: r.get::<_, i64>(2) as u32,
+                    worst,
+                    avg_response_ms: r.get(4),
+                    max_response_ms: r.get::<_, Option<i32>>(5).map(|v| v.max(0) as u32),
+                })
+            })
+            .collect()
+    }
+
+    async fn metrics_series(
+        &self,
+        id: ServerId,
+        window: SeriesWindow,
+    ) -> Result<Vec<MetricsBucket>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {BUCKET} AS b, count(*), avg(cpu_percent), avg(memory_percent), \
+                 avg(disk_percent), max(llm_requests), max(llm_cost_usd) \
+                 FROM server_metrics_aggregated \
+                 WHERE server_id = $1 AND timestamp >= $2 AND timestamp < $3 \
+                 GROUP BY b ORDER BY b"
+            ))
+            .await
+            .map_err(db_error)?;
+        let args = SeriesArgs::new(id, &window);
+        let rows = client
+            .query(&stmt, &args.params())
+            .await
+            .map_err(db_error)?;
+        Ok(rows
+            .iter()
+            .map(|r| MetricsBucket {
+                start: window.start_of(bucket(r)),
+                samples: r.get::<_, i64>(1) as u32,
+                cpu_percent: r.get(2),
+                memory_percent: r.get(3),
+                disk_percent: r.get(4),
+                llm_requests: r.get(5),
+                llm_cost_usd: r.get(6),
+            })
+            .collect())
+    }
+}
+
+/// A row's bucket: its offset into the window in microseconds, times the buckets, over the
+/// window's length, in integers, as [`SeriesWindow::bucket_of`] computes it.
+const BUCKET: &str = "((extract(epoch FROM (timestamp - $2)) * 1000000)::bigint * $4 / $5)";
+
+/// The parameters of a series query: server, from, to, buckets, and the window's length in
+/// microseconds.
+struct SeriesArgs(Uuid, OffsetDateTime, OffsetDateTime, i64, i64);
+
+impl SeriesArgs {
+    fn new(id: ServerId, w: &SeriesWindow) -> Self {
+        let span = (w.to - w.from).whole_microseconds().max(1);
+        Self(
+            id.0,
+            w.from,
+            w.to,
+            i64::from(w.buckets),
+            i64::try_from(span).unwrap_or(i64::MAX),
+        )
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 5] {
+        [&self.0, &self.1, &self.2, &self.3, &self.4]
+    }
+}
+
+fn bucket(r: &Row) -> u32 {
+    r.get::<_, i64>(0).max(0) as u32
 }
 
 #[async_trait]

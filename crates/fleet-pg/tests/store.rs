@@ -65,7 +65,8 @@ async fn migrations_apply_once() {
             "V2__state_changes",
             "V3__case_insensitive_names",
             "V4__server_tallies",
-            "V5__alerts"
+            "V5__alerts",
+            "V6__dashboard"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
