@@ -115,6 +115,24 @@ impl Browser {
             .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
     }
 
+    /// Runs `script` in the page with a `done` callback, and returns what it passes to it.
+    pub async fn js_async(&self, script: &str) -> Value {
+        let wrapped = format!("const done = arguments[arguments.length - 1]; {script}");
+        self.client
+            .execute_async(&wrapped, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// The status of a `fetch` the page makes: same origin, its cookie, and `init`.
+    pub async fn fetch_status(&self, url: &str, init: &str) -> Value {
+        self.js_async(&format!(
+            "fetch({}, {init}).then(r => done(r.status), e => done('failed: ' + e));",
+            json!(url)
+        ))
+        .await
+    }
+
     /// The page's visible text.
     pub async fn text(&self) -> String {
         self.js("return document.body.innerText;")

@@ -124,6 +124,9 @@
     }
     const es = new EventSource("/api/v1/fleet/events");
     document.documentElement.dataset.live = "connecting";
+    // A page kept in the back/forward cache must not hold its stream: browsers allow six
+    // connections per host, and six cached pages would starve every later request.
+    window.addEventListener("pagehide", () => es.close(), { once: true });
     es.addEventListener("open", () => {
       document.documentElement.dataset.live = "open";
       if (pollTimer) {
@@ -446,6 +449,13 @@
     if (document.querySelector("figure.chart")) document.addEventListener("fleet:refreshed", drawCharts);
     connect();
   }
+
+  window.addEventListener("pageshow", (e) => {
+    if (e.persisted) {
+      refresh();
+      connect();
+    }
+  });
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
   else start();

@@ -176,7 +176,7 @@ fn health_text(h: Option<HealthStatus>) -> &'static str {
 /// A status shown by a shape and a word, never by colour alone.
 fn health_badge(h: Option<HealthStatus>) -> Markup {
     html! {
-        span.health class=(health_class(h)) {
+        span class=(format!("health {}", health_class(h))) {
             span.dot aria-hidden="true" {}
             (health_text(h))
         }
@@ -357,7 +357,7 @@ pub(crate) async fn overview(
                 dl.figures {
                     @for (class, label, n) in parts {
                         div {
-                            dt { span.health class=(class) { span.dot aria-hidden="true" {} (label) } }
+                            dt { span class=(format!("health {class}")) { span.dot aria-hidden="true" {} (label) } }
                             dd id=(format!("health-{class}")) {
                                 a href=(format!("/dashboard/servers?health={}", if class == "unknown" { "" } else { class })) { (n) }
                             }
@@ -760,27 +760,6 @@ pub(crate) async fn server(
     let main = html! {
         h1 { (srv.name) " " (health_badge(srv.health_status)) }
         @if s.is_admin() { (server_actions(&app, &srv, windows.get(&srv.id))) }
-        section.card #server-facts data-live aria-labelledby="h-facts" {
-            h2 #h-facts { "Details" }
-            dl.facts {
-                dt { "status" } dd { (srv.status.as_str()) }
-                dt { "health" } dd { (health_badge(srv.health_status)) }
-                dt { "last seen" } dd { (when(now, srv.last_seen_at)) }
-                dt { "last check" } dd { (when(now, srv.last_health_check_at)) }
-                dt { "response time" } dd { (srv.last_response_time_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "–".into())) }
-                dt { "last error" } dd.err { (srv.last_error.as_deref().unwrap_or("none")) }
-                dt { "API URL" } dd { code { (srv.api_url) } }
-                dt { "hostname" } dd { (srv.hostname.as_deref().unwrap_or("–")) }
-                dt { "region" } dd { (srv.region.as_deref().unwrap_or("–")) }
-                dt { "environment" } dd { (srv.environment.as_deref().unwrap_or("–")) }
-                dt { "tags" } dd { @if srv.tags.is_empty() { "–" } @for t in &srv.tags { span.tag { (t) } " " } }
-                dt { "description" } dd { (srv.description.as_deref().unwrap_or("–")) }
-                dt { "last metrics error" } dd.err { (srv.last_metrics_error.as_deref().unwrap_or("none"))
-                    @if let Some(t) = srv.last_metrics_error_at { " (" (when(now, Some(t))) ")" } }
-                dt { "metadata" } dd { code { (srv.metadata.to_string()) } }
-                dt { "id" } dd { code { (srv.id.0) } }
-            }
-        }
         nav.ranges aria-label="Range" {
             @for r in ["1h", "24h", "7d", "30d"] {
                 a href=(format!("/dashboard/servers/{id}?range={r}")) aria-current=[(r == range).then_some("page")] { (r) }
@@ -802,6 +781,27 @@ pub(crate) async fn server(
             }
             figure.chart data-chart="llm" data-series=(format!("{api}/metrics-series?range={range}")) {
                 figcaption { "LLM requests and cost per interval" }
+            }
+        }
+        section.card #server-facts data-live aria-labelledby="h-facts" {
+            h2 #h-facts { "Details" }
+            dl.facts {
+                dt { "status" } dd { (srv.status.as_str()) }
+                dt { "health" } dd { (health_badge(srv.health_status)) }
+                dt { "last seen" } dd { (when(now, srv.last_seen_at)) }
+                dt { "last check" } dd { (when(now, srv.last_health_check_at)) }
+                dt { "response time" } dd { (srv.last_response_time_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "–".into())) }
+                dt { "last error" } dd class=[srv.last_error.as_ref().map(|_| "err")] { (srv.last_error.as_deref().unwrap_or("none")) }
+                dt { "API URL" } dd { code { (srv.api_url) } }
+                dt { "hostname" } dd { (srv.hostname.as_deref().unwrap_or("–")) }
+                dt { "region" } dd { (srv.region.as_deref().unwrap_or("–")) }
+                dt { "environment" } dd { (srv.environment.as_deref().unwrap_or("–")) }
+                dt { "tags" } dd { @if srv.tags.is_empty() { "–" } @for t in &srv.tags { span.tag { (t) } " " } }
+                dt { "description" } dd { (srv.description.as_deref().unwrap_or("–")) }
+                dt { "last metrics error" } dd class=[srv.last_metrics_error.as_ref().map(|_| "err")] { (srv.last_metrics_error.as_deref().unwrap_or("none"))
+                    @if let Some(t) = srv.last_metrics_error_at { " (" (when(now, Some(t))) ")" } }
+                dt { "metadata" } dd { code { (srv.metadata.to_string()) } }
+                dt { "id" } dd { code { (srv.id.0) } }
             }
         }
         @if let Some(incidents) = &incidents {
@@ -893,7 +893,7 @@ fn incident_table(now: OffsetDateTime, incidents: &[fleet_alerts::Incident]) -> 
                 tbody {
                     @for i in incidents {
                         tr data-incident-id=(i.id) {
-                            td { span.sev class=(i.severity.as_str()) { (i.severity.as_str()) } }
+                            td { span class=(format!("sev {}", i.severity.as_str())) { (i.severity.as_str()) } }
                             td { (i.state.as_str()) }
                             td { a href=(format!("/dashboard/incidents/{}", i.id)) { (i.summary) } }
                             td { (i.servers) }
@@ -1020,7 +1020,7 @@ pub(crate) async fn incident(
         h1 { (i.summary) }
         div #incident-detail data-live {
             dl.facts {
-                dt { "severity" } dd { span.sev class=(i.severity.as_str()) { (i.severity.as_str()) } }
+                dt { "severity" } dd { span class=(format!("sev {}", i.severity.as_str())) { (i.severity.as_str()) } }
                 dt { "state" } dd #incident-state { (i.state.as_str()) }
                 dt { "rule" } dd { (i.rule.as_str()) }
                 dt { "region" } dd { (i.region.as_deref().unwrap_or("–")) }
