@@ -356,14 +356,28 @@
     const log = await json(figure.dataset.changes);
     const from = Date.parse(series.from);
     const to = Date.parse(series.to);
-    const changes = log.state_changes.map((c) => ({ at: Date.parse(c.changed_at), to: c.to_status })).reverse();
+    const changes = log.state_changes
+      .map((c) => ({ at: Date.parse(c.changed_at), from: c.from_status, to: c.to_status }))
+      .reverse();
+    // The health at the range's start: the last change before it; else what the first change
+    // inside it changed from; a server never checked before that starts its line there.
     let state = null;
-    for (const c of changes) if (c.at <= from) state = c.to;
-    if (state === null && series.buckets.length) state = series.buckets[0].worst;
-    const segments = [];
     let start = from;
+    const before = changes.filter((c) => c.at <= from);
+    const first = changes.find((c) => c.at > from && c.at < to);
+    if (before.length) state = before[before.length - 1].to;
+    else if (first && first.from) state = first.from;
+    else if (first) {
+      start = first.at;
+      state = first.to;
+    }
+    else if (series.buckets.length) {
+      state = series.buckets[series.buckets.length - 1].worst;
+      start = Date.parse(series.buckets[0].start);
+    }
+    const segments = [];
     for (const c of changes) {
-      if (c.at <= from || c.at >= to) continue;
+      if (c.at <= start || c.at >= to) continue;
       if (state) segments.push([start, c.at, state]);
       start = c.at;
       state = c.to;

@@ -2424,6 +2424,27 @@ async fn the_server_list_is_searched_filtered_sorted_and_paginated_in_the_url() 
         let p = page(&format!("/dashboard/servers{bad}")).await;
         assert_eq!(p.status, StatusCode::BAD_REQUEST, "{bad}");
     }
+    // Incidents filter by group too: the fixture's one incident is in no group.
+    let all = page("/dashboard/incidents").await;
+    assert!(all.body.contains("1 incidents"), "{}", all.body);
+    let (_, g) = a
+        .call(
+            Method::POST,
+            "/api/v1/fleet/groups",
+            Some(&a.admin),
+            Some(r#"{"name": "empty"}"#),
+        )
+        .await;
+    let none = page(&format!(
+        "/dashboard/incidents?group={}",
+        g["id"].as_str().unwrap()
+    ))
+    .await;
+    assert!(none.body.contains("0 incidents"), "{}", none.body);
+    for bad in ["?group=nope", "?state=sleepy", "?severity=meh", "?page=0"] {
+        let p = page(&format!("/dashboard/incidents{bad}")).await;
+        assert_eq!(p.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
 }
 
 #[tokio::test]

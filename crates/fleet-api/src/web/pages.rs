@@ -920,6 +920,7 @@ fn alerts_of(app: &AppState) -> Result<&fleet_alerts::AlertsHandle, PageError> {
 pub(crate) struct IncidentParams {
     state: Option<String>,
     severity: Option<String>,
+    group: Option<String>,
     page: Option<String>,
 }
 
@@ -954,11 +955,20 @@ pub(crate) async fn incidents(
             .filter(|p| (1..=2_000).contains(p))
             .ok_or_else(|| bad("page must be 1 to 2000"))?,
     };
+    let group = nonempty(&p.group)
+        .map(|g| {
+            g.parse::<Uuid>()
+                .map(GroupId)
+                .map_err(|_| bad("group: not a group id"))
+        })
+        .transpose()?;
+    let groups = app.store.list_groups().await?;
     let (list, total) = alerts
         .store()
         .list_incidents(&IncidentFilter {
             state,
             severity,
+            group,
             limit: PER_PAGE,
             offset: (page - 1) * PER_PAGE,
             ..Default::default()
@@ -972,6 +982,9 @@ pub(crate) async fn incidents(
         }
         if let Some(v) = nonempty(&p.severity) {
             q.append_pair("severity", v);
+        }
+        if let Some(v) = nonempty(&p.group) {
+            q.append_pair("group", v);
         }
         q.append_pair("page", &page.to_string());
         format!("/dashboard/incidents?{}", q.finish())
@@ -988,6 +1001,10 @@ pub(crate) async fn incidents(
             label { "Severity" select name="severity" {
                 option value="" { "any" }
                 @for sev in Severity::ALL { option value=(sev.as_str()) selected[nonempty(&p.severity) == Some(sev.as_str())] { (sev.as_str()) } }
+            } }
+            label { "Group" select name="group" {
+                option value="" { "any" }
+                @for g in &groups { option value=(g.id.0) selected[nonempty(&p.group) == Some(g.id.0.to_string().as_str())] { (g.name) } }
             } }
             button type="submit" { "Apply" }
         }
