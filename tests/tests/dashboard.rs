@@ -31,14 +31,34 @@ struct Stack {
     url: String,
     fleet: SimFleet,
     server: Proc,
+    listen: String,
     base: String,
     api: Client,
     ids: Vec<String>,
 }
 
+/// `fleet-server serve` on `listen`, checking twice a second with quick alert timings.
+fn serve(url: &str, listen: &str, extra: &[(&str, &str)]) -> Proc {
+    let mut cmd = server_cmd(url, &["serve"]);
+    cmd.env("FLEET_LISTEN", listen)
+        .env("FLEET_LOG", "info")
+        .env("FLEET_HEALTH_INTERVAL", "0.5")
+        .env("FLEET_HEALTH_TIMEOUT", "0.4")
+        .env("FLEET_METRICS_INTERVAL", "1")
+        .env("FLEET_METRICS_TIMEOUT", "0.5")
+        .env("FLEET_SHUTDOWN_GRACE", "2")
+        .env("FLEET_ALERT_CRITICAL_AFTER", "2")
+        .env("FLEET_ALERT_GROUP_WAIT", "1")
+        .env("FLEET_ALERT_RESOLVE_AFTER", "2");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    Proc::start(cmd)
+}
+
 /// PostgreSQL, a fleet of `count` healthy servers (half in eu, half in us), and the real
-/// server checking them twice a second with quick alert timings.
-async fn stack(count: usize) -> Stack {
+/// server checking them.
+async fn stack(count: usize, extra: &[(&str, &str)]) -> Stack {
     let db = TestDb::create().await;
     let url = db.settings.url.clone().unwrap();
     let fleet = SimFleet::start(SimConfig {
@@ -55,18 +75,7 @@ async fn stack(count: usize) -> Stack {
         String::from_utf8_lossy(&out.stderr)
     );
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut cmd = server_cmd(&url, &["serve"]);
-    cmd.env("FLEET_LISTEN", &listen)
-        .env("FLEET_LOG", "info")
-        .env("FLEET_HEALTH_INTERVAL", "0.5")
-        .env("FLEET_HEALTH_TIMEOUT", "0.4")
-        .env("FLEET_METRICS_INTERVAL", "1")
-        .env("FLEET_METRICS_TIMEOUT", "0.5")
-        .env("FLEET_SHUTDOWN_GRACE", "2")
-        .env("FLEET_ALERT_CRITICAL_AFTER", "2")
-        .env("FLEET_ALERT_GROUP_WAIT", "1")
-        .env("FLEET_ALERT_RESOLVE_AFTER", "2");
-    let server = Proc::start(cmd);
+    let server = serve(&url, &listen, extra);
     let base = format!("http://{listen}");
     let api = Client::new(base.clone(), Some(ADMIN.to_owned()));
     wait_for("the API", Duration::from_secs(30), || async {
@@ -97,6 +106,7 @@ async fn stack(count: usize) -> Stack {
         url,
         fleet,
         server,
+        listen,
         base,
         api,
         ids,
@@ -161,7 +171,7 @@ fn count(text: &Option<String>) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_signs_in_watches_the_fleet_change_and_acts() {
     let _serial = SERIAL.lock().await;
-    let s = stack(12).await;
+    let s = stack(12, &[]).await;
     let b = Browser::start(DESKTOP.0, DESKTOP.1).await;
 
     // A bad token is refused, and the page says so.
@@ -391,9 +401,9 @@ async fn an_admin_signs_in_watches_the_fleet_change_and_acts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_viewer_sees_no_admin_action_and_forged_changes_are_refused() {
+async fn a_viewer_sees_no_admin_action_forged_changes_are_refused_and_the_stream_recovers() {
     let _serial = SERIAL.lock().await;
-    let s = stack(4).await;
+    let mut s = stack(4, &[("FLEET_SSE_MAX_STREAMS", "1")]).await;
     let viewer = token(&s.url, "watcher", "viewer");
     let b = Browser::start(DESKTOP.0, DESKTOP.1).await;
     sign_in(&b, &s.base, &viewer).await;
@@ -445,6 +455,42 @@ async fn a_viewer_sees_no_admin_action_and_forged_changes_are_refused() {
     );
     let (_, groups) = s.api.get("/api/v1/fleet/groups").await.unwrap();
     assert!(!groups.to_string().contains("forged"));
+
+    // The one stream allowed here is this page's: a second tab is refused one, says so, and
+    // polls instead.
+    b.goto(&format!("{}/dashboard/servers", s.base)).await;
+    live(&b).await;
+    let other = Browser::start(DESKTOP.0, DESKTOP.1).await;
+    sign_in(&other, &s.base, ADMIN).await;
+    other
+        .wait_until(
+            "the polling notice",
+            Duration::from_secs(15),
+            "const b = document.getElementById('live-status'); return !b.hidden && b.innerText.includes('refreshes every 30 s');",
+        )
+        .await;
+    other.close().await;
+
+    // The server goes away: the page says so; it comes back: the page reconnects by itself,
+    // resumes from its last event id, and shows a change made while it was away.
+    s.server.terminate();
+    s.server.wait(Duration::from_secs(10));
+    b.wait_until(
+        "the lost-stream notice",
+        Duration::from_secs(15),
+        "const b = document.getElementById('live-status'); return !b.hidden && b.innerText.includes('Live updates lost');",
+    )
+    .await;
+    s.fleet
+        .set_behavior(s.fleet.servers()[1].name(), Behavior::Critical);
+    s.server = serve(&s.url, &s.listen, &[("FLEET_SSE_MAX_STREAMS", "1")]);
+    let id = &s.ids[1];
+    b.wait_until(
+        "the reconnected page to show the change",
+        Duration::from_secs(40),
+        &format!("const r = document.querySelector('tr[data-server-id=\"{id}\"] .health'); return document.getElementById('live-status').hidden && !!r && r.innerText.includes('critical');"),
+    )
+    .await;
     b.close().await;
     s.server.terminate();
 }

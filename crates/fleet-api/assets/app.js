@@ -128,6 +128,8 @@
     // connections per host, and six cached pages would starve every later request.
     window.addEventListener("pagehide", () => es.close(), { once: true });
     es.addEventListener("open", () => {
+      // Back after a loss: what changed meanwhile may be past what the stream replays.
+      if (document.documentElement.dataset.live === "lost") scheduleRefresh();
       document.documentElement.dataset.live = "open";
       if (pollTimer) {
         clearInterval(pollTimer);

@@ -769,15 +769,12 @@ fn where_clause(filter: &ServerFilter) -> (String, Params) {
             .replace('\\', "\\\\")
             .replace('%', "\\%")
             .replace('_', "\\_");
+        // `search_text` (migration V6) is the lower-cased name, hostname, region and tags,
+        // trigram-indexed where pg_trgm is available.
         add(
-            "(name ILIKE ? OR hostname ILIKE $P OR region ILIKE $P \
-             OR EXISTS (SELECT 1 FROM jsonb_array_elements_text(tags) AS t(tag) WHERE t.tag ILIKE $P))",
+            "search_text LIKE lower(?)",
             Box::new(format!("%{escaped}%")),
         );
-        let n = params.len();
-        if let Some(last) = clauses.last_mut() {
-            *last = last.replace("$P", &format!("${n}"));
-        }
     }
     if clauses.is_empty() {
         (String::new(), params)

@@ -441,6 +441,39 @@ async fn selections_use_their_indexes() {
             "selection does not use {index}:\n{plan}"
         );
     }
+    // The dashboard's search can be served by its trigram index (pg_trgm is in Debian's
+    // server package); on 20,000 rows the planner may still prefer a scan, so it is asked to
+    // show that it could do without one.
+    client
+        .batch_execute("SET enable_seqscan = off")
+        .await
+        .unwrap();
+    let plan: Vec<String> = client
+        .query(
+            "EXPLAIN SELECT id FROM managed_servers WHERE search_text LIKE lower('%s1234%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("managed_servers_search"), "{plan}");
+    // The live stream tails the change log by id through each partition's index.
+    store.ensure_partitions().await.unwrap();
+    let plan: Vec<String> = client
+        .query(
+            "EXPLAIN SELECT id FROM server_state_changes WHERE id > 100 ORDER BY id LIMIT 51",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index") && plan.contains("_id_idx"), "{plan}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

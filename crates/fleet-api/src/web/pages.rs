@@ -466,6 +466,9 @@ pub(crate) struct ListParams {
 }
 
 const PER_PAGE: usize = 50;
+/// The deepest page of servers: an offset costs the rows it skips, so paging stops 10,000
+/// rows in, where a filter or the reverse sort reaches the rest.
+const MAX_PAGE: usize = 200;
 
 fn nonempty(v: &Option<String>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|v| !v.is_empty())
@@ -486,8 +489,12 @@ impl ListParams {
             Some(p) => p
                 .parse::<usize>()
                 .ok()
-                .filter(|p| (1..=2_000).contains(p))
-                .ok_or_else(|| bad("page must be 1 to 2000"))?,
+                .filter(|p| (1..=MAX_PAGE).contains(p))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "page must be 1 to {MAX_PAGE}: narrow the filters, or sort the other way, to reach further"
+                    ))
+                })?,
         };
         Ok((
             ServerFilter {
@@ -613,7 +620,7 @@ pub(crate) async fn servers(
         .iter()
         .filter_map(|t| t.environment.as_deref())
         .collect();
-    let pages = (total as usize).div_ceil(PER_PAGE).max(1);
+    let pages = (total as usize).div_ceil(PER_PAGE).clamp(1, MAX_PAGE);
     let first = filter.offset + 1;
     let last = filter.offset + servers.len();
     let sel = |v: &Option<String>, x: &str| nonempty(v) == Some(x);
@@ -694,6 +701,9 @@ pub(crate) async fn servers(
                 @if page > 1 { a rel="prev" href=(params.url(page - 1)) { "← Previous" } }
                 span { "Page " (page) " of " (pages) }
                 @if page < pages { a rel="next" href=(params.url(page + 1)) { "Next →" } }
+                @if page == MAX_PAGE && (total as usize) > MAX_PAGE * PER_PAGE {
+                    span.muted { "Paging stops here: narrow the filters, or sort the other way." }
+                }
             }
         }
     };
