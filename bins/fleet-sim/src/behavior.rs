@@ -79,6 +79,8 @@ behaviors! {
     GzipBomb => "gzip_bomb",
     /// 200 with JSON nested 100,000 deep.
     Nested => "nested",
+    /// A plain host (no database, no redis) that declares itself critical: its disk is full.
+    HostCritical => "host_critical",
 }
 
 impl fmt::Display for Behavior {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use fleet_wire::{ComponentHealth, HealthReport, MetricValues};
+use fleet_wire::{ComponentHealth, Declared, HealthReport, MetricValues};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -515,12 +515,21 @@ impl Drop for Open<'_> {
 /// The health report of a behaving server.
 pub(crate) fn health_body(b: Behavior) -> serde_json::Value {
     use ComponentHealth::{Healthy, Unhealthy};
+    if b == Behavior::HostCritical {
+        return HealthReport {
+            declared: Some(Declared::Critical),
+            components: vec![("disk".to_owned(), Unhealthy("99% full".into()))],
+            ..Default::default()
+        }
+        .to_json();
+    }
     let (database, services, worker) = match b {
         Behavior::Degraded => (Healthy, false, Some(Unhealthy("degraded".into()))),
         Behavior::Critical => (Unhealthy("down".into()), true, None),
         _ => (Healthy, true, Some(Healthy)),
     };
     HealthReport {
+        declared: None,
         database,
         redis: Healthy,
         services_healthy: Some(services),

@@ -2,9 +2,10 @@
 //!
 //! How a report is read (components, healthy words, odd shapes) is fleet-wire's. An unhealthy
 //! database or redis is `critical`; otherwise `services.healthy == false` or any other unhealthy
-//! component is `degraded`; otherwise `healthy`.
+//! component is `degraded`; otherwise `healthy`. A status the report declares (a top-level
+//! `"status"`) is a floor: the result is the worse of it and what the components make.
 
-use fleet_wire::{ComponentHealth, HealthReport, truncate};
+use fleet_wire::{ComponentHealth, Declared, HealthReport, truncate};
 use serde_json::{Map, Value};
 
 use crate::model::HealthStatus;
@@ -61,20 +62,27 @@ fn details(unhealthy: Vec<(String, String)>) -> Value {
 pub fn classify(answer: &HealthReport) -> Classification {
     let services = ComponentHealth::Unhealthy("unhealthy".to_owned());
     let services = (answer.services_healthy == Some(false)).then_some(("services", &services));
-    let unhealthy: Vec<(String, String)> =
-        [("database", &answer.database), ("redis", &answer.redis)]
-            .into_iter()
-            .chain(services)
-            .chain(answer.components.iter().map(|(n, c)| (n.as_str(), c)))
-            .filter_map(|(name, c)| match c {
-                ComponentHealth::Unhealthy(status) => Some((name.to_owned(), status.clone())),
-                _ => None,
-            })
-            .collect();
+    let declared = match answer.declared {
+        Some(d @ (Declared::Degraded | Declared::Critical)) => {
+            Some(ComponentHealth::Unhealthy(d.as_str().to_owned()))
+        }
+        _ => None,
+    };
+    let declared_part = declared.as_ref().map(|d| ("status", d));
+    let unhealthy: Vec<(String, String)> = declared_part
+        .into_iter()
+        .chain([("database", &answer.database), ("redis", &answer.redis)])
+        .chain(services)
+        .chain(answer.components.iter().map(|(n, c)| (n.as_str(), c)))
+        .filter_map(|(name, c)| match c {
+            ComponentHealth::Unhealthy(status) => Some((name.to_owned(), status.clone())),
+            _ => None,
+        })
+        .collect();
 
     let core_down = matches!(answer.database, ComponentHealth::Unhealthy(_))
         || matches!(answer.redis, ComponentHealth::Unhealthy(_));
-    let status = if core_down {
+    let status = if core_down || answer.declared == Some(Declared::Critical) {
         HealthStatus::Critical
     } else if unhealthy.is_empty() {
         HealthStatus::Healthy
@@ -136,6 +144,33 @@ mod tests {
     const T: Option<bool> = Some(true);
     const F: Option<bool> = Some(false);
     const U: Option<bool> = None;
+
+    #[test]
+    fn a_declared_status_is_a_floor() {
+        // A host with no database or redis declares itself critical.
+        check(
+            json!({"status": "critical", "components": {"disk": "98% full"}}),
+            Critical,
+            [U, U, U],
+            Some(json!({"status": "critical", "disk": "98% full"})),
+        );
+        check(
+            json!({"status": "degraded", "database": "ok"}),
+            Degraded,
+            [T, U, U],
+            Some(json!({"status": "degraded"})),
+        );
+        // Declaring healthy lifts nothing: the components still decide.
+        check(
+            json!({"status": "healthy", "redis": "down"}),
+            Critical,
+            [U, F, U],
+            Some(json!({"redis": "down"})),
+        );
+        check(json!({"status": "ok"}), Healthy, [U, U, U], None);
+        // A status it does not know is ignored, as unknown component shapes are.
+        check(json!({"status": "on fire"}), Healthy, [U, U, U], None);
+    }
 
     #[test]
     fn all_ok_is_healthy() {

@@ -44,6 +44,7 @@ pub fn report(status: &str) -> HealthReport {
         ComponentHealth::Unhealthy(status.to_owned())
     };
     HealthReport {
+        declared: None,
         database: c.clone(),
         redis: c,
         services_healthy: Some(true),

@@ -25,9 +25,10 @@ async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_workers_watch_a_simulated_fleet() {
-    let mix: Mix = "healthy=6,degraded=2,critical=2,unreachable=2,hang=2,http_error=2,slow=4"
-        .parse()
-        .unwrap();
+    let mix: Mix =
+        "healthy=6,degraded=2,critical=2,host_critical=2,unreachable=2,hang=2,http_error=2,slow=4"
+            .parse()
+            .unwrap();
     let config = SimConfig {
         count: 20,
         mix,
@@ -90,7 +91,9 @@ async fn both_workers_watch_a_simulated_fleet() {
         let expected = match s.behavior() {
             Behavior::Healthy | Behavior::Slow => HealthStatus::Healthy,
             Behavior::Degraded => HealthStatus::Degraded,
-            Behavior::Critical | Behavior::HttpError => HealthStatus::Critical,
+            Behavior::Critical | Behavior::HostCritical | Behavior::HttpError => {
+                HealthStatus::Critical
+            }
             _ => HealthStatus::Unreachable,
         };
         let found = store

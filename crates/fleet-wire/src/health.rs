@@ -41,9 +41,54 @@ impl ComponentHealth {
     }
 }
 
+/// The status a report may declare for itself, in a top-level `"status"`: a floor under what
+/// its components make of it (a host has no database or redis to be critical by).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Declared {
+    /// `healthy` (or another healthy word): no floor.
+    Healthy,
+    /// `degraded`: at least degraded.
+    Degraded,
+    /// `critical`: critical.
+    Critical,
+}
+
+impl Declared {
+    fn from_json(value: Option<&Value>) -> Option<Self> {
+        let Some(Value::String(s)) = value else {
+            return None;
+        };
+        let s = s.trim();
+        if ["ok", "healthy", "up", "pass"]
+            .iter()
+            .any(|h| s.eq_ignore_ascii_case(h))
+        {
+            Some(Declared::Healthy)
+        } else if s.eq_ignore_ascii_case("degraded") {
+            Some(Declared::Degraded)
+        } else if s.eq_ignore_ascii_case("critical") {
+            Some(Declared::Critical)
+        } else {
+            None
+        }
+    }
+
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Declared::Healthy => "healthy",
+            Declared::Degraded => "degraded",
+            Declared::Critical => "critical",
+        }
+    }
+}
+
 /// A health report as read from a server's [`HEALTH_PATH`](crate::HEALTH_PATH).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HealthReport {
+    /// The top-level `status`, when it is one of the declared statuses; other values are
+    /// ignored, as unknown component statuses are.
+    pub declared: Option<Declared>,
     /// The `database` component.
     pub database: ComponentHealth,
     /// The `redis` component.
@@ -86,6 +131,7 @@ impl HealthReport {
             _ => Vec::new(),
         };
         Self {
+            declared: Declared::from_json(obj.get("status")),
             database: ComponentHealth::from_json(obj.get("database")),
             redis: ComponentHealth::from_json(obj.get("redis")),
             services_healthy,
@@ -108,6 +154,9 @@ impl HealthReport {
     /// The JSON a server answers for this report.
     pub fn to_json(&self) -> Value {
         let mut obj = Map::new();
+        if let Some(d) = self.declared {
+            obj.insert("status".into(), json!(d.as_str()));
+        }
         for (name, c) in [("database", &self.database), ("redis", &self.redis)] {
             if let Some(v) = c.to_json() {
                 obj.insert(name.to_owned(), v);
@@ -190,6 +239,28 @@ mod tests {
             database,
             redis,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_declared_status_is_read_in_any_case_and_odd_ones_are_ignored() {
+        for (status, declared) in [
+            (json!("critical"), Some(Declared::Critical)),
+            (json!("Degraded"), Some(Declared::Degraded)),
+            (json!("ok"), Some(Declared::Healthy)),
+            (json!("HEALTHY"), Some(Declared::Healthy)),
+            (json!("on fire"), None),
+            (json!(2), None),
+            (json!(null), None),
+        ] {
+            let r = HealthReport::from_json(&json!({ "status": status })).unwrap();
+            assert_eq!(r.declared, declared, "{status}");
+            if let Some(d) = declared {
+                assert_eq!(
+                    HealthReport::from_json(&r.to_json()).unwrap().declared,
+                    Some(d)
+                );
+            }
         }
     }
 
@@ -279,6 +350,7 @@ mod tests {
     #[test]
     fn reports_round_trip() {
         let r = HealthReport {
+            declared: Some(Declared::Degraded),
             database: Healthy,
             redis: Unhealthy("error".into()),
             services_healthy: Some(true),

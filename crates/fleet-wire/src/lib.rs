@@ -17,7 +17,7 @@
 mod health;
 mod metrics;
 
-pub use health::{ComponentHealth, HealthReport, NotAnObject, ReportError, truncate};
+pub use health::{ComponentHealth, Declared, HealthReport, NotAnObject, ReportError, truncate};
 pub use metrics::{
     COST_FIELD, COUNTER_FIELDS, GAUGE_FIELDS, MetricValues, MetricsError, PERCENT_FIELDS,
     parse_metrics,
