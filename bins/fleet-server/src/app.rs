@@ -711,6 +711,11 @@ struct ImportEntry {
     api_token: Option<String>,
     #[serde(default)]
     status: Option<fleet_core::ServerStatus>,
+    /// `fleet` (the default), `agent` or `node_exporter`.
+    #[serde(default)]
+    kind: Option<fleet_core::ServerKind>,
+    #[serde(default)]
+    metrics_path: Option<String>,
     #[serde(default)]
     region: Option<String>,
     #[serde(default)]
@@ -729,6 +734,8 @@ impl ImportEntry {
         if let Some(status) = self.status {
             new.status = status;
         }
+        new.kind = self.kind.unwrap_or_default();
+        new.metrics_path = self.metrics_path;
         new.region = self.region;
         new.environment = self.environment;
         new.tags = self.tags;
@@ -934,14 +941,15 @@ pub async fn servers(command: ServersCommand, db: DbArgs, keys: KeyArgs) -> anyh
             };
             let all = store.list_servers(&filter).await.map_err(store_error)?;
             println!(
-                "{:<24} {:<12} {:<12} {:<26} API URL",
-                "NAME", "STATUS", "HEALTH", "LAST CHECK"
+                "{:<24} {:<14} {:<12} {:<12} {:<26} API URL",
+                "NAME", "KIND", "STATUS", "HEALTH", "LAST CHECK"
             );
             for s in all {
                 // Escaped: a name from before the rules must not drive the terminal.
                 println!(
-                    "{:<24} {:<12} {:<12} {:<26} {}",
+                    "{:<24} {:<14} {:<12} {:<12} {:<26} {}",
                     s.name.escape_debug().to_string(),
+                    s.kind.as_str(),
                     s.status.as_str(),
                     s.health_status.map_or("-", |h| h.as_str()),
                     s.last_health_check_at.map_or("-".to_owned(), crate::api_ts),

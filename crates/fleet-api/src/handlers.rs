@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fleet_core::{
     ApiToken, ChangeQuery, GroupFields, GroupId, HealthStatus, HistoryQuery, NewServer, NotChecked,
-    ServerFilter, ServerId, ServerStatus, ServerUpdate,
+    ServerFilter, ServerId, ServerKind, ServerStatus, ServerUpdate,
 };
 use serde::de::{Deserialize, Deserializer};
 use serde_json::{Value, json};
@@ -551,9 +551,15 @@ pub struct CreateServer {
     /// An absolute http or https URL without credentials.
     #[schema(format = "uri")]
     api_url: String,
-    /// Sent to the server as a bearer token; sealed at rest, never shown again.
+    /// Sent to the server as a bearer token; sealed at rest, never shown again. Required
+    /// unless `kind` is `node_exporter`.
     #[schema(min_length = 1, max_length = 1024)]
-    api_token: String,
+    api_token: Option<String>,
+    /// What the server speaks; `fleet` when absent.
+    #[schema(value_type = Option<views::Kind>)]
+    kind: Option<ServerKind>,
+    /// The page a node_exporter server is read from; `/metrics` when absent.
+    metrics_path: Option<String>,
     description: Option<String>,
     hostname: Option<String>,
     region: Option<String>,
@@ -572,11 +578,21 @@ pub(crate) async fn create_server(
 ) -> ApiResult {
     let meta = b.metadata.unwrap_or_else(|| json!({}));
     metadata(&meta)?;
+    let kind = b.kind.unwrap_or_default();
+    if b.api_token.is_none() && kind != ServerKind::NodeExporter {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "api_token: required unless kind is node_exporter",
+        ));
+    }
     // Core's rules, the same for the API, `servers import` and embedders.
     let new = NewServer {
         name: b.name,
         api_url: b.api_url,
-        api_token: Some(ApiToken::new(b.api_token)),
+        api_token: b.api_token.map(ApiToken::new),
+        kind,
+        metrics_path: b.metrics_path,
         description: b.description,
         hostname: b.hostname,
         region: b.region,
@@ -623,6 +639,10 @@ pub struct UpdateServer {
     metadata: Option<Value>,
     #[schema(value_type = Option<views::Status>)]
     status: Option<ServerStatus>,
+    #[schema(value_type = Option<views::Kind>)]
+    kind: Option<ServerKind>,
+    #[serde(default, deserialize_with = "nullable")]
+    metrics_path: Option<Option<String>>,
 }
 
 pub(crate) async fn update_server(
@@ -644,6 +664,8 @@ pub(crate) async fn update_server(
         tags: b.tags,
         metadata: b.metadata,
         status: b.status,
+        kind: b.kind,
+        metrics_path: b.metrics_path,
     }
     .validated()?;
     match app.store.update_server(ServerId(id), update).await? {

@@ -2619,3 +2619,64 @@ async fn the_series_come_in_buckets_and_bad_ranges_are_refused() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn node_exporter_servers_need_no_token_and_others_do() {
+    let a = api().await;
+    let (status, v) = a
+        .call(
+            Method::POST,
+            "/api/v1/fleet/servers",
+            Some(&a.admin),
+            Some(
+                r#"{"name": "db-7", "api_url": "http://127.0.0.1:9100", "kind": "node_exporter"}"#,
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (v["kind"].as_str(), v["metrics_path"].as_str()),
+        (Some("node_exporter"), None)
+    );
+    let id = v["id"].as_str().unwrap().to_owned();
+    let (status, v) = a
+        .call(
+            Method::PATCH,
+            &format!("/api/v1/fleet/servers/{id}"),
+            Some(&a.admin),
+            Some(r#"{"metrics_path": "/node/metrics"}"#),
+        )
+        .await;
+    assert_eq!(
+        (status, v["metrics_path"].as_str()),
+        (StatusCode::OK, Some("/node/metrics"))
+    );
+    for (body, field) in [
+        (
+            r#"{"name": "web-9", "api_url": "http://127.0.0.1:9"}"#,
+            "api_token",
+        ),
+        (
+            r#"{"name": "db-8", "api_url": "http://127.0.0.1:9", "kind": "node_exporter", "metrics_path": "metrics?x=1"}"#,
+            "metrics_path",
+        ),
+        (
+            r#"{"name": "db-9", "api_url": "http://127.0.0.1:9", "kind": "snmp"}"#,
+            "kind",
+        ),
+    ] {
+        let (status, v) = a
+            .call(
+                Method::POST,
+                "/api/v1/fleet/servers",
+                Some(&a.admin),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{v}"
+        );
+    }
+}

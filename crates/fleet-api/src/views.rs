@@ -81,6 +81,28 @@ pub enum Status {
     Maintenance,
 }
 
+/// What a server speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Fleet's wire format (`/health`, `/api/v1/metrics/current`).
+    Fleet,
+    /// The same format, served by fleet-agent.
+    Agent,
+    /// Prometheus's node_exporter (`/metrics`, or `metrics_path`).
+    NodeExporter,
+}
+
+impl From<fleet_core::ServerKind> for Kind {
+    fn from(k: fleet_core::ServerKind) -> Self {
+        match k {
+            fleet_core::ServerKind::Fleet => Kind::Fleet,
+            fleet_core::ServerKind::Agent => Kind::Agent,
+            fleet_core::ServerKind::NodeExporter => Kind::NodeExporter,
+        }
+    }
+}
+
 impl From<ServerStatus> for Status {
     fn from(s: ServerStatus) -> Self {
         match s {
@@ -106,6 +128,9 @@ pub struct Server {
     #[schema(value_type = Object)]
     pub metadata: Value,
     pub status: Status,
+    pub kind: Kind,
+    /// The page a node_exporter server is read from, when not `/metrics`.
+    pub metrics_path: Option<String>,
     /// `null` until the first check.
     pub health_status: Option<Health>,
     #[schema(format = DateTime)]
@@ -134,6 +159,8 @@ impl From<&ManagedServer> for Server {
             tags: s.tags.clone(),
             metadata: s.metadata.clone(),
             status: s.status.into(),
+            kind: s.kind.into(),
+            metrics_path: s.metrics_path.clone(),
             health_status: s.health_status.map(Into::into),
             last_seen_at: opt_ts(s.last_seen_at),
             last_health_check_at: opt_ts(s.last_health_check_at),

@@ -108,7 +108,8 @@ macro_rules! store_conformance_tests {
             servers_are_searched_sorted_and_counted,
             recent_checks_and_series_come_per_page_and_per_bucket,
             the_change_log_is_tailed_by_id,
-            sessions_end_when_idle_when_old_on_sign_out_and_with_their_token
+            sessions_end_when_idle_when_old_on_sign_out_and_with_their_token,
+            kinds_and_metrics_paths_reach_the_probe
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -1276,4 +1277,55 @@ pub async fn sessions_end_when_idle_when_old_on_sign_out_and_with_their_token(
         !store.delete_session([2; 32]).await.unwrap(),
         "deleted with the token"
     );
+}
+
+#[doc(hidden)]
+pub async fn kinds_and_metrics_paths_reach_the_probe(store: &impl ConformingStore) {
+    use crate::model::ServerKind;
+    let mut new = NewServer::new("db-7", "http://127.0.0.1:9100");
+    new.kind = ServerKind::NodeExporter;
+    new.metrics_path = Some("/node/metrics".into());
+    let db = store.create_server(new).await.unwrap();
+    assert_eq!(
+        (db.kind, db.metrics_path.as_deref()),
+        (ServerKind::NodeExporter, Some("/node/metrics"))
+    );
+    let plain = add(store, "web").await;
+    let targets = store.health_targets().await.unwrap();
+    let t = targets.iter().find(|t| t.id == db.id).unwrap();
+    assert_eq!(
+        (t.kind, t.metrics_path.as_deref()),
+        (ServerKind::NodeExporter, Some("/node/metrics"))
+    );
+    let t = targets.iter().find(|t| t.id == plain).unwrap();
+    assert_eq!(
+        (t.kind, t.metrics_path.as_deref()),
+        (ServerKind::Fleet, None)
+    );
+    let changed = store
+        .update_server(
+            db.id,
+            ServerUpdate {
+                kind: Some(ServerKind::Agent),
+                metrics_path: Some(None),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (changed.kind, changed.metrics_path),
+        (ServerKind::Agent, None)
+    );
+    let t = store.probe_target(db.id).await.unwrap().unwrap();
+    assert_eq!(t.kind, ServerKind::Agent);
+    let bad = NewServer {
+        metrics_path: Some("metrics".into()),
+        ..NewServer::new("db-8", "http://127.0.0.1:9100")
+    };
+    assert!(matches!(
+        store.create_server(bad).await,
+        Err(StoreError::Invalid(_))
+    ));
 }

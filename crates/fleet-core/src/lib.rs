@@ -109,13 +109,13 @@ pub use engine::{
     check_once,
 };
 pub use events::{Event, EventStats, Events, Problem, Received, SubscriberStats, Subscription};
-pub use fleet_wire::{ComponentHealth, HealthReport, MetricsError, NotAnObject};
+pub use fleet_wire::{ComponentHealth, Declared, HealthReport, MetricsError, NotAnObject};
 pub use memory::InMemoryStore;
 pub use model::{
     ApiToken, GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer,
     MetricValues, MetricsFailure, MetricsRecord, MetricsSample, NewServer, ParseEnumError, Period,
-    ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate, StateChange, TokenRecord,
-    counter_increase,
+    ProbeTarget, Role, ServerGroup, ServerId, ServerKind, ServerStatus, ServerUpdate, StateChange,
+    TokenRecord, counter_increase,
 };
 pub use probe::{
     CollectError, HealthProbe, MetricsCollector, NotChecked, ProbeFailure, ProbeOutcome,

@@ -107,6 +107,8 @@ fn target(entry: &Entry) -> ProbeTarget {
         token: entry.token.clone(),
         unreadable_token: None,
         health: entry.server.health_status,
+        kind: entry.server.kind,
+        metrics_path: entry.server.metrics_path.clone(),
     }
 }
 
@@ -327,6 +329,8 @@ impl Registry for InMemoryStore {
             tags: new.tags,
             metadata: new.metadata,
             status: new.status,
+            kind: new.kind,
+            metrics_path: new.metrics_path,
             health_status: None,
             last_seen_at: None,
             last_health_check_at: None,
@@ -458,6 +462,12 @@ impl Registry for InMemoryStore {
         }
         if let Some(v) = u.metadata {
             s.metadata = v;
+        }
+        if let Some(v) = u.kind {
+            s.kind = v;
+        }
+        if let Some(v) = u.metrics_path {
+            s.metrics_path = v;
         }
         if let Some(v) = u.status {
             s.status = v;

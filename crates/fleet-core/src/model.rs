@@ -44,7 +44,7 @@ macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident, $kind:literal, { $($(#[$vmeta:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(rename_all = "lowercase")]
+        #[serde(rename_all = "snake_case")]
         pub enum $name {
             $($(#[$vmeta])* $variant),+
         }
@@ -114,6 +114,20 @@ string_enum!(
     }
 );
 
+string_enum!(
+    /// What a server speaks, and so how it is checked and collected.
+    #[derive(Default)]
+    ServerKind, "server kind", {
+        /// Fleet's wire format (`/health`, `/api/v1/metrics/current`).
+        #[default]
+        Fleet => "fleet",
+        /// The same format, served by fleet-agent on a plain host.
+        Agent => "agent",
+        /// Prometheus's node_exporter: its `/metrics` page.
+        NodeExporter => "node_exporter",
+    }
+);
+
 /// A probe token: sent to the managed server, never logged, never serialized.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiToken(String);
@@ -159,6 +173,12 @@ pub struct ManagedServer {
     pub metadata: serde_json::Value,
     /// Whether the server is under watch.
     pub status: ServerStatus,
+    /// What it speaks.
+    #[serde(default)]
+    pub kind: ServerKind,
+    /// The page a `node_exporter` server is read from, when not `/metrics`.
+    #[serde(default)]
+    pub metrics_path: Option<String>,
     /// The last check's result, `None` until the first check.
     pub health_status: Option<HealthStatus>,
     /// When a complete response head last arrived.
@@ -223,6 +243,10 @@ pub struct NewServer {
     pub metadata: serde_json::Value,
     /// Initial status.
     pub status: ServerStatus,
+    /// What it speaks.
+    pub kind: ServerKind,
+    /// The page a `node_exporter` server is read from, when not `/metrics`.
+    pub metrics_path: Option<String>,
 }
 
 impl NewServer {
@@ -239,6 +263,8 @@ impl NewServer {
             tags: Vec::new(),
             metadata: serde_json::Value::Object(Default::default()),
             status: ServerStatus::Active,
+            kind: ServerKind::Fleet,
+            metrics_path: None,
         }
     }
 
@@ -271,6 +297,10 @@ pub struct ProbeTarget {
     pub unreadable_token: Option<String>,
     /// The server's stored health when it was selected; `None` when never checked.
     pub health: Option<HealthStatus>,
+    /// What it speaks.
+    pub kind: ServerKind,
+    /// The page a `node_exporter` server is read from, when not `/metrics`.
+    pub metrics_path: Option<String>,
 }
 
 /// One health check's result: a row of history and the server's new current state.
@@ -412,6 +442,10 @@ pub struct ServerUpdate {
     pub metadata: Option<serde_json::Value>,
     /// New status.
     pub status: Option<ServerStatus>,
+    /// A new kind.
+    pub kind: Option<ServerKind>,
+    /// A new metrics path; `Some(None)` clears it.
+    pub metrics_path: Option<Option<String>>,
 }
 
 /// The identity of a server group.
@@ -548,6 +582,8 @@ mod tests {
             token: Some(t),
             unreadable_token: None,
             health: None,
+            kind: Default::default(),
+            metrics_path: None,
         };
         assert!(!format!("{target:?}").contains("s3cret"));
     }

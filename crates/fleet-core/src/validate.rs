@@ -122,6 +122,18 @@ pub fn tags(value: &[String]) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// A page path on the server: absolute, without a query, 1 to 255 characters.
+pub fn metrics_path(value: &str) -> Result<(), Invalid> {
+    text("metrics_path", value, 255)?;
+    if !value.starts_with('/') || value.contains(['?', '#', ' ']) {
+        return Err(invalid(
+            "metrics_path",
+            "must be an absolute path such as /metrics, without a query",
+        ));
+    }
+    Ok(())
+}
+
 fn optional(field: &'static str, value: Option<&str>, max: usize) -> Result<(), Invalid> {
     value.map_or(Ok(()), |v| text(field, v, max))
 }
@@ -139,6 +151,9 @@ impl NewServer {
         optional("region", self.region.as_deref(), 200)?;
         optional("environment", self.environment.as_deref(), 200)?;
         tags(&self.tags)?;
+        if let Some(p) = &self.metrics_path {
+            metrics_path(p)?;
+        }
         Ok(self)
     }
 }
@@ -167,6 +182,9 @@ impl ServerUpdate {
             self.environment.clone().flatten().as_deref(),
             200,
         )?;
+        if let Some(Some(p)) = &self.metrics_path {
+            metrics_path(p)?;
+        }
         if let Some(t) = &self.tags {
             tags(t)?;
         }

@@ -614,6 +614,8 @@ async fn one_cycle_makes_one_selection_and_one_write_for_its_batch() {
             token: None,
             unreadable_token: None,
             health: None,
+            kind: Default::default(),
+            metrics_path: None,
         })
         .collect();
     let mut store = MockStore::new();
@@ -938,6 +940,8 @@ async fn a_server_whose_token_no_key_opens_is_not_probed() {
             token: None,
             unreadable_token: (i < 2).then(|| "0123abcd".to_owned()),
             health: None,
+            kind: Default::default(),
+            metrics_path: None,
         })
         .collect();
     let mut store = MockStore::new();

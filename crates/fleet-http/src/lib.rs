@@ -8,6 +8,8 @@
 //!
 //! The wire format itself (paths, the report, the metrics object) is `fleet-wire`'s.
 
+pub mod node_exporter;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fleet_core::{
     CollectError, HealthProbe, HealthReport, MetricValues, MetricsCollector, NotChecked,
-    ProbeFailure, ProbeOutcome, ProbeTarget,
+    ProbeFailure, ProbeOutcome, ProbeTarget, ServerKind,
 };
 use reqwest::dns::Resolve;
 use tokio::time::{Instant, timeout_at};
@@ -332,14 +334,28 @@ pub fn parse_health(body: &[u8]) -> Result<HealthReport, ProbeFailure> {
         .map_err(|e| ProbeFailure::Invalid(fleet_wire::truncate(&e.to_string(), 200)))
 }
 
+/// The page a node_exporter server is read from.
+fn exposition_path(target: &ProbeTarget) -> &str {
+    target.metrics_path.as_deref().unwrap_or("/metrics")
+}
+
+/// A node_exporter page read into a health report: the scrape itself, then the thresholds.
+fn node_health(body: &[u8]) -> Result<HealthReport, ProbeFailure> {
+    node_exporter::parse(body)
+        .map(|f| f.health())
+        .map_err(|e| ProbeFailure::Invalid(e.to_string()))
+}
+
 #[async_trait]
 impl HealthProbe for HttpProbe {
     async fn probe(&self, target: &ProbeTarget, deadline: Instant) -> ProbeOutcome {
-        match self
-            .client
-            .get(target, fleet_wire::HEALTH_PATH, deadline)
-            .await
-        {
+        let node = target.kind == ServerKind::NodeExporter;
+        let path = if node {
+            exposition_path(target)
+        } else {
+            fleet_wire::HEALTH_PATH
+        };
+        match self.client.get(target, path, deadline).await {
             Err(Failure::Local(why)) => ProbeOutcome::NotChecked(why),
             Err(Failure::Server(failure, response_time)) => ProbeOutcome::Failed {
                 failure,
@@ -348,6 +364,7 @@ impl HealthProbe for HttpProbe {
             Ok(x) => {
                 let parsed = match status_failure(x.status) {
                     Some(f) => Err(f),
+                    None if node => node_health(&x.body),
                     None => parse_health(&x.body),
                 };
                 match parsed {
@@ -365,23 +382,41 @@ impl HealthProbe for HttpProbe {
     }
 }
 
-/// The HTTP metrics collector: `GET {api_url}/api/v1/metrics/current`.
+/// The HTTP metrics collector: `GET {api_url}/api/v1/metrics/current`, or a node_exporter
+/// server's page.
 #[derive(Clone, Debug)]
 pub struct HttpCollector {
     client: HttpClient,
+    /// The CPU counters of each node_exporter server's last page: CPU use is their change
+    /// between two pages. One entry per such server, dropped with the server's next failure.
+    cpu: Arc<
+        std::sync::Mutex<std::collections::HashMap<fleet_core::ServerId, node_exporter::CpuTimes>>,
+    >,
 }
 
 impl HttpCollector {
     /// A collector with its own client.
     pub fn new(config: &HttpConfig) -> Result<Self, BuildError> {
-        Ok(Self {
-            client: HttpClient::new(config)?,
-        })
+        Ok(Self::with_client(HttpClient::new(config)?))
     }
 
     /// A collector on a shared client.
     pub fn with_client(client: HttpClient) -> Self {
-        Self { client }
+        Self {
+            client,
+            cpu: Arc::default(),
+        }
+    }
+
+    fn node_values(&self, target: &ProbeTarget, body: &[u8]) -> Result<MetricValues, CollectError> {
+        let figures =
+            node_exporter::parse(body).map_err(|e| CollectError::Transport(e.to_string()))?;
+        let mut cpu = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = match figures.cpu {
+            Some(now) => cpu.insert(target.id, now),
+            None => cpu.remove(&target.id),
+        };
+        Ok(figures.values(previous))
     }
 }
 
@@ -392,9 +427,15 @@ impl MetricsCollector for HttpCollector {
         target: &ProbeTarget,
         deadline: Instant,
     ) -> Result<MetricValues, CollectError> {
+        let node = target.kind == ServerKind::NodeExporter;
+        let path = if node {
+            exposition_path(target)
+        } else {
+            fleet_wire::METRICS_PATH
+        };
         let x = self
             .client
-            .get(target, fleet_wire::METRICS_PATH, deadline)
+            .get(target, path, deadline)
             .await
             .map_err(|f| match f {
                 Failure::Local(why) => CollectError::NotChecked(why),
@@ -405,6 +446,9 @@ impl MetricsCollector for HttpCollector {
             })?;
         if let Some(f) = status_failure(x.status) {
             return Err(CollectError::Transport(f.to_string()));
+        }
+        if node {
+            return self.node_values(target, &x.body);
         }
         fleet_wire::parse_metrics(&x.body).map_err(CollectError::from)
     }

@@ -24,6 +24,8 @@ fn target(name: &str, api_url: &str, token: Option<&str>) -> ProbeTarget {
         token: token.map(ApiToken::new),
         unreadable_token: None,
         health: None,
+        kind: Default::default(),
+        metrics_path: None,
     }
 }
 

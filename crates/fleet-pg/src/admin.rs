@@ -93,6 +93,12 @@ impl PgStore {
         if let Some(v) = u.status {
             set("status", Box::new(v.as_str().to_owned()));
         }
+        if let Some(v) = u.kind {
+            set("kind", Box::new(v.as_str().to_owned()));
+        }
+        if let Some(v) = u.metrics_path {
+            set("metrics_path", Box::new(v));
+        }
         if let Some((bytes, key_id)) = sealed {
             set("api_token_sealed", Box::new(bytes));
             set("api_token_key_id", Box::new(key_id));

@@ -145,7 +145,7 @@ fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
 
 pub(crate) const SERVER_COLUMNS: &str = "id, name, description, hostname, api_url, region, environment, tags, metadata, status, \
      health_status, last_seen_at, last_health_check_at, last_metrics_error, last_metrics_error_at, \
-     last_response_time_ms, last_error";
+     last_response_time_ms, last_error, kind, metrics_path";
 
 pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
     let status: &str = row.get("status");
@@ -174,6 +174,8 @@ pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
             .get::<_, Option<i32>>("last_response_time_ms")
             .map(|v| u32::try_from(v).unwrap_or(0)),
         last_error: row.get("last_error"),
+        kind: parsed("managed_servers.kind", row.get("kind"))?,
+        metrics_path: row.get("metrics_path"),
     })
 }
 
@@ -381,6 +383,7 @@ impl PgStore {
             _ => (None, None),
         };
         let health: Option<&str> = row.get(5);
+        let kind: &str = row.get(6);
         ProbeTarget {
             id,
             name,
@@ -388,6 +391,8 @@ impl PgStore {
             token,
             unreadable_token,
             health: health.and_then(|h| h.parse().ok()),
+            kind: kind.parse().unwrap_or_default(),
+            metrics_path: row.get(7),
         }
     }
 
@@ -510,10 +515,10 @@ impl PgStore {
     }
 }
 
-const HEALTH_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status FROM managed_servers \
+const HEALTH_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status, kind, metrics_path FROM managed_servers \
      WHERE status = 'active' ORDER BY last_health_check_at ASC NULLS FIRST, id";
 
-const METRICS_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status FROM managed_servers \
+const METRICS_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status, kind, metrics_path FROM managed_servers \
      WHERE status = 'active' AND health_status IN ('healthy', 'degraded') \
      ORDER BY last_seen_at DESC NULLS LAST, id";
 
@@ -797,8 +802,8 @@ impl Registry for PgStore {
         let client = self.client().await?;
         let sql = format!(
             "INSERT INTO managed_servers (id, name, description, hostname, api_url, api_token_sealed, \
-             api_token_key_id, region, environment, tags, metadata, status) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {SERVER_COLUMNS}"
+             api_token_key_id, region, environment, tags, metadata, status, kind, metrics_path) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING {SERVER_COLUMNS}"
         );
         let row = client
             .query_one(
@@ -816,6 +821,8 @@ impl Registry for PgStore {
                     &tags,
                     &new.metadata,
                     &new.status.as_str(),
+                    &new.kind.as_str(),
+                    &new.metrics_path,
                 ],
             )
             .await
@@ -832,7 +839,7 @@ impl Registry for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status FROM managed_servers WHERE id = $1",
+                "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status, kind, metrics_path FROM managed_servers WHERE id = $1",
                 &[&id.0],
             )
             .await

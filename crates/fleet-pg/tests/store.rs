@@ -66,7 +66,8 @@ async fn migrations_apply_once() {
             "V3__case_insensitive_names",
             "V4__server_tallies",
             "V5__alerts",
-            "V6__dashboard"
+            "V6__dashboard",
+            "V7__server_kinds"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
