@@ -8,13 +8,9 @@
 
 use std::collections::HashMap;
 
-use fleet_wire::{ComponentHealth, Declared, HealthReport, MetricValues};
+use fleet_wire::host::{HostHealth, Thresholds};
+use fleet_wire::{HealthReport, MetricValues};
 use prometheus_parse::{Sample, Scrape, Value};
-
-/// Memory or disk use at which a host is degraded, in percent.
-pub const DEGRADED_AT: f64 = 90.0;
-/// Memory or disk use at which a host is critical, in percent.
-pub const CRITICAL_AT: f64 = 98.0;
 
 /// File systems that are not disks.
 const NOT_DISKS: &[&str] = &[
@@ -195,38 +191,15 @@ impl NodeFigures {
         (total > 0.0).then(|| (100.0 * (1.0 - avail / total)).clamp(0.0, 100.0))
     }
 
-    /// The health report of this page: the thresholds on memory and disk, and failed units.
+    /// The health report of this page: the thresholds on memory and disk (fleet-agent's), and
+    /// failed units.
     pub fn health(&self) -> HealthReport {
-        let mut components = Vec::new();
-        let mut worst = Declared::Healthy;
-        let mut judge = |name: String, used: f64| {
-            let state = if used >= CRITICAL_AT {
-                Declared::Critical
-            } else if used >= DEGRADED_AT {
-                Declared::Degraded
-            } else {
-                return;
-            };
-            worst = worst.max(state);
-            components.push((name, ComponentHealth::Unhealthy(format!("{used:.0}% used"))));
-        };
-        if let Some(m) = self.memory_percent() {
-            judge("memory".to_owned(), m);
+        HostHealth {
+            memory_percent: self.memory_percent(),
+            disks: self.fullest_disk.iter().cloned().collect(),
+            failed_units: self.units.as_ref().map(|u| u.2.clone()).unwrap_or_default(),
         }
-        if let Some((mount, d)) = &self.fullest_disk {
-            judge(format!("disk {mount}"), *d);
-        }
-        if let Some((_, _, failed)) = &self.units {
-            for unit in failed.iter().take(10) {
-                worst = Declared::Critical;
-                components.push((unit.clone(), ComponentHealth::Unhealthy("failed".into())));
-            }
-        }
-        HealthReport {
-            declared: Some(worst),
-            components,
-            ..Default::default()
-        }
+        .report(Thresholds::default())
     }
 
     /// The metric values, with CPU use since `previous` (`None` on a first scrape, never 0).
@@ -255,6 +228,8 @@ impl NodeFigures {
 
 #[cfg(test)]
 mod tests {
+    use fleet_wire::{ComponentHealth, Declared};
+
     use super::*;
 
     const PAGE: &str = r#"# HELP node_cpu_seconds_total Seconds the CPUs spent in each mode.

@@ -15,6 +15,7 @@
 //! ```
 
 mod health;
+pub mod host;
 mod metrics;
 
 pub use health::{ComponentHealth, Declared, HealthReport, NotAnObject, ReportError, truncate};
