@@ -157,3 +157,153 @@ async fn an_agent_registers_itself_is_watched_and_turns_degraded_when_its_disk_f
     server.terminate();
     drop(server);
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with Debian's openssl.
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=fleet-test-ca",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "agent.key",
+            "-out",
+            "agent.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "agent.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "agent.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("agent.pem"),
+        dir.join("agent.key"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_serving_tls_is_trusted_through_the_probe_ca_file() {
+    let dir = std::env::temp_dir().join(format!("fleet-agent-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = certificates(&dir);
+    let db = TestDb::create().await;
+    let url = db.settings.url.clone().unwrap();
+    assert!(
+        fleet_tests::server_cmd(&url, &["migrate"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // A CA file that holds no certificate is refused, naming the setting.
+    std::fs::write(dir.join("empty.pem"), "not a certificate\n").unwrap();
+    let out = fleet_tests::server_cmd(&url, &["serve"])
+        .env("FLEET_PROBE_CA_FILE", dir.join("empty.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FLEET_PROBE_CA_FILE"));
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut serve = fleet_tests::server_cmd(&url, &["serve"]);
+    serve
+        .env("FLEET_ADMIN_TOKEN", ADMIN)
+        .env("FLEET_LISTEN", &listen)
+        .env("FLEET_HEALTH_INTERVAL", "0.5")
+        .env("FLEET_HEALTH_TIMEOUT", "0.4")
+        .env("FLEET_PROBE_CA_FILE", &ca);
+    let server = Proc::start(serve);
+    let api = Client::new(format!("http://{listen}"), Some(ADMIN.to_owned()));
+    wait_for("the API", Duration::from_secs(30), || async {
+        api.get("/healthz").await.is_some()
+    })
+    .await;
+
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "tls-agent-token-0123456789\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let agent_listen = format!("127.0.0.1:{}", free_port());
+    let mut run = agent_cmd(&token_file);
+    run.env("FLEET_AGENT_LISTEN", &agent_listen)
+        .env("FLEET_AGENT_SAMPLE_INTERVAL", "1")
+        .env("FLEET_AGENT_MOUNTS", "/nonexistent")
+        .env("FLEET_AGENT_TLS_CERT", &cert)
+        .env("FLEET_AGENT_TLS_KEY", &key);
+    let agent = Proc::start(run);
+    let (status, v) = api
+        .post(
+            "/api/v1/fleet/servers",
+            &serde_json::json!({"name": "tls-host", "api_url": format!("https://{agent_listen}"), "api_token": "tls-agent-token-0123456789", "kind": "agent"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    wait_for("the TLS agent healthy", Duration::from_secs(30), || async {
+        api.get(&format!("/api/v1/fleet/servers/{id}"))
+            .await
+            .is_some_and(|(_, v)| v["health_status"] == "healthy")
+    })
+    .await;
+    // Plain HTTP to it gets nothing.
+    let plain = reqwest::get(format!("http://{agent_listen}/health")).await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| !r.status().is_success()));
+    agent.terminate();
+    server.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -67,6 +67,12 @@ struct AgentArgs {
     /// Percent of memory or disk used at which the host is critical.
     #[arg(long, env = "FLEET_AGENT_CRITICAL_AT", default_value_t = 98.0)]
     critical_at: f64,
+    /// A PEM certificate chain: with FLEET_AGENT_TLS_KEY, the agent serves HTTPS only.
+    #[arg(long, env = "FLEET_AGENT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's PEM private key.
+    #[arg(long, env = "FLEET_AGENT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,9 +210,83 @@ async fn metrics(State(app): State<AppState>) -> Response {
     }
 }
 
+/// The TLS settings from the certificate and key files, with a message naming the setting
+/// that is wrong.
+fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| anyhow::anyhow!("invalid FLEET_AGENT_TLS_CERT = {}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "invalid FLEET_AGENT_TLS_CERT = {}: no certificate in it",
+            cert.display()
+        );
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("invalid FLEET_AGENT_TLS_KEY = {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context(
+        "invalid FLEET_AGENT_TLS_CERT / FLEET_AGENT_TLS_KEY: the key does not fit the certificate",
+    )?;
+    Ok(Arc::new(config))
+}
+
+/// Serves `router` over TLS: each connection's handshake and requests on a task of its own,
+/// with a deadline on the handshake so that a silent client holds nothing.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Arc<rustls::ServerConfig>,
+) -> anyhow::Result<()> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(256));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(target: "fleet::agent", error = %e, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                _ => {
+                    tracing::debug!(target: "fleet::agent", "TLS handshake with {peer} failed");
+                    return;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        });
+    }
+}
+
 async fn run(args: AgentArgs) -> anyhow::Result<()> {
     args.check()?;
     let token = agent_token(&args)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        _ => None,
+    };
     let app = AppState {
         token: Arc::new(digest(&token)),
         last: Arc::default(),
@@ -238,6 +318,10 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .route(fleet_wire::METRICS_PATH, get(metrics))
         .layer(middleware::from_fn_with_state(app.clone(), require))
         .with_state(app);
+    if let Some(tls) = tls {
+        tracing::info!(target: "fleet::agent", "fleet-agent listening on https://{}", args.listen);
+        return serve_tls(listener, router, tls).await;
+    }
     tracing::info!(target: "fleet::agent", "fleet-agent listening on http://{}", args.listen);
     axum::serve(listener, router)
         .with_graceful_shutdown(async {

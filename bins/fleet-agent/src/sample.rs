@@ -4,28 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fleet_wire::host::{HostHealth, Thresholds};
+use fleet_wire::host::{HostHealth, NOT_DISKS, Thresholds};
 use fleet_wire::{HealthReport, MetricValues};
 use sysinfo::{Disks, Networks, System};
-
-/// File systems that are not disks, left out unless named in `FLEET_AGENT_MOUNTS`.
-const NOT_DISKS: &[&str] = &[
-    "tmpfs",
-    "devtmpfs",
-    "overlay",
-    "squashfs",
-    "ramfs",
-    "proc",
-    "sysfs",
-    "cgroup",
-    "cgroup2",
-    "autofs",
-    "nsfs",
-    "tracefs",
-    "debugfs",
-    "fuse.lxcfs",
-    "efivarfs",
-];
 
 /// What the agent serves until the next sample.
 #[derive(Clone, Debug)]

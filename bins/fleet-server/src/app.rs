@@ -57,8 +57,28 @@ pub async fn shutdown_signal() {
     tracing::info!(target: "fleet::server", "shutdown requested");
 }
 
+/// The extra roots of `FLEET_PROBE_CA_FILE`, refused with a message naming it when unreadable.
+fn probe_roots(workers: &WorkerArgs) -> anyhow::Result<Vec<fleet_http::Certificate>> {
+    let Some(path) = &workers.probe_ca_file else {
+        return Ok(Vec::new());
+    };
+    let bad = |why: String| {
+        anyhow::anyhow!(
+            "invalid FLEET_PROBE_CA_FILE (--probe-ca-file) = {}: {why}",
+            path.display()
+        )
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let roots = fleet_http::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+    if roots.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(roots)
+}
+
 fn http_clients(workers: &WorkerArgs) -> anyhow::Result<(Arc<HttpProbe>, Arc<HttpCollector>)> {
     let config = HttpConfig {
+        extra_roots: probe_roots(workers)?,
         idle_per_host: workers.http_idle_per_host,
         guard: fleet_http::AddressGuard {
             deny: workers.probe_deny_nets.clone(),

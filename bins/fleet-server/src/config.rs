@@ -478,6 +478,10 @@ pub struct WorkerArgs {
     /// link-local, unspecified and multicast addresses, which are always refused.
     #[arg(long, env = "FLEET_PROBE_DENY_NETS", value_delimiter = ',', value_parser = network)]
     pub probe_deny_nets: Vec<fleet_http::IpNet>,
+    /// A PEM file of extra CA certificates every probe trusts, beside the system's: for
+    /// agents that serve TLS with a private CA.
+    #[arg(long, env = "FLEET_PROBE_CA_FILE")]
+    pub probe_ca_file: Option<std::path::PathBuf>,
 }
 
 impl WorkerArgs {

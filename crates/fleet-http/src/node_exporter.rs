@@ -8,27 +8,9 @@
 
 use std::collections::HashMap;
 
-use fleet_wire::host::{HostHealth, Thresholds};
+use fleet_wire::host::{HostHealth, NOT_DISKS, Thresholds};
 use fleet_wire::{HealthReport, MetricValues};
 use prometheus_parse::{Sample, Scrape, Value};
-
-/// File systems that are not disks.
-const NOT_DISKS: &[&str] = &[
-    "tmpfs",
-    "devtmpfs",
-    "overlay",
-    "squashfs",
-    "ramfs",
-    "proc",
-    "sysfs",
-    "cgroup",
-    "cgroup2",
-    "autofs",
-    "nsfs",
-    "fuse.lxcfs",
-    "tracefs",
-    "debugfs",
-];
 
 /// The CPU counters of one scrape: seconds idle and seconds in all, over every CPU.
 #[derive(Clone, Copy, Debug, PartialEq)]

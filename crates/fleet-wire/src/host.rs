@@ -4,6 +4,26 @@
 
 use crate::health::{ComponentHealth, Declared, HealthReport};
 
+/// File system types that are not disks: left out when judging how full a host's disks are
+/// (unless an agent is told to watch such a mount).
+pub const NOT_DISKS: &[&str] = &[
+    "tmpfs",
+    "devtmpfs",
+    "overlay",
+    "squashfs",
+    "ramfs",
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "autofs",
+    "nsfs",
+    "tracefs",
+    "debugfs",
+    "fuse.lxcfs",
+    "efivarfs",
+];
+
 /// Where a host turns degraded and critical, in percent of memory or disk used.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Thresholds {
