@@ -260,14 +260,19 @@ async fn an_agent_serving_tls_is_trusted_through_the_probe_ca_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("FLEET_PROBE_CA_FILE"));
 
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut serve = fleet_tests::server_cmd(&url, &["serve"]);
-    serve
-        .env("FLEET_ADMIN_TOKEN", ADMIN)
-        .env("FLEET_LISTEN", &listen)
-        .env("FLEET_HEALTH_INTERVAL", "0.5")
-        .env("FLEET_HEALTH_TIMEOUT", "0.4")
-        .env("FLEET_PROBE_CA_FILE", &ca);
-    let server = Proc::start(serve);
+    let serve = |ca_file: Option<&Path>| {
+        let mut cmd = fleet_tests::server_cmd(&url, &["serve"]);
+        cmd.env("FLEET_ADMIN_TOKEN", ADMIN)
+            .env("FLEET_LISTEN", &listen)
+            .env("FLEET_HEALTH_INTERVAL", "0.5")
+            .env("FLEET_HEALTH_TIMEOUT", "0.4");
+        if let Some(ca) = ca_file {
+            cmd.env("FLEET_PROBE_CA_FILE", ca);
+        }
+        Proc::start(cmd)
+    };
+    // First without FLEET_PROBE_CA_FILE: only the server given its own ca_cert is trusted.
+    let mut server = serve(None);
     let api = Client::new(format!("http://{listen}"), Some(ADMIN.to_owned()));
     wait_for("the API", Duration::from_secs(30), || async {
         api.get("/healthz").await.is_some()
@@ -285,24 +290,61 @@ async fn an_agent_serving_tls_is_trusted_through_the_probe_ca_file() {
         .env("FLEET_AGENT_TLS_CERT", &cert)
         .env("FLEET_AGENT_TLS_KEY", &key);
     let agent = Proc::start(run);
-    let (status, v) = api
-        .post(
-            "/api/v1/fleet/servers",
-            &serde_json::json!({"name": "tls-host", "api_url": format!("https://{agent_listen}"), "api_token": "tls-agent-token-0123456789", "kind": "agent"}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{v}");
-    let id = v["id"].as_str().unwrap().to_owned();
-    wait_for("the TLS agent healthy", Duration::from_secs(30), || async {
-        api.get(&format!("/api/v1/fleet/servers/{id}"))
-            .await
-            .is_some_and(|(_, v)| v["health_status"] == "healthy")
-    })
+    let register = |name: &str, ca_cert: Option<String>| {
+        let mut body = serde_json::json!({"name": name, "api_url": format!("https://{agent_listen}"), "api_token": "tls-agent-token-0123456789", "kind": "agent"});
+        if let Some(pem) = ca_cert {
+            body["ca_cert"] = serde_json::json!(pem);
+        }
+        let api = &api;
+        async move {
+            let (status, v) = api.post("/api/v1/fleet/servers", &body).await.unwrap();
+            assert_eq!(status, 201, "{v}");
+            v["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let own = register("tls-own-ca", Some(std::fs::read_to_string(&ca).unwrap())).await;
+    let plain = register("tls-system-roots", None).await;
+    let state = |id: String| {
+        let api = &api;
+        async move {
+            api.get(&format!("/api/v1/fleet/servers/{id}"))
+                .await
+                .map(|(_, v)| v)
+                .unwrap_or_default()
+        }
+    };
+    wait_for(
+        "the agent trusted through its ca_cert",
+        Duration::from_secs(30),
+        || async { state(own.clone()).await["health_status"] == "healthy" },
+    )
+    .await;
+    wait_for(
+        "the same agent refused without it",
+        Duration::from_secs(30),
+        || async {
+            let s = state(plain.clone()).await;
+            s["health_status"].is_string()
+                && s["health_status"] != "healthy"
+                && s["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.to_lowercase().contains("tls") || e.contains("certificate"))
+        },
+    )
+    .await;
+    // With FLEET_PROBE_CA_FILE, every probe trusts the CA.
+    server.terminate();
+    server.wait(Duration::from_secs(10));
+    let server = serve(Some(&ca));
+    wait_for(
+        "the agent trusted through FLEET_PROBE_CA_FILE",
+        Duration::from_secs(30),
+        || async { state(plain.clone()).await["health_status"] == "healthy" },
+    )
     .await;
     // Plain HTTP to it gets nothing.
-    let plain = reqwest::get(format!("http://{agent_listen}/health")).await;
-    assert!(plain.is_err() || plain.is_ok_and(|r| !r.status().is_success()));
+    let plain_http = reqwest::get(format!("http://{agent_listen}/health")).await;
+    assert!(plain_http.is_err() || plain_http.is_ok_and(|r| !r.status().is_success()));
     agent.terminate();
     server.terminate();
     let _ = std::fs::remove_dir_all(&dir);

@@ -736,6 +736,9 @@ struct ImportEntry {
     kind: Option<fleet_core::ServerKind>,
     #[serde(default)]
     metrics_path: Option<String>,
+    /// A PEM CA certificate the server's TLS is trusted by.
+    #[serde(default)]
+    ca_cert: Option<String>,
     #[serde(default)]
     region: Option<String>,
     #[serde(default)]
@@ -756,6 +759,7 @@ impl ImportEntry {
         }
         new.kind = self.kind.unwrap_or_default();
         new.metrics_path = self.metrics_path;
+        new.ca_cert = self.ca_cert;
         new.region = self.region;
         new.environment = self.environment;
         new.tags = self.tags;

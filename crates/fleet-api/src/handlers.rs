@@ -560,6 +560,8 @@ pub struct CreateServer {
     kind: Option<ServerKind>,
     /// The page a node_exporter server is read from; `/metrics` when absent.
     metrics_path: Option<String>,
+    /// A PEM CA certificate the server's TLS is trusted by (an agent with its own CA).
+    ca_cert: Option<String>,
     description: Option<String>,
     hostname: Option<String>,
     region: Option<String>,
@@ -593,6 +595,7 @@ pub(crate) async fn create_server(
         api_token: b.api_token.map(ApiToken::new),
         kind,
         metrics_path: b.metrics_path,
+        ca_cert: b.ca_cert,
         description: b.description,
         hostname: b.hostname,
         region: b.region,
@@ -643,6 +646,8 @@ pub struct UpdateServer {
     kind: Option<ServerKind>,
     #[serde(default, deserialize_with = "nullable")]
     metrics_path: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    ca_cert: Option<Option<String>>,
 }
 
 pub(crate) async fn update_server(
@@ -666,6 +671,7 @@ pub(crate) async fn update_server(
         status: b.status,
         kind: b.kind,
         metrics_path: b.metrics_path,
+        ca_cert: b.ca_cert,
     }
     .validated()?;
     match app.store.update_server(ServerId(id), update).await? {

@@ -131,6 +131,8 @@ pub struct Server {
     pub kind: Kind,
     /// The page a node_exporter server is read from, when not `/metrics`.
     pub metrics_path: Option<String>,
+    /// The PEM CA certificate the server's TLS is trusted by, when it has its own.
+    pub ca_cert: Option<String>,
     /// `null` until the first check.
     pub health_status: Option<Health>,
     #[schema(format = DateTime)]
@@ -161,6 +163,7 @@ impl From<&ManagedServer> for Server {
             status: s.status.into(),
             kind: s.kind.into(),
             metrics_path: s.metrics_path.clone(),
+            ca_cert: s.ca_cert.clone(),
             health_status: s.health_status.map(Into::into),
             last_seen_at: opt_ts(s.last_seen_at),
             last_health_check_at: opt_ts(s.last_health_check_at),

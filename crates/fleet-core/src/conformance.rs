@@ -1285,7 +1285,20 @@ pub async fn kinds_and_metrics_paths_reach_the_probe(store: &impl ConformingStor
     let mut new = NewServer::new("db-7", "http://127.0.0.1:9100");
     new.kind = ServerKind::NodeExporter;
     new.metrics_path = Some("/node/metrics".into());
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    new.ca_cert = Some(pem.into());
     let db = store.create_server(new).await.unwrap();
+    assert_eq!(db.ca_cert.as_deref(), Some(pem));
+    assert_eq!(
+        store
+            .probe_target(db.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .ca_cert
+            .as_deref(),
+        Some(pem)
+    );
     assert_eq!(
         (db.kind, db.metrics_path.as_deref()),
         (ServerKind::NodeExporter, Some("/node/metrics"))
@@ -1308,6 +1321,7 @@ pub async fn kinds_and_metrics_paths_reach_the_probe(store: &impl ConformingStor
             ServerUpdate {
                 kind: Some(ServerKind::Agent),
                 metrics_path: Some(None),
+                ca_cert: Some(None),
                 ..Default::default()
             },
         )

@@ -109,6 +109,7 @@ fn target(entry: &Entry) -> ProbeTarget {
         health: entry.server.health_status,
         kind: entry.server.kind,
         metrics_path: entry.server.metrics_path.clone(),
+        ca_cert: entry.server.ca_cert.clone(),
     }
 }
 
@@ -331,6 +332,7 @@ impl Registry for InMemoryStore {
             status: new.status,
             kind: new.kind,
             metrics_path: new.metrics_path,
+            ca_cert: new.ca_cert,
             health_status: None,
             last_seen_at: None,
             last_health_check_at: None,
@@ -468,6 +470,9 @@ impl Registry for InMemoryStore {
         }
         if let Some(v) = u.metrics_path {
             s.metrics_path = v;
+        }
+        if let Some(v) = u.ca_cert {
+            s.ca_cert = v;
         }
         if let Some(v) = u.status {
             s.status = v;

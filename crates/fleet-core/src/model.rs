@@ -179,6 +179,9 @@ pub struct ManagedServer {
     /// The page a `node_exporter` server is read from, when not `/metrics`.
     #[serde(default)]
     pub metrics_path: Option<String>,
+    /// A PEM CA certificate this server's TLS is trusted by, beside the usual roots.
+    #[serde(default)]
+    pub ca_cert: Option<String>,
     /// The last check's result, `None` until the first check.
     pub health_status: Option<HealthStatus>,
     /// When a complete response head last arrived.
@@ -247,6 +250,8 @@ pub struct NewServer {
     pub kind: ServerKind,
     /// The page a `node_exporter` server is read from, when not `/metrics`.
     pub metrics_path: Option<String>,
+    /// A PEM CA certificate its TLS is trusted by.
+    pub ca_cert: Option<String>,
 }
 
 impl NewServer {
@@ -265,6 +270,7 @@ impl NewServer {
             status: ServerStatus::Active,
             kind: ServerKind::Fleet,
             metrics_path: None,
+            ca_cert: None,
         }
     }
 
@@ -301,6 +307,8 @@ pub struct ProbeTarget {
     pub kind: ServerKind,
     /// The page a `node_exporter` server is read from, when not `/metrics`.
     pub metrics_path: Option<String>,
+    /// A PEM CA certificate its TLS is trusted by.
+    pub ca_cert: Option<String>,
 }
 
 /// One health check's result: a row of history and the server's new current state.
@@ -446,6 +454,8 @@ pub struct ServerUpdate {
     pub kind: Option<ServerKind>,
     /// A new metrics path; `Some(None)` clears it.
     pub metrics_path: Option<Option<String>>,
+    /// A new CA certificate; `Some(None)` clears it.
+    pub ca_cert: Option<Option<String>>,
 }
 
 /// The identity of a server group.
@@ -584,6 +594,7 @@ mod tests {
             health: None,
             kind: Default::default(),
             metrics_path: None,
+            ca_cert: None,
         };
         assert!(!format!("{target:?}").contains("s3cret"));
     }

@@ -134,6 +134,23 @@ pub fn metrics_path(value: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// A CA certificate in PEM: at most 16 KiB, with a certificate block in it. Whether it parses
+/// is for the adapter that uses it to say, as a recorded failure of that server.
+pub fn ca_cert(value: &str) -> Result<(), Invalid> {
+    if value.len() > 16 * 1024 {
+        return Err(invalid("ca_cert", "must be at most 16 KiB"));
+    }
+    if !value.contains("-----BEGIN CERTIFICATE-----")
+        || !value.contains("-----END CERTIFICATE-----")
+    {
+        return Err(invalid(
+            "ca_cert",
+            "must be a PEM certificate (-----BEGIN CERTIFICATE----- …)",
+        ));
+    }
+    Ok(())
+}
+
 fn optional(field: &'static str, value: Option<&str>, max: usize) -> Result<(), Invalid> {
     value.map_or(Ok(()), |v| text(field, v, max))
 }
@@ -153,6 +170,9 @@ impl NewServer {
         tags(&self.tags)?;
         if let Some(p) = &self.metrics_path {
             metrics_path(p)?;
+        }
+        if let Some(c) = &self.ca_cert {
+            ca_cert(c)?;
         }
         Ok(self)
     }
@@ -184,6 +204,9 @@ impl ServerUpdate {
         )?;
         if let Some(Some(p)) = &self.metrics_path {
             metrics_path(p)?;
+        }
+        if let Some(Some(c)) = &self.ca_cert {
+            ca_cert(c)?;
         }
         if let Some(t) = &self.tags {
             tags(t)?;

@@ -616,6 +616,7 @@ async fn one_cycle_makes_one_selection_and_one_write_for_its_batch() {
             health: None,
             kind: Default::default(),
             metrics_path: None,
+            ca_cert: None,
         })
         .collect();
     let mut store = MockStore::new();
@@ -942,6 +943,7 @@ async fn a_server_whose_token_no_key_opens_is_not_probed() {
             health: None,
             kind: Default::default(),
             metrics_path: None,
+            ca_cert: None,
         })
         .collect();
     let mut store = MockStore::new();

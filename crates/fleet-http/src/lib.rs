@@ -94,6 +94,10 @@ pub struct HttpClient {
     http: reqwest::Client,
     body_limit: u64,
     guard: Arc<AddressGuard>,
+    config: Arc<HttpConfig>,
+    /// A client per distinct server CA certificate (`ca_cert`), built once; at most
+    /// [`HttpClient::MAX_CA_CLIENTS`], past which a new CA gets a client for its request only.
+    by_ca: Arc<std::sync::Mutex<std::collections::HashMap<String, reqwest::Client>>>,
 }
 
 /// Why an exchange gave no answer.
@@ -113,8 +117,49 @@ struct Exchange {
 }
 
 impl HttpClient {
+    /// The most per-CA clients kept.
+    pub const MAX_CA_CLIENTS: usize = 256;
+
     /// A client with `config`.
     pub fn new(config: &HttpConfig) -> Result<Self, BuildError> {
+        let (http, guard) = Self::build(config)?;
+        Ok(Self {
+            http,
+            body_limit: config.body_limit,
+            guard,
+            config: Arc::new(config.clone()),
+            by_ca: Arc::default(),
+        })
+    }
+
+    /// The client for a server with its own CA certificate; a certificate that does not
+    /// parse is that server's failure.
+    fn for_ca(&self, pem: &str) -> Result<reqwest::Client, ProbeFailure> {
+        if let Some(c) = self
+            .by_ca
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pem)
+        {
+            return Ok(c.clone());
+        }
+        let bad =
+            |e: String| ProbeFailure::Tls(format!("ca_cert: {}", fleet_wire::truncate(&e, 150)));
+        let roots = Certificate::from_pem_bundle(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        if roots.is_empty() {
+            return Err(bad("no certificate in it".into()));
+        }
+        let mut config = (*self.config).clone();
+        config.extra_roots.extend(roots);
+        let (client, _) = Self::build(&config).map_err(|e| bad(e.to_string()))?;
+        let mut cache = self.by_ca.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() < Self::MAX_CA_CLIENTS {
+            cache.insert(pem.to_owned(), client.clone());
+        }
+        Ok(client)
+    }
+
+    fn build(config: &HttpConfig) -> Result<(reqwest::Client, Arc<AddressGuard>), BuildError> {
         let mut b = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
@@ -132,11 +177,7 @@ impl HttpClient {
             inner: config.resolver.clone(),
             guard: guard.clone(),
         }));
-        Ok(Self {
-            http: b.build()?,
-            body_limit: config.body_limit,
-            guard,
-        })
+        Ok((b.build()?, guard))
     }
 
     /// GETs `path` under the target's URL, by `deadline`.
@@ -168,8 +209,11 @@ impl HttpClient {
                 None,
             ));
         }
-        let mut request = self
-            .http
+        let http = match &target.ca_cert {
+            None => self.http.clone(),
+            Some(pem) => self.for_ca(pem).map_err(|f| Failure::Server(f, None))?,
+        };
+        let mut request = http
             .get(url)
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(token) = &target.token {

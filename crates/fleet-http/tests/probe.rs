@@ -26,6 +26,7 @@ fn target(name: &str, api_url: &str, token: Option<&str>) -> ProbeTarget {
         health: None,
         kind: Default::default(),
         metrics_path: None,
+        ca_cert: None,
     }
 }
 

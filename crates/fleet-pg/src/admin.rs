@@ -99,6 +99,9 @@ impl PgStore {
         if let Some(v) = u.metrics_path {
             set("metrics_path", Box::new(v));
         }
+        if let Some(v) = u.ca_cert {
+            set("ca_cert", Box::new(v));
+        }
         if let Some((bytes, key_id)) = sealed {
             set("api_token_sealed", Box::new(bytes));
             set("api_token_key_id", Box::new(key_id));

@@ -145,7 +145,7 @@ fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
 
 pub(crate) const SERVER_COLUMNS: &str = "id, name, description, hostname, api_url, region, environment, tags, metadata, status, \
      health_status, last_seen_at, last_health_check_at, last_metrics_error, last_metrics_error_at, \
-     last_response_time_ms, last_error, kind, metrics_path";
+     last_response_time_ms, last_error, kind, metrics_path, ca_cert";
 
 pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
     let status: &str = row.get("status");
@@ -176,6 +176,7 @@ pub(crate) fn server_from_row(row: &Row) -> Result<ManagedServer, StoreError> {
         last_error: row.get("last_error"),
         kind: parsed("managed_servers.kind", row.get("kind"))?,
         metrics_path: row.get("metrics_path"),
+        ca_cert: row.get("ca_cert"),
     })
 }
 
@@ -393,6 +394,7 @@ impl PgStore {
             health: health.and_then(|h| h.parse().ok()),
             kind: kind.parse().unwrap_or_default(),
             metrics_path: row.get(7),
+            ca_cert: row.get(8),
         }
     }
 
@@ -515,10 +517,10 @@ impl PgStore {
     }
 }
 
-const HEALTH_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status, kind, metrics_path FROM managed_servers \
+const HEALTH_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status, kind, metrics_path, ca_cert FROM managed_servers \
      WHERE status = 'active' ORDER BY last_health_check_at ASC NULLS FIRST, id";
 
-const METRICS_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status, kind, metrics_path FROM managed_servers \
+const METRICS_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status, kind, metrics_path, ca_cert FROM managed_servers \
      WHERE status = 'active' AND health_status IN ('healthy', 'degraded') \
      ORDER BY last_seen_at DESC NULLS LAST, id";
 
@@ -802,8 +804,8 @@ impl Registry for PgStore {
         let client = self.client().await?;
         let sql = format!(
             "INSERT INTO managed_servers (id, name, description, hostname, api_url, api_token_sealed, \
-             api_token_key_id, region, environment, tags, metadata, status, kind, metrics_path) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING {SERVER_COLUMNS}"
+             api_token_key_id, region, environment, tags, metadata, status, kind, metrics_path, ca_cert) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) RETURNING {SERVER_COLUMNS}"
         );
         let row = client
             .query_one(
@@ -823,6 +825,7 @@ impl Registry for PgStore {
                     &new.status.as_str(),
                     &new.kind.as_str(),
                     &new.metrics_path,
+                    &new.ca_cert,
                 ],
             )
             .await
@@ -839,7 +842,7 @@ impl Registry for PgStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status, kind, metrics_path FROM managed_servers WHERE id = $1",
+                "SELECT id, name, api_url, api_token_sealed, api_token_key_id, health_status, kind, metrics_path, ca_cert FROM managed_servers WHERE id = $1",
                 &[&id.0],
             )
             .await

@@ -67,7 +67,8 @@ async fn migrations_apply_once() {
             "V4__server_tallies",
             "V5__alerts",
             "V6__dashboard",
-            "V7__server_kinds"
+            "V7__server_kinds",
+            "V8__server_ca_certs"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
