@@ -682,6 +682,7 @@ pub(crate) async fn servers(
                                 td.h { (health_badge(srv.health_status))
                                     @if srv.status != ServerStatus::Active { " " span.tag { (srv.status.as_str()) } } }
                                 td { a href=(format!("/dashboard/servers/{}", srv.id.0)) { (srv.name) }
+                                    @if srv.kind != fleet_core::ServerKind::Fleet { " " span.tag { (srv.kind.as_str()) } }
                                     @if let Some(h) = &srv.hostname { br; span.muted { (h) } } }
                                 td { (srv.region.as_deref().unwrap_or("–")) }
                                 td { (when(now, srv.last_seen_at)) }
@@ -797,6 +798,9 @@ pub(crate) async fn server(
             h2 #h-facts { "Details" }
             dl.facts {
                 dt { "status" } dd { (srv.status.as_str()) }
+                dt { "kind" } dd { (srv.kind.as_str())
+                    @if let Some(p) = &srv.metrics_path { " (" code { (p) } ")" }
+                    @if srv.ca_cert.is_some() { ", own CA certificate" } }
                 dt { "health" } dd { (health_badge(srv.health_status)) }
                 dt { "last seen" } dd { (when(now, srv.last_seen_at)) }
                 dt { "last check" } dd { (when(now, srv.last_health_check_at)) }
