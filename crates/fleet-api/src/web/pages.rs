@@ -684,11 +684,11 @@ pub(crate) async fn servers(
                                 td { a href=(format!("/dashboard/servers/{}", srv.id.0)) { (srv.name) }
                                     @if srv.kind != fleet_core::ServerKind::Fleet { " " span.tag { (srv.kind.as_str()) } }
                                     @if let Some(h) = &srv.hostname { br; span.muted { (h) } } }
-                                td { (srv.region.as_deref().unwrap_or("–")) }
-                                td { (when(now, srv.last_seen_at)) }
-                                td { (srv.last_response_time_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "–".into())) }
+                                td data-label="region" { (srv.region.as_deref().unwrap_or("–")) }
+                                td data-label="last seen" { (when(now, srv.last_seen_at)) }
+                                td data-label="response" { (srv.last_response_time_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "–".into())) }
                                 td.err { (srv.last_error.as_deref().unwrap_or("")) }
-                                td { (sparkline(recent.get(&srv.id).map(Vec::as_slice).unwrap_or(&[]))) }
+                                td data-label="last 30 checks" { (sparkline(recent.get(&srv.id).map(Vec::as_slice).unwrap_or(&[]))) }
                                 td {
                                     a href=(format!("/dashboard/servers/{}", srv.id.0)) { "Details" }
                                     @if admin { (server_actions(&app, srv, windows.get(&srv.id))) }
