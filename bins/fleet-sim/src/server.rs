@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -110,6 +110,50 @@ pub struct SimServer {
     rng: Mutex<StdRng>,
 }
 
+/// A server's port: listening, or only bound while the server is unreachable, so that a
+/// connection is refused and no other server can take the port meanwhile (an unreachable
+/// server's URL once led to whichever server the system gave its freed port next).
+pub(crate) enum Port {
+    Listening(TcpListener),
+    Reserved(TcpSocket),
+}
+
+/// Binds `addr` without listening. Without `SO_REUSEADDR` first, so that no other socket may
+/// bind the port at all; with it when connections the port just served still linger in
+/// TIME_WAIT (the system then still gives the port to nobody who asks for any port).
+fn reserve(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    let socket = |reuse: bool| -> std::io::Result<TcpSocket> {
+        let s = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        s.set_reuseaddr(reuse)?;
+        s.bind(addr)?;
+        Ok(s)
+    };
+    socket(false).or_else(|_| socket(true))
+}
+
+impl Port {
+    fn listen(self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        match self {
+            Port::Listening(l) => Ok(l),
+            Port::Reserved(s) => s.listen(1024).or_else(|_| reserve(addr)?.listen(1024)),
+        }
+    }
+
+    fn reserved(self, addr: SocketAddr) -> std::io::Result<Port> {
+        match self {
+            Port::Reserved(s) => Ok(Port::Reserved(s)),
+            Port::Listening(l) => {
+                drop(l);
+                Ok(Port::Reserved(reserve(addr)?))
+            }
+        }
+    }
+}
+
 impl SimServer {
     pub(crate) async fn bind(
         name: String,
@@ -117,12 +161,16 @@ impl SimServer {
         addr: SocketAddr,
         behavior: Behavior,
         settings: Settings,
-    ) -> std::io::Result<(Arc<Self>, Option<TcpListener>)> {
+    ) -> std::io::Result<(Arc<Self>, Option<Port>)> {
         // Take the port now, even for an unreachable server, so its URL is stable; a
         // reachable one keeps listening from here on, so it answers as soon as this returns.
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
-        let listener = (behavior != Behavior::Unreachable).then_some(listener);
+        let socket = reserve(addr)?;
+        let addr = socket.local_addr()?;
+        let listener = Some(if behavior == Behavior::Unreachable {
+            Port::Reserved(socket)
+        } else {
+            Port::Listening(socket.listen(1024)?)
+        });
         let server = Arc::new(Self {
             name,
             token,
@@ -185,24 +233,27 @@ impl SimServer {
         }
     }
 
-    /// Listens while reachable; drops the listener while `unreachable`.
+    /// Listens while reachable; while `unreachable`, keeps the port bound without listening.
     pub(crate) async fn serve(
         self: Arc<Self>,
-        first: Option<TcpListener>,
+        first: Option<Port>,
         cancel: CancellationToken,
         tasks: TaskTracker,
     ) {
-        let mut first = first;
+        let mut port = first;
         loop {
             if self.behavior() == Behavior::Unreachable {
-                first = None;
+                port = match port.take() {
+                    Some(p) => p.reserved(self.addr).ok(),
+                    None => reserve(self.addr).ok().map(Port::Reserved),
+                };
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = self.changed.notified() => continue,
                 }
             }
-            let bound = match first.take() {
-                Some(l) => Ok(l),
+            let bound = match port.take() {
+                Some(p) => p.listen(self.addr),
                 None => TcpListener::bind(self.addr).await,
             };
             let listener = match bound {
@@ -650,4 +701,38 @@ pub(crate) async fn respond(
     out.extend_from_slice(head.as_bytes());
     out.extend_from_slice(body);
     stream.write_all(&out).await.is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_server_refuses_connections_and_keeps_its_port() {
+        let settings = Settings {
+            slow: (Duration::from_millis(1), Duration::from_millis(2)),
+            flaky_share: 0.5,
+            seed: 1,
+        };
+        let (server, port) = SimServer::bind(
+            "u".into(),
+            "t".into(),
+            "127.0.0.1:0".parse().unwrap(),
+            Behavior::Unreachable,
+            settings,
+        )
+        .await
+        .unwrap();
+        let addr = server.addr;
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "nothing accepts while unreachable"
+        );
+        // No other server can take the port meanwhile.
+        assert!(TcpListener::bind(addr).await.is_err());
+        // Reachable again: the same port listens.
+        let listener = port.unwrap().listen(addr).unwrap();
+        assert_eq!(listener.local_addr().unwrap(), addr);
+        assert!(TcpStream::connect(addr).await.is_ok());
+    }
 }
