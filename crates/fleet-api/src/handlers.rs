@@ -508,13 +508,23 @@ impl SeriesQuery {
     }
 }
 
+/// A series' window, once the server is known to exist.
+async fn series_window(
+    app: &AppState,
+    id: Uuid,
+    q: &SeriesQuery,
+) -> Result<fleet_core::SeriesWindow, ApiError> {
+    let window = q.window(app.clock.now())?;
+    known_server(app, id).await?;
+    Ok(window)
+}
+
 pub(crate) async fn health_series(
     State(app): State<AppState>,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<SeriesQuery>,
 ) -> ApiResult {
-    let window = q.window(app.clock.now())?;
-    known_server(&app, id).await?;
+    let window = series_window(&app, id, &q).await?;
     let buckets = app.store.health_series(ServerId(id), window).await?;
     ok(views::HealthSeries {
         server_id: id,
@@ -530,8 +540,7 @@ pub(crate) async fn metrics_series(
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(q): ApiQuery<SeriesQuery>,
 ) -> ApiResult {
-    let window = q.window(app.clock.now())?;
-    known_server(&app, id).await?;
+    let window = series_window(&app, id, &q).await?;
     let buckets = app.store.metrics_series(ServerId(id), window).await?;
     ok(views::MetricsSeries {
         server_id: id,

@@ -1109,24 +1109,19 @@ impl History for PgStore {
         id: ServerId,
         window: SeriesWindow,
     ) -> Result<Vec<HealthBucket>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {BUCKET} AS b, count(*), count(*) FILTER (WHERE NOT successful), \
-                 max(CASE status WHEN 'healthy' THEN 0 WHEN 'degraded' THEN 1 \
-                     WHEN 'critical' THEN 2 ELSE 3 END), \
-                 avg(response_time_ms)::float8, max(response_time_ms) \
-                 FROM server_health_checks \
-                 WHERE server_id = $1 AND timestamp >= $2 AND timestamp < $3 \
-                 GROUP BY b ORDER BY b"
-            ))
-            .await
-            .map_err(db_error)?;
-        let args = SeriesArgs::new(id, &window);
-        let rows = client
-            .query(&stmt, &args.params())
-            .await
-            .map_err(db_error)?;
+        let rows = self
+            .series_rows(
+                &format!(
+                    "SELECT {BUCKET} AS b, count(*), count(*) FILTER (WHERE NOT successful), \
+                     max(CASE status WHEN 'healthy' THEN 0 WHEN 'degraded' THEN 1 \
+                         WHEN 'critical' THEN 2 ELSE 3 END), \
+                     avg(response_time_ms)::float8, max(response_time_ms) \
+                     FROM server_health_checks"
+                ),
+                id,
+                &window,
+            )
+            .await?;
         rows.iter()
             .map(|r| {
                 let worst = match r.get::<_, i32>(3) {
@@ -1152,22 +1147,17 @@ impl History for PgStore {
         id: ServerId,
         window: SeriesWindow,
     ) -> Result<Vec<MetricsBucket>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {BUCKET} AS b, count(*), avg(cpu_percent), avg(memory_percent), \
-                 avg(disk_percent), max(llm_requests), max(llm_cost_usd) \
-                 FROM server_metrics_aggregated \
-                 WHERE server_id = $1 AND timestamp >= $2 AND timestamp < $3 \
-                 GROUP BY b ORDER BY b"
-            ))
-            .await
-            .map_err(db_error)?;
-        let args = SeriesArgs::new(id, &window);
-        let rows = client
-            .query(&stmt, &args.params())
-            .await
-            .map_err(db_error)?;
+        let rows = self
+            .series_rows(
+                &format!(
+                    "SELECT {BUCKET} AS b, count(*), avg(cpu_percent), avg(memory_percent), \
+                     avg(disk_percent), max(llm_requests), max(llm_cost_usd) \
+                     FROM server_metrics_aggregated"
+                ),
+                id,
+                &window,
+            )
+            .await?;
         Ok(rows
             .iter()
             .map(|r| MetricsBucket {
@@ -1180,6 +1170,28 @@ impl History for PgStore {
                 llm_cost_usd: r.get(6),
             })
             .collect())
+    }
+}
+
+impl PgStore {
+    /// The rows of a series query: `select` (columns and table) over one server's window,
+    /// grouped by bucket.
+    async fn series_rows(
+        &self,
+        select: &str,
+        id: ServerId,
+        window: &SeriesWindow,
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "{select} WHERE server_id = $1 AND timestamp >= $2 AND timestamp < $3 \
+                 GROUP BY b ORDER BY b"
+            ))
+            .await
+            .map_err(db_error)?;
+        let args = SeriesArgs::new(id, window);
+        client.query(&stmt, &args.params()).await.map_err(db_error)
     }
 }
 
