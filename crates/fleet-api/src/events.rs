@@ -232,28 +232,17 @@ impl Drop for Stream {
 }
 
 impl Stream {
-    /// Reads what is new since `at` into the queue, or a `resync` when there is too much or
-    /// the position is gone from the log.
-    async fn catch_up(&mut self) -> Result<(), fleet_core::StoreError> {
+    /// Reads what is new since `at` into the queue, or one `resync` (skipping to `heads`, the
+    /// newest ids the watcher saw) when there is more than the stream carries.
+    async fn catch_up(&mut self, heads: Heads) -> Result<(), fleet_core::StoreError> {
         let limit = self.app.streams.max_rate;
-        let changes_ids = self.app.store.change_ids().await?;
-        if let Some((oldest, newest)) = changes_ids
-            && self.at.change > 0
-            && self.at.change + 1 < oldest
-        {
-            self.jump("your last event is past the log's retention", newest)
-                .await;
-            return Ok(());
-        }
         let changes = self
             .app
             .store
             .changes_after(self.at.change, limit + 1)
             .await?;
         if changes.len() > limit {
-            let newest = changes_ids.map_or(0, |(_, n)| n);
-            self.jump("more changes than the stream carries; reload", newest)
-                .await;
+            self.jump("more changes than the stream carries; reload", heads);
             return Ok(());
         }
         for c in &changes {
@@ -266,13 +255,10 @@ impl Stream {
                 .timeline_after(self.at.timeline, limit + 1)
                 .await?;
             if lines.len() > limit {
-                let newest = alerts.store().timeline_ids().await?.map_or(0, |(_, n)| n);
-                self.at.timeline = newest;
-                self.app.streams.resyncs.fetch_add(1, Ordering::Relaxed);
-                self.queue.push_back(resync(
-                    self.at,
+                self.jump(
                     "more incident changes than the stream carries; reload",
-                ));
+                    heads,
+                );
                 return Ok(());
             }
             for t in &lines {
@@ -283,14 +269,10 @@ impl Stream {
         Ok(())
     }
 
-    /// Skips to the newest change and queues a `resync`.
-    async fn jump(&mut self, reason: &str, newest_change: i64) {
-        self.at.change = newest_change;
-        if let Some(alerts) = &self.app.alerts
-            && let Ok(Some((_, newest))) = alerts.store().timeline_ids().await
-        {
-            self.at.timeline = newest;
-        }
+    /// Skips to `heads` (never back) and queues a `resync`.
+    fn jump(&mut self, reason: &str, heads: Heads) {
+        self.at.change = self.at.change.max(heads.change);
+        self.at.timeline = self.at.timeline.max(heads.timeline);
         self.app.streams.resyncs.fetch_add(1, Ordering::Relaxed);
         self.queue.push_back(resync(self.at, reason));
     }
@@ -310,7 +292,7 @@ impl Stream {
                     }
                     let heads = *self.heads.borrow_and_update();
                     let behind = heads.change > self.at.change || heads.timeline > self.at.timeline;
-                    if behind && let Err(e) = self.catch_up().await {
+                    if behind && let Err(e) = self.catch_up(heads).await {
                         tracing::debug!(target: "fleet::api", error = %e, "the event stream could not read the log: {e}");
                     }
                 }
@@ -387,7 +369,17 @@ pub(crate) async fn stream(
                     now.timeline
                 },
             };
-            stream.catch_up().await?;
+            // A position the log no longer holds cannot be resumed: rows between it and the
+            // oldest kept are gone. Checked once here; a live stream never falls that far.
+            let gone =
+                app.store.change_ids().await?.is_some_and(|(oldest, _)| {
+                    stream.at.change > 0 && stream.at.change + 1 < oldest
+                });
+            if gone {
+                stream.jump("your last event is past the log's retention", now);
+            } else {
+                stream.catch_up(now).await?;
+            }
         }
         None => stream.queue.push_back(
             SseEvent::default()

@@ -43,6 +43,17 @@ struct State {
 }
 
 impl State {
+    /// A logged change under its server's name now, as the log is read back.
+    fn named(&self, c: &StateChange) -> StateChange {
+        StateChange {
+            server_name: self
+                .servers
+                .get(&c.server_id)
+                .map_or_else(|| c.server_name.clone(), |e| e.server.name.clone()),
+            ..c.clone()
+        }
+    }
+
     /// Names are unique case-insensitively.
     fn name_taken(&self, name: &str, except: Option<ServerId>) -> bool {
         let name = name.to_lowercase();
@@ -269,13 +280,7 @@ impl ChangeLog for InMemoryStore {
             .filter(|c| query.server.is_none_or(|id| c.server_id == id))
             .skip(query.offset)
             .take(query.limit)
-            .map(|c| StateChange {
-                server_name: state
-                    .servers
-                    .get(&c.server_id)
-                    .map_or_else(|| c.server_name.clone(), |e| e.server.name.clone()),
-                ..c.clone()
-            })
+            .map(|c| state.named(c))
             .collect())
     }
 
@@ -291,13 +296,7 @@ impl ChangeLog for InMemoryStore {
             .changes
             .range(start..)
             .take(limit)
-            .map(|c| StateChange {
-                server_name: state
-                    .servers
-                    .get(&c.server_id)
-                    .map_or_else(|| c.server_name.clone(), |e| e.server.name.clone()),
-                ..c.clone()
-            })
+            .map(|c| state.named(c))
             .collect())
     }
 

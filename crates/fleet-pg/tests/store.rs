@@ -399,6 +399,15 @@ async fn a_large_batch_is_one_statement_and_lands_exactly_once() {
     assert_eq!(stale, 0);
 }
 
+/// The plan PostgreSQL would use for `sql`, as text.
+async fn explain(client: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = client.query(&format!("EXPLAIN {sql}"), &[]).await.unwrap();
+    rows.iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[tokio::test]
 async fn selections_use_their_indexes() {
     let db = TestDb::create().await;
@@ -430,14 +439,7 @@ async fn selections_use_their_indexes() {
             "managed_servers_metrics_due",
         ),
     ] {
-        let plan: Vec<String> = client
-            .query(&format!("EXPLAIN {sql}"), &[])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let plan = plan.join("\n");
+        let plan = explain(&client, sql).await;
         assert!(
             plan.contains(index),
             "selection does not use {index}:\n{plan}"
@@ -450,31 +452,19 @@ async fn selections_use_their_indexes() {
         .batch_execute("SET enable_seqscan = off")
         .await
         .unwrap();
-    let plan: Vec<String> = client
-        .query(
-            "EXPLAIN SELECT id FROM managed_servers WHERE search_text LIKE lower('%s1234%')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let plan = plan.join("\n");
+    let plan = explain(
+        &client,
+        "SELECT id FROM managed_servers WHERE search_text LIKE lower('%s1234%')",
+    )
+    .await;
     assert!(plan.contains("managed_servers_search"), "{plan}");
     // The live stream tails the change log by id through each partition's index.
     store.ensure_partitions().await.unwrap();
-    let plan: Vec<String> = client
-        .query(
-            "EXPLAIN SELECT id FROM server_state_changes WHERE id > 100 ORDER BY id LIMIT 51",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let plan = plan.join("\n");
+    let plan = explain(
+        &client,
+        "SELECT id FROM server_state_changes WHERE id > 100 ORDER BY id LIMIT 51",
+    )
+    .await;
     assert!(plan.contains("Index") && plan.contains("_id_idx"), "{plan}");
 }
 
