@@ -24,6 +24,7 @@ fn checks(ids: &[ServerId], n: usize, base: OffsetDateTime) -> Vec<HealthCheck> 
             let round = (i / ids.len()) as i64;
             let degraded = i % 20 == 0;
             HealthCheck {
+                fence: None,
                 server_id: id,
                 timestamp: base + time::Duration::seconds(30 * round),
                 status: if degraded {

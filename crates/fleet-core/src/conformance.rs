@@ -40,6 +40,7 @@ pub fn base_time() -> OffsetDateTime {
 pub fn check_at(server: ServerId, at: OffsetDateTime, status: HealthStatus) -> HealthCheck {
     let unhealthy = status != HealthStatus::Healthy;
     HealthCheck {
+        fence: None,
         server_id: server,
         timestamp: at,
         status,
@@ -57,6 +58,7 @@ pub fn check_at(server: ServerId, at: OffsetDateTime, status: HealthStatus) -> H
 /// A sample of `server` at `at` with a few values set.
 pub fn sample_at(server: ServerId, at: OffsetDateTime, cpu: f64) -> MetricsSample {
     MetricsSample {
+        fence: None,
         server_id: server,
         timestamp: at,
         period: Period::Raw,
@@ -300,6 +302,7 @@ pub async fn metrics_land_once_and_failures_are_kept(store: &impl ConformingStor
         MetricsRecord::Sample(sample_at(a, t0, 12.5)),
         MetricsRecord::Sample(sample_at(a, t0 + secs(60), 13.0)),
         MetricsRecord::Failure(MetricsFailure {
+            fence: None,
             server_id: a,
             timestamp: t0 + secs(120),
             error: "metrics response field cpu_percent = 140 is out of range 0..=100".into(),

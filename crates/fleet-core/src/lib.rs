@@ -86,6 +86,7 @@
 
 mod classify;
 mod clock;
+pub mod cluster;
 mod engine;
 mod events;
 mod memory;

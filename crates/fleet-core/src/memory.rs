@@ -121,6 +121,8 @@ fn target(entry: &Entry) -> ProbeTarget {
         kind: entry.server.kind,
         metrics_path: entry.server.metrics_path.clone(),
         ca_cert: entry.server.ca_cert.clone(),
+        fence: None,
+        checked_ago: None,
     }
 }
 

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::cluster::Fence;
+
 /// The identity of a managed server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -309,6 +311,12 @@ pub struct ProbeTarget {
     pub metrics_path: Option<String>,
     /// A PEM CA certificate its TLS is trusted by.
     pub ca_cert: Option<String>,
+    /// The lease it was selected under, when the store shares the fleet among instances: its
+    /// results are written only while that lease holds.
+    pub fence: Option<Fence>,
+    /// How long ago the selecting worker last checked it, by the store's clock, when known:
+    /// a scheduled check waits until 0.9 x the interval has passed since.
+    pub checked_ago: Option<std::time::Duration>,
 }
 
 /// One health check's result: a row of history and the server's new current state.
@@ -337,6 +345,10 @@ pub struct HealthCheck {
     pub responded: bool,
     /// Whether the check counts as successful: a complete 2xx answer with a valid report.
     pub successful: bool,
+    /// The lease the check was selected under; `None` for a check outside the lease scheme
+    /// (check-now, or a store that does not share the fleet).
+    #[serde(skip)]
+    pub fence: Option<Fence>,
 }
 
 /// How long a metrics sample covers.
@@ -395,6 +407,9 @@ pub struct MetricsSample {
     /// The values.
     #[serde(flatten)]
     pub values: MetricValues,
+    /// The lease the collection was selected under, as [`HealthCheck::fence`].
+    #[serde(skip)]
+    pub fence: Option<Fence>,
 }
 
 /// A metrics collection that failed: kept as the server's last metrics error.
@@ -406,6 +421,8 @@ pub struct MetricsFailure {
     pub timestamp: OffsetDateTime,
     /// Why it failed.
     pub error: String,
+    /// The lease the collection was selected under, as [`HealthCheck::fence`].
+    pub fence: Option<Fence>,
 }
 
 /// One metrics collection's result, as the store records it.
@@ -586,6 +603,8 @@ mod tests {
         let t = ApiToken::new("s3cret");
         assert!(!format!("{t:?}").contains("s3cret"));
         let target = ProbeTarget {
+            checked_ago: None,
+            fence: None,
             id: ServerId::new(),
             name: "a".into(),
             api_url: "http://127.0.0.1:1".into(),

@@ -48,6 +48,7 @@ pub fn health_check(
                 error_details: c.error_details,
                 responded: true,
                 successful: true,
+                fence: target.fence,
             }
         }
         ProbeOutcome::Failed {
@@ -108,6 +109,7 @@ fn failed_check(
         error_details: None,
         responded: failure.responded(),
         successful: false,
+        fence: target.fence,
     }
 }
 
@@ -171,6 +173,10 @@ impl Work for HealthWork {
 
     fn name<'a>(&self, target: &'a ProbeTarget) -> &'a str {
         &target.name
+    }
+
+    fn checked_ago(&self, target: &ProbeTarget) -> Option<Duration> {
+        target.checked_ago
     }
 
     async fn run(
@@ -331,6 +337,7 @@ impl MetricsWork {
             server_id: target.id,
             timestamp: started,
             error: error.to_string(),
+            fence: target.fence,
         })
     }
 }
@@ -352,6 +359,10 @@ impl Work for MetricsWork {
         &target.name
     }
 
+    fn checked_ago(&self, target: &ProbeTarget) -> Option<Duration> {
+        target.checked_ago
+    }
+
     async fn run(
         &self,
         target: &ProbeTarget,
@@ -369,6 +380,7 @@ impl Work for MetricsWork {
                 timestamp: started,
                 period: Period::Raw,
                 values,
+                fence: target.fence,
             })),
             Err(CollectError::NotChecked(why)) => Err(why),
             Err(e) => Ok(self.failure(target, started, e)),

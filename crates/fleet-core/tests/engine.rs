@@ -606,19 +606,7 @@ mockall::mock! {
 
 #[tokio::test(start_paused = true)]
 async fn one_cycle_makes_one_selection_and_one_write_for_its_batch() {
-    let targets: Vec<fleet_core::ProbeTarget> = (0..50)
-        .map(|i| fleet_core::ProbeTarget {
-            id: ServerId::new(),
-            name: name(i),
-            api_url: "http://127.0.0.1:9".into(),
-            token: None,
-            unreadable_token: None,
-            health: None,
-            kind: Default::default(),
-            metrics_path: None,
-            ca_cert: None,
-        })
-        .collect();
+    let targets: Vec<fleet_core::ProbeTarget> = (0..50).map(|i| aged(i, None)).collect();
     let mut store = MockStore::new();
     store
         .expect_health_targets()
@@ -935,15 +923,8 @@ async fn a_local_resource_failure_is_fleets_own_it_stores_nothing_and_moves_no_s
 async fn a_server_whose_token_no_key_opens_is_not_probed() {
     let targets: Vec<fleet_core::ProbeTarget> = (0..3)
         .map(|i| fleet_core::ProbeTarget {
-            id: ServerId::new(),
-            name: name(i),
-            api_url: "http://127.0.0.1:9".into(),
-            token: None,
             unreadable_token: (i < 2).then(|| "0123abcd".to_owned()),
-            health: None,
-            kind: Default::default(),
-            metrics_path: None,
-            ca_cert: None,
+            ..aged(i, None)
         })
         .collect();
     let mut store = MockStore::new();
@@ -1059,4 +1040,78 @@ async fn a_failed_storage_check_is_reported_and_cleared_by_a_good_one() {
     wait_until(15 * SEC, || m.stats().snapshot().cycles == 2).await;
     assert_eq!(m.stats().snapshot().last_error, None);
     rig.stop(m).await;
+}
+
+/// A target named `name(i)`, last checked `checked_ago`.
+fn aged(i: usize, checked_ago: Option<Duration>) -> fleet_core::ProbeTarget {
+    fleet_core::ProbeTarget {
+        id: ServerId::new(),
+        name: name(i),
+        api_url: "http://127.0.0.1:9".into(),
+        token: None,
+        unreadable_token: None,
+        health: None,
+        kind: Default::default(),
+        metrics_path: None,
+        ca_cert: None,
+        fence: None,
+        checked_ago,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_target_checked_recently_is_held_until_due_within_the_cycle() {
+    // Interval 10 s: due 9 s after the last check. s000 was never checked, s001 4 s ago,
+    // s002 20 s ago; s001 waits 5 s into the cycle, and the others are not held behind it.
+    let targets = vec![
+        aged(1, Some(4 * SEC)),
+        aged(0, None),
+        aged(2, Some(20 * SEC)),
+    ];
+    let mut store = MockStore::new();
+    let selections = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let n = selections.clone();
+    store.expect_health_targets().returning(move || {
+        // The first selection works; later ones fail, so the last targets are repeated.
+        if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Ok(targets.clone())
+        } else {
+            Err(fleet_core::StoreError::unavailable("down"))
+        }
+    });
+    store.expect_record_health().returning(|_| Ok(()));
+    let probe = Arc::new(ScriptedProbe::new(healthy()));
+    let cancel = CancellationToken::new();
+    let t0 = Instant::now();
+    let h = HealthWork::new(Arc::new(store), probe.clone())
+        .worker(
+            health()
+                .interval(10 * SEC)
+                .timeout(2 * SEC)
+                .batch_size(10)
+                .build()
+                .unwrap(),
+            Rig::clock(),
+        )
+        .spawn(cancel.clone());
+    wait_until(30 * SEC, || h.stats().snapshot().cycles == 2).await;
+    cancel.cancel();
+    h.stopped().await;
+    let starts: Vec<(String, u128)> = probe
+        .calls()
+        .iter()
+        .map(|c| (c.name.clone(), (c.at - t0).as_millis()))
+        .collect();
+    assert_eq!(
+        starts,
+        [
+            ("s000".to_owned(), 0),
+            ("s002".to_owned(), 0),
+            ("s001".to_owned(), 5_000),
+            // The repeat while selecting fails keeps each target's offset in its cycle.
+            ("s000".to_owned(), 10_000),
+            ("s002".to_owned(), 10_000),
+            ("s001".to_owned(), 15_000),
+        ]
+    );
 }

@@ -18,6 +18,8 @@ const DEADLINE: Duration = Duration::from_millis(1500);
 
 fn target(name: &str, api_url: &str, token: Option<&str>) -> ProbeTarget {
     ProbeTarget {
+        checked_ago: None,
+        fence: None,
         id: ServerId::new(),
         name: name.into(),
         api_url: api_url.into(),

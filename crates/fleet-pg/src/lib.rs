@@ -21,6 +21,7 @@
 
 mod admin;
 mod alerts;
+mod cluster;
 mod crypto;
 mod keys;
 mod migrate;

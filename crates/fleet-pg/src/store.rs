@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
+use fleet_core::cluster::{ClusterStats, Fence};
 use fleet_core::{
     ApiToken, ChangeLog, ChangeQuery, Clock, Counts, Findings, HealthBucket, HealthCheck,
     HealthStatus, History, HistoryQuery, LlmUsage, ManagedServer, MetricValues, MetricsBucket,
@@ -33,6 +34,15 @@ pub struct PgStore {
     vault: Arc<TokenVault>,
     clock: Arc<dyn Clock>,
     policy: PartitionPolicy,
+    /// The instance this store selects and writes for, when the fleet is shared.
+    member: Option<Member>,
+}
+
+/// The instance a shared store works for.
+#[derive(Clone, Debug)]
+struct Member {
+    id: Arc<str>,
+    stats: ClusterStats,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -315,7 +325,24 @@ impl PgStore {
             vault: Arc::new(vault),
             clock,
             policy,
+            member: None,
         }
+    }
+
+    /// The same store working for instance `id` of a shared fleet: the workers' selections
+    /// hold only servers in the buckets `id` owns, each with its bucket's fence and how long
+    /// ago it was checked (by the database's clock); results carrying a fence are written only
+    /// while it holds, and those refused are counted in `stats` and dropped as superseded.
+    pub fn shared_as(mut self, id: &str, stats: ClusterStats) -> Self {
+        self.member = Some(Member {
+            id: id.into(),
+            stats,
+        });
+        self
+    }
+
+    fn member_id(&self) -> Option<&str> {
+        self.member.as_ref().map(|m| &*m.id)
     }
 
     /// The same store on another pool: the alert senders get a small pool of their own, so
@@ -385,7 +412,23 @@ impl PgStore {
         };
         let health: Option<&str> = row.get(5);
         let kind: &str = row.get(6);
+        // Shared selections add the bucket, its epoch and the seconds since the last check.
+        let (fence, checked_ago) = if row.len() > 9 {
+            let bucket: i16 = row.get(9);
+            let ago: Option<f64> = row.get(11);
+            (
+                Some(Fence {
+                    bucket: bucket as u16,
+                    epoch: row.get(10),
+                }),
+                ago.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
+            )
+        } else {
+            (None, None)
+        };
         ProbeTarget {
+            fence,
+            checked_ago,
             id,
             name,
             api_url: row.get(2),
@@ -398,10 +441,20 @@ impl PgStore {
         }
     }
 
-    async fn targets(&self, sql: &str) -> Result<Vec<ProbeTarget>, StoreError> {
+    /// Runs a selection: `sql` alone, or `shared` for this store's instance.
+    async fn targets(&self, sql: &str, shared: &str) -> Result<Vec<ProbeTarget>, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(sql).await.map_err(db_error)?;
-        let rows = client.query(&stmt, &[]).await.map_err(db_error)?;
+        let rows = match self.member_id() {
+            None => {
+                let stmt = client.prepare_cached(sql).await.map_err(db_error)?;
+                client.query(&stmt, &[]).await
+            }
+            Some(me) => {
+                let stmt = client.prepare_cached(shared).await.map_err(db_error)?;
+                client.query(&stmt, &[&me]).await
+            }
+        }
+        .map_err(db_error)?;
         Ok(rows.iter().map(|r| self.target(r)).collect())
     }
 
@@ -415,17 +468,24 @@ impl PgStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let stmt = client.prepare_cached(sql).await.map_err(db_error)?;
-        match client.execute(&stmt, params).await {
-            Ok(_) => Ok(()),
+        let row = match client.query_one(&stmt, params).await {
+            Ok(row) => row,
             Err(e) if is_missing_partition(&e) => {
                 tracing::warn!(target: "fleet::pg", "a batch had no partition for its rows: creating {months:?}");
                 // On the same connection: the statement was prepared on this one.
                 create_partitions_on(&mut client, &months).await?;
-                client.execute(&stmt, params).await.map_err(db_error)?;
-                Ok(())
+                client.query_one(&stmt, params).await.map_err(db_error)?
             }
-            Err(e) => Err(db_error(e)),
+            Err(e) => return Err(db_error(e)),
+        };
+        let rejected: i64 = row.get(0);
+        if rejected > 0 {
+            tracing::debug!(target: "fleet::pg", rejected, "{rejected} results refused by their bucket's fence: the bucket changed hands");
+            if let Some(m) = &self.member {
+                m.stats.add_rejected(rejected as u64);
+            }
         }
+        Ok(())
     }
 
     /// Creates the partitions of `months` for every partitioned table, under the advisory lock.
@@ -524,18 +584,45 @@ const METRICS_TARGETS: &str = "SELECT id, name, api_url, api_token_sealed, api_t
      WHERE status = 'active' AND health_status IN ('healthy', 'degraded') \
      ORDER BY last_seen_at DESC NULLS LAST, id";
 
+/// [`HEALTH_TARGETS`] in the buckets `$1` owns, with each bucket's epoch and the seconds
+/// since the server's last check by the database's clock.
+const SHARED_HEALTH_TARGETS: &str = "SELECT s.id, s.name, s.api_url, s.api_token_sealed, s.api_token_key_id, s.health_status, s.kind, \
+     s.metrics_path, s.ca_cert, l.bucket, l.epoch, EXTRACT(EPOCH FROM now() - s.last_health_check_at)::float8 \
+     FROM managed_servers s JOIN fleet_bucket_leases l ON l.bucket = s.bucket \
+     WHERE s.status = 'active' AND l.owner = $1 ORDER BY s.last_health_check_at ASC NULLS FIRST, s.id";
+
+/// [`METRICS_TARGETS`] in the buckets `$1` owns, as [`SHARED_HEALTH_TARGETS`], timed from
+/// the last collection.
+const SHARED_METRICS_TARGETS: &str = "SELECT s.id, s.name, s.api_url, s.api_token_sealed, s.api_token_key_id, s.health_status, s.kind, \
+     s.metrics_path, s.ca_cert, l.bucket, l.epoch, EXTRACT(EPOCH FROM now() - s.last_metrics_at)::float8 \
+     FROM managed_servers s JOIN fleet_bucket_leases l ON l.bucket = s.bucket \
+     WHERE s.status = 'active' AND s.health_status IN ('healthy', 'degraded') AND l.owner = $1 \
+     ORDER BY s.last_seen_at DESC NULLS LAST, s.id";
+
 /// One round trip for a whole batch: history rows (skipping servers that no longer exist and
 /// rows already stored) and each server's current state, moved only forward in time.
 /// One statement per batch: the history rows, each server's forward-only state, and a
 /// change-log row for every check newer than the stored state whose health differs from the
 /// one before it (the stored one for a server's first fresh check, the previous check in the
 /// batch otherwise). A retried batch has no fresh check, so it logs nothing again.
+///
+/// Fenced: a row carrying a bucket epoch is kept only while `$13` owns that bucket at that
+/// epoch, and the lease rows are share-locked until commit, so a takeover waits for this write
+/// and then sees it. A row without an epoch (check-now) is unfenced; it is marked manual when
+/// the store is shared. The statement returns how many rows the fence refused.
 const RECORD_HEALTH: &str = "\
-WITH input AS (
+WITH raw AS (
     SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::int4[], $5::bool[], $6::bool[],
-                         $7::bool[], $8::bool[], $9::text[], $10::jsonb[])
+                         $7::bool[], $8::bool[], $9::text[], $10::jsonb[], $11::int2[], $12::int8[])
         AS u(server_id, ts, status, response_time_ms, database_healthy, redis_healthy, services_healthy,
-             successful, error_message, error_details)
+             successful, error_message, error_details, bucket, epoch)
+), fence AS (
+    SELECT bucket, epoch FROM fleet_bucket_leases
+    WHERE owner = $13::text AND bucket IN (SELECT bucket FROM raw WHERE epoch IS NOT NULL)
+    FOR SHARE
+), input AS (
+    SELECT r.* FROM raw r
+    WHERE r.epoch IS NULL OR EXISTS (SELECT 1 FROM fence f WHERE f.bucket = r.bucket AND f.epoch = r.epoch)
 ), old AS (
     SELECT m.id, m.health_status, m.last_health_check_at FROM managed_servers m
     WHERE m.id IN (SELECT server_id FROM input)
@@ -568,21 +655,45 @@ WITH input AS (
     FROM latest l JOIN seen s USING (server_id)
     WHERE m.id = l.server_id
     RETURNING m.id
+), inserted AS (
+    INSERT INTO server_health_checks (server_id, timestamp, status, response_time_ms, database_healthy,
+                                      redis_healthy, services_healthy, successful, error_message, error_details,
+                                      manual)
+    SELECT i.server_id, i.ts, i.status, i.response_time_ms, i.database_healthy, i.redis_healthy,
+           i.services_healthy, i.successful, i.error_message, i.error_details,
+           i.epoch IS NULL AND $13::text IS NOT NULL
+    FROM input i WHERE i.server_id IN (SELECT id FROM updated)
+    ON CONFLICT DO NOTHING
 )
-INSERT INTO server_health_checks (server_id, timestamp, status, response_time_ms, database_healthy,
-                                  redis_healthy, services_healthy, successful, error_message, error_details)
-SELECT i.server_id, i.ts, i.status, i.response_time_ms, i.database_healthy, i.redis_healthy,
-       i.services_healthy, i.successful, i.error_message, i.error_details
-FROM input i WHERE i.server_id IN (SELECT id FROM updated)
-ON CONFLICT DO NOTHING";
+SELECT (SELECT count(*) FROM raw) - (SELECT count(*) FROM input) AS rejected";
 
+/// Fenced as [`RECORD_HEALTH`]: samples and failures carrying a bucket epoch are kept only
+/// while `$23` owns the bucket at that epoch. Each kept collection moves the server's
+/// `last_metrics_at` forward (the next one is due from it), and a failure its last error.
+/// Returns how many records the fence refused.
 const RECORD_METRICS: &str = "\
-WITH samples AS (
+WITH s_raw AS (
     SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::float8[], $5::float8[], $6::float8[],
                          $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::float8[],
-                         $14::int8[], $15::int8[])
+                         $14::int8[], $15::int8[], $19::int2[], $20::int8[])
         AS u(server_id, ts, period, cpu_percent, memory_percent, disk_percent, network_rx_bytes, network_tx_bytes,
-             active_services, failed_services, total_services, llm_requests, llm_cost_usd, active_users, total_users)
+             active_services, failed_services, total_services, llm_requests, llm_cost_usd, active_users, total_users,
+             bucket, epoch)
+), f_raw AS (
+    SELECT * FROM unnest($16::uuid[], $17::timestamptz[], $18::text[], $21::int2[], $22::int8[])
+        AS f(server_id, ts, error, bucket, epoch)
+), fence AS (
+    SELECT bucket, epoch FROM fleet_bucket_leases
+    WHERE owner = $23::text
+      AND bucket IN (SELECT bucket FROM s_raw WHERE epoch IS NOT NULL
+                     UNION SELECT bucket FROM f_raw WHERE epoch IS NOT NULL)
+    FOR SHARE
+), samples AS (
+    SELECT r.* FROM s_raw r
+    WHERE r.epoch IS NULL OR EXISTS (SELECT 1 FROM fence f WHERE f.bucket = r.bucket AND f.epoch = r.epoch)
+), failed AS (
+    SELECT r.* FROM f_raw r
+    WHERE r.epoch IS NULL OR EXISTS (SELECT 1 FROM fence f WHERE f.bucket = r.bucket AND f.epoch = r.epoch)
 ), inserted AS (
     INSERT INTO server_metrics_aggregated (server_id, timestamp, period, cpu_percent, memory_percent, disk_percent,
         network_rx_bytes, network_tx_bytes, active_services, failed_services, total_services, llm_requests,
@@ -593,22 +704,34 @@ WITH samples AS (
     FROM samples s JOIN managed_servers m ON m.id = s.server_id
     ON CONFLICT DO NOTHING
 ), failures AS (
-    SELECT DISTINCT ON (server_id) server_id, ts, error
-    FROM unnest($16::uuid[], $17::timestamptz[], $18::text[]) AS f(server_id, ts, error)
-    ORDER BY server_id, ts DESC
+    SELECT DISTINCT ON (server_id) server_id, ts, error FROM failed ORDER BY server_id, ts DESC
+), latest AS (
+    SELECT coalesce(a.server_id, f.server_id) AS server_id, a.ts AS sample_ts, f.ts AS fail_ts, f.error
+    FROM (SELECT server_id, max(ts) AS ts FROM samples GROUP BY server_id) a
+    FULL JOIN failures f ON f.server_id = a.server_id
+), updated AS (
+    UPDATE managed_servers m SET
+        last_metrics_at = GREATEST(m.last_metrics_at, l.sample_ts, l.fail_ts),
+        last_metrics_error = CASE WHEN l.fail_ts IS NOT NULL
+                                       AND (m.last_metrics_error_at IS NULL OR m.last_metrics_error_at <= l.fail_ts)
+                                  THEN l.error ELSE m.last_metrics_error END,
+        last_metrics_error_at = CASE WHEN l.fail_ts IS NOT NULL
+                                          AND (m.last_metrics_error_at IS NULL OR m.last_metrics_error_at <= l.fail_ts)
+                                     THEN l.fail_ts ELSE m.last_metrics_error_at END
+    FROM latest l
+    WHERE m.id = l.server_id
 )
-UPDATE managed_servers m SET last_metrics_error = f.error, last_metrics_error_at = f.ts
-FROM failures f
-WHERE m.id = f.server_id AND (m.last_metrics_error_at IS NULL OR m.last_metrics_error_at <= f.ts)";
+SELECT (SELECT count(*) FROM s_raw) + (SELECT count(*) FROM f_raw)
+     - (SELECT count(*) FROM samples) - (SELECT count(*) FROM failed) AS rejected";
 
 #[async_trait]
 impl Store for PgStore {
     async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
-        self.targets(HEALTH_TARGETS).await
+        self.targets(HEALTH_TARGETS, SHARED_HEALTH_TARGETS).await
     }
 
     async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
-        self.targets(METRICS_TARGETS).await
+        self.targets(METRICS_TARGETS, SHARED_METRICS_TARGETS).await
     }
 
     async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError> {
@@ -626,8 +749,12 @@ impl Store for PgStore {
         let mut ok = Vec::with_capacity(n);
         let mut msg = Vec::with_capacity(n);
         let mut details = Vec::with_capacity(n);
+        let mut buckets = Vec::with_capacity(n);
+        let mut epochs = Vec::with_capacity(n);
         let mut months = BTreeSet::new();
         for c in checks {
+            buckets.push(c.fence.map(|f| f.bucket as i16));
+            epochs.push(c.fence.map(|f| f.epoch));
             ids.push(c.server_id.0);
             ts.push(c.timestamp);
             status.push(c.status.as_str());
@@ -643,8 +770,9 @@ impl Store for PgStore {
             details.push(c.error_details.as_ref());
             months.insert(YearMonth::of(c.timestamp));
         }
-        let params: [&(dyn ToSql + Sync); 10] = [
-            &ids, &ts, &status, &rt, &db, &redis, &svc, &ok, &msg, &details,
+        let me = self.member_id();
+        let params: [&(dyn ToSql + Sync); 13] = [
+            &ids, &ts, &status, &rt, &db, &redis, &svc, &ok, &msg, &details, &buckets, &epochs, &me,
         ];
         self.write_with_partitions(RECORD_HEALTH, &params, months)
             .await
@@ -664,6 +792,10 @@ impl Store for PgStore {
             fail_ids: Vec<Uuid>,
             fail_ts: Vec<OffsetDateTime>,
             fail_err: Vec<&'a str>,
+            buckets: Vec<Option<i16>>,
+            epochs: Vec<Option<i64>>,
+            fail_buckets: Vec<Option<i16>>,
+            fail_epochs: Vec<Option<i64>>,
         }
         let mut c = Cols::default();
         let mut months = BTreeSet::new();
@@ -671,6 +803,8 @@ impl Store for PgStore {
             match r {
                 MetricsRecord::Sample(s) => {
                     let v = &s.values;
+                    c.buckets.push(s.fence.map(|f| f.bucket as i16));
+                    c.epochs.push(s.fence.map(|f| f.epoch));
                     c.ids.push(s.server_id.0);
                     c.ts.push(s.timestamp);
                     c.period.push(s.period.as_str());
@@ -701,6 +835,8 @@ impl Store for PgStore {
                     c.fail_ids.push(f.server_id.0);
                     c.fail_ts.push(f.timestamp);
                     c.fail_err.push(&f.error);
+                    c.fail_buckets.push(f.fence.map(|f| f.bucket as i16));
+                    c.fail_epochs.push(f.fence.map(|f| f.epoch));
                 }
             }
         }
@@ -715,7 +851,8 @@ impl Store for PgStore {
             active_u,
             total_u,
         ] = &c.i;
-        let params: [&(dyn ToSql + Sync); 18] = [
+        let me = self.member_id();
+        let params: [&(dyn ToSql + Sync); 23] = [
             &c.ids,
             &c.ts,
             &c.period,
@@ -734,6 +871,11 @@ impl Store for PgStore {
             &c.fail_ids,
             &c.fail_ts,
             &c.fail_err,
+            &c.buckets,
+            &c.epochs,
+            &c.fail_buckets,
+            &c.fail_epochs,
+            &me,
         ];
         self.write_with_partitions(RECORD_METRICS, &params, months)
             .await
@@ -981,6 +1123,7 @@ fn health_from_row(row: &Row) -> Result<HealthCheck, StoreError> {
     let status: HealthStatus = parsed("server_health_checks.status", row.get("status"))?;
     let rt: Option<i32> = row.get("response_time_ms");
     Ok(HealthCheck {
+        fence: None,
         server_id: ServerId(row.get("server_id")),
         timestamp: row.get("timestamp"),
         status,
@@ -997,6 +1140,7 @@ fn health_from_row(row: &Row) -> Result<HealthCheck, StoreError> {
 
 fn sample_from_row(row: &Row) -> Result<MetricsSample, StoreError> {
     Ok(MetricsSample {
+        fence: None,
         server_id: ServerId(row.get("server_id")),
         timestamp: row.get("timestamp"),
         period: parsed::<Period>("server_metrics_aggregated.period", row.get("period"))?,

@@ -68,7 +68,8 @@ async fn migrations_apply_once() {
             "V5__alerts",
             "V6__dashboard",
             "V7__server_kinds",
-            "V8__server_ca_certs"
+            "V8__server_ca_certs",
+            "V9__scale_out"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
@@ -633,7 +634,7 @@ async fn backends_killed_during_batch_writes_lose_and_duplicate_nothing() {
                 .query_one(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
                      WHERE datname = $1 AND application_name = 'fleet' AND pid <> pg_backend_pid() \
-                     AND state = 'active' AND query LIKE 'WITH input AS%'",
+                     AND state = 'active' AND query LIKE 'WITH raw AS%'",
                     &[&name],
                 )
                 .await

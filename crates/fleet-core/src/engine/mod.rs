@@ -46,6 +46,14 @@ pub trait Work: Send + Sync + 'static {
     /// A target's name, for logs.
     fn name<'a>(&self, target: &'a Self::Target) -> &'a str;
 
+    /// How long ago this work last checked `target`, by the store's clock, when the
+    /// selection says. A target checked less than 0.9 x the interval ago is held back within
+    /// the cycle until then, so that no instance checks a server early (after a restart, or
+    /// when its bucket changed hands). `None` by default: start at once.
+    fn checked_ago(&self, _target: &Self::Target) -> Option<Duration> {
+        None
+    }
+
     /// Runs one check, started at `started`, which must finish by `deadline`. `Err` when
     /// Fleet could not check through its own fault: nothing is recorded for the target.
     async fn run(
@@ -114,8 +122,10 @@ pub struct Worker<W: Work> {
     clock: Arc<dyn Clock>,
     buffer: Arc<ResultBuffer<W::Output>>,
     stats: StatsHandle,
-    /// The last successful selection, checked again while selecting fails.
-    last_targets: std::sync::Mutex<Vec<W::Target>>,
+    /// The last successful selection, checked again while selecting fails, with the offset
+    /// from its cycle's start at which each target last started (so that a repeat keeps
+    /// each target's spacing).
+    last_targets: std::sync::Mutex<(Vec<W::Target>, Vec<Duration>)>,
     events: Events,
     /// Dropped results already announced as a problem.
     reported_drops: std::sync::atomic::AtomicU64,
@@ -170,7 +180,7 @@ where
             clock,
             buffer,
             stats,
-            last_targets: std::sync::Mutex::new(Vec::new()),
+            last_targets: std::sync::Mutex::new((Vec::new(), Vec::new())),
             events: Events::new(),
             reported_drops: std::sync::atomic::AtomicU64::new(0),
         }
@@ -310,7 +320,7 @@ where
     ) -> Option<(Instant, u64)> {
         let started = Instant::now();
         let started_at = self.clock.now();
-        let targets = match self.select(cancel).await {
+        let targets = match self.select(cancel, started).await {
             Selected::Targets(t) => t,
             Selected::Nothing => return None,
             Selected::Cancelled => return Some((Instant::now(), 0)),
@@ -331,22 +341,43 @@ where
         None
     }
 
-    /// Step 1: the cycle's targets. While selecting fails, the last cycle's targets are
-    /// checked again, so monitoring goes on through a store outage; their results wait in
-    /// the buffer until the store is back.
-    async fn select(&self, cancel: &CancellationToken) -> Selected<W::Target> {
+    /// Step 1: the cycle's targets, each with the time after the cycle's start before which
+    /// it may not start: a target checked less than 0.9 x the interval ago waits until then
+    /// (the selection is then ordered by that time, stably). While selecting fails, the last
+    /// cycle's targets are checked again, each at its offset of that cycle, so monitoring
+    /// goes on through a store outage; their results wait in the buffer until it is back.
+    async fn select(&self, cancel: &CancellationToken, started: Instant) -> Selected<W::Target> {
         let kind = self.work.kind().as_str();
         let selected = tokio::select! {
             biased;
             () = cancel.cancelled() => return Selected::Cancelled,
             selected = self.work.select() => selected,
         };
-        let mut last = self.last_targets.lock().unwrap_or_else(|e| e.into_inner());
+        // Ages are measured when the selection ran; counting from its end only errs late.
+        let selected_after = started.elapsed();
+        let mut guard = self.last_targets.lock().unwrap_or_else(|e| e.into_inner());
+        let (last, last_starts) = &mut *guard;
         match selected {
             Ok(targets) => {
                 self.stats.lock().stats.clear_error(SELECT_FAILED);
-                last.clone_from(&targets);
-                Selected::Targets(targets)
+                let due = self.config.interval.mul_f64(0.9);
+                let mut held: Vec<(W::Target, Duration)> = targets
+                    .into_iter()
+                    .map(|t| {
+                        let hold = match self.work.checked_ago(&t) {
+                            Some(ago) if ago < due => selected_after + (due - ago),
+                            _ => Duration::ZERO,
+                        };
+                        (t, hold)
+                    })
+                    .collect();
+                if held.iter().any(|(_, hold)| !hold.is_zero()) {
+                    held.sort_by_key(|(_, hold)| *hold);
+                }
+                last.clear();
+                last.extend(held.iter().map(|(t, _)| t.clone()));
+                last_starts.clear();
+                Selected::Targets(held)
             }
             Err(e) => {
                 let message = if last.is_empty() {
@@ -362,7 +393,11 @@ where
                 if last.is_empty() {
                     Selected::Nothing
                 } else {
-                    Selected::Targets(last.clone())
+                    let starts = last_starts
+                        .iter()
+                        .copied()
+                        .chain(std::iter::repeat(Duration::ZERO));
+                    Selected::Targets(last.iter().cloned().zip(starts).collect())
                 }
             }
         }
@@ -399,17 +434,18 @@ where
         delay
     }
 
-    /// Step 2: starts the targets in batches, `delay` apart, at most `max_in_flight` at once.
-    /// Returns when cancelled before every target started.
+    /// Step 2: starts the targets in batches, `delay` apart, at most `max_in_flight` at once,
+    /// none before its hold ends. Returns when cancelled before every target started.
     async fn dispatch(
         &self,
-        targets: Vec<W::Target>,
+        targets: Vec<(W::Target, Duration)>,
         started: Instant,
         delay: Duration,
         cancel: &CancellationToken,
         running: &mut JoinSet<()>,
     ) -> Option<Instant> {
         let slots = Arc::new(Semaphore::new(self.config.max_in_flight));
+        let mut starts = Vec::with_capacity(targets.len());
         let mut targets = targets.into_iter();
         let mut batch = 0u32;
         while targets.len() > 0 {
@@ -420,12 +456,20 @@ where
                     () = sleep_until(started + delay * batch) => {}
                 }
             }
-            for target in targets.by_ref().take(self.config.batch_size) {
+            for (target, hold) in targets.by_ref().take(self.config.batch_size) {
+                if !hold.is_zero() {
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => return Some(Instant::now()),
+                        () = sleep_until(started + hold) => {}
+                    }
+                }
                 let permit = tokio::select! {
                     biased;
                     () = cancel.cancelled() => return Some(Instant::now()),
                     permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                 };
+                starts.push(started.elapsed());
                 let check = self.check();
                 running.spawn(async move {
                     check.run(target).await;
@@ -435,6 +479,10 @@ where
                 while running.try_join_next().is_some() {}
             }
             batch += 1;
+        }
+        let mut guard = self.last_targets.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.0.len() == starts.len() {
+            guard.1 = starts;
         }
         None
     }
@@ -583,7 +631,8 @@ const STORAGE_CHECK_FAILED: &str = "storage check failed";
 
 /// What step 1 found.
 enum Selected<T> {
-    Targets(Vec<T>),
+    /// Each target with the time after the cycle's start before which it may not start.
+    Targets(Vec<(T, Duration)>),
     /// Selecting failed and there is no earlier selection to fall back on.
     Nothing,
     Cancelled,
