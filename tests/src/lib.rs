@@ -258,6 +258,11 @@ impl Client {
         }
     }
 
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// POSTs `body` as JSON to `path`; the status and the JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> Option<(u16, Value)> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))

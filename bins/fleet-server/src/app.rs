@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fleet_api::listener::{self, ListenerConfig, ListenerStats};
 use fleet_api::{ApiParts, AppState, FullStore, Workers, auth};
+use fleet_core::cluster::{InstanceMeta, Membership};
 use fleet_core::{
     AdminTokens, ApiToken, CancellationToken, Clock, Events, HealthProbe, HealthWork,
     MetricsCollector, MetricsWork, NewServer, Registry, Role, ServerFilter, Store, StoreError,
@@ -122,6 +123,8 @@ struct Parts {
     deny_nets: Vec<fleet_http::IpNet>,
     /// `FLEET_PUBLIC_URL` when given: the dashboard's origin, and whether its cookie is Secure.
     public_url: Option<url::Url>,
+    /// This instance's membership of a shared fleet (PostgreSQL), and the lease TTL.
+    membership: Option<(Membership, Duration)>,
 }
 
 /// The running parts, and how to stop them.
@@ -130,6 +133,10 @@ struct Running {
     /// Every background task: the API, the workers' supervisor, upkeep, the demo's changes.
     tasks: TaskTracker,
     handles: Arc<Mutex<Vec<WorkerHandle>>>,
+    /// The heartbeat task, stopped (and its leases released) only after the workers have
+    /// flushed: their last writes still need the leases' fences.
+    membership: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    leave: CancellationToken,
     listen: SocketAddr,
     grace: Duration,
     /// Set when running on would be blind (keys that open nothing): the process exits with it.
@@ -199,6 +206,15 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
     }));
     let as_store: Arc<dyn Store> = parts.store.clone();
     let health = HealthWork::new(as_store.clone(), parts.probe.clone());
+    let cluster = match (&parts.membership, &parts.pg) {
+        (Some((m, ttl)), Some(pg)) => Some(fleet_api::ClusterView {
+            leases: pg.clone(),
+            stats: m.stats(),
+            ttl: *ttl,
+        }),
+        _ => None,
+    };
+    let leader = cluster.as_ref().map(|c| c.stats.clone());
 
     let listener = bind(api).await?;
     let listen = listener.local_addr()?;
@@ -249,6 +265,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         }
         .with_public_url(parts.public_url.as_ref()),
         shutdown: cancel.clone(),
+        cluster,
     });
     let config = ListenerConfig {
         header_timeout: api.api_header_timeout,
@@ -273,9 +290,12 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
     tracing::info!(target: "fleet::server", "API listening on http://{listen}");
 
     let handles = Arc::new(Mutex::new(Vec::new()));
+    let membership_task = Arc::new(Mutex::new(None));
+    let leave = CancellationToken::new();
     let (fatal, fatal_rx) = tokio::sync::watch::channel(None);
     let supervisor = {
         let (cancel, handles, workers) = (cancel.clone(), handles.clone(), workers.clone());
+        let (membership_task, leave) = (membership_task.clone(), leave.clone());
         async move {
             if let Some(pg) = &parts.pg {
                 let ready = fleet_pg::supervise::until_ready(pg, &cancel, |e| {
@@ -292,6 +312,13 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                         return;
                     }
                 }
+            }
+            if let Some((mut membership, _)) = parts.membership {
+                // Take buckets (a restarted instance: its own, at once) before the first
+                // selection; a failure here is retried by the heartbeat loop.
+                let _ = membership.round().await;
+                *membership_task.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(tokio::spawn(membership.run(leave)));
             }
             let interval = health_cfg.interval;
             let h = health
@@ -327,7 +354,14 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                 .extend([h, m]);
             tracing::info!(target: "fleet::server", "workers started");
             if let Some(pg) = &parts.pg {
-                fleet_pg::supervise::maintain_every(pg, Duration::from_secs(3600), &cancel).await;
+                // Retention runs on the leader only, under its fence (see PgStore).
+                let leads = || {
+                    leader
+                        .as_ref()
+                        .is_none_or(|s| s.snapshot().leader_epoch.is_some())
+                };
+                fleet_pg::supervise::maintain_every(pg, Duration::from_secs(3600), &cancel, leads)
+                    .await;
             }
         }
     };
@@ -336,6 +370,8 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         cancel,
         tasks,
         handles,
+        membership: membership_task,
+        leave,
         listen,
         grace,
         fatal: fatal_rx,
@@ -422,6 +458,21 @@ impl Running {
         {
             tracing::error!(target: "fleet::server", "workers did not stop within the grace period");
         }
+        // Now that the workers' last results are written under their fences, give the leases
+        // up, so that other instances take the buckets at once.
+        self.leave.cancel();
+        let membership = self
+            .membership
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = membership
+            && tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+        {
+            tracing::warn!(target: "fleet::server", "leaving the shared fleet timed out; the leases expire by themselves");
+        }
         if tokio::time::timeout(Duration::from_secs(2), self.tasks.wait())
             .await
             .is_err()
@@ -442,6 +493,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         PgStore::new(pool.clone(), vault, clock.clone(), args.partitions.policy())
             .with_target(settings.target()),
     );
+    let times = args.cluster.times()?;
+    let me = args.cluster.instance_id(args.api.listen)?;
+    let membership = Membership::new(
+        pg.clone(),
+        InstanceMeta {
+            id: me.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        },
+        times,
+    );
+    // The workers, the API and upkeep select and write as this instance.
+    let pg = Arc::new((*pg).clone().shared_as(&me, membership.stats()));
+    tracing::info!(target: "fleet::server", instance = %me, "instance {me}: heartbeat every {:?}, leases of {:?}", times.heartbeat, times.ttl);
     let (probe, collector) = http_clients(&args.workers)?;
     let alert_config = args
         .alerts
@@ -467,6 +531,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         alert_config,
         deny_nets: args.workers.probe_deny_nets.clone(),
         public_url: args.alerts.public_url()?,
+        membership: Some((membership, times.ttl)),
     };
     let run = start(parts, &args.api, args.workers.shutdown_grace)
         .await?
@@ -611,6 +676,7 @@ pub async fn demo(mut args: DemoArgs) -> anyhow::Result<()> {
         alert_config,
         deny_nets: args.workers.probe_deny_nets.clone(),
         public_url: args.alerts.public_url()?,
+        membership: None,
     };
     let running = start(parts, &args.api, args.workers.shutdown_grace).await?;
     let listen = running.listen;

@@ -638,6 +638,73 @@ pub struct ServeArgs {
     pub keys: KeyArgs,
     #[command(flatten)]
     pub alerts: AlertArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Several instances sharing one fleet through PostgreSQL. A single instance needs none of
+/// these; instances started on the same database share the fleet by themselves.
+#[derive(Clone, Debug, Args)]
+pub struct ClusterArgs {
+    /// This instance's id: unique among the instances, and stable across restarts so that a
+    /// restarted instance takes its own buckets back at once [default: the host name and the
+    /// API port, e.g. `web-1:8080`].
+    #[arg(long, env = "FLEET_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Seconds between heartbeats.
+    #[arg(long, env = "FLEET_HEARTBEAT_INTERVAL", default_value = "5", value_parser = seconds, value_name = "SECONDS")]
+    pub heartbeat_interval: Duration,
+    /// Seconds a lease lasts without a heartbeat: a silent instance's buckets are taken over
+    /// after it.
+    #[arg(long, env = "FLEET_LEASE_TTL", default_value = "20", value_parser = seconds, value_name = "SECONDS")]
+    pub lease_ttl: Duration,
+}
+
+impl ClusterArgs {
+    /// The heartbeat and TTL, checked: the TTL must cover at least two heartbeats.
+    pub fn times(&self) -> anyhow::Result<fleet_core::cluster::LeaseTimes> {
+        if self.heartbeat_interval < Duration::from_millis(100) {
+            anyhow::bail!(
+                "invalid FLEET_HEARTBEAT_INTERVAL (--heartbeat-interval) = {}s: must be at least 0.1",
+                self.heartbeat_interval.as_secs_f64()
+            );
+        }
+        if self.lease_ttl < self.heartbeat_interval * 2 {
+            anyhow::bail!(
+                "invalid FLEET_LEASE_TTL (--lease-ttl) = {}s: must be at least twice FLEET_HEARTBEAT_INTERVAL ({}s), or one late heartbeat would lose every lease",
+                self.lease_ttl.as_secs_f64(),
+                self.heartbeat_interval.as_secs_f64()
+            );
+        }
+        Ok(fleet_core::cluster::LeaseTimes {
+            heartbeat: self.heartbeat_interval,
+            ttl: self.lease_ttl,
+        })
+    }
+
+    /// `FLEET_INSTANCE_ID`, or the host name and the API port.
+    pub fn instance_id(&self, listen: SocketAddr) -> anyhow::Result<String> {
+        let id = match &self.instance_id {
+            Some(id) => id.trim().to_owned(),
+            None => format!("{}:{}", host_name(), listen.port()),
+        };
+        if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+            anyhow::bail!(
+                "invalid FLEET_INSTANCE_ID (--instance-id) = {id:?}: must be 1 to 200 printable characters"
+            );
+        }
+        Ok(id)
+    }
+}
+
+/// This machine's host name, as the kernel has it.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }
 
 /// Alert rules and grouping. Every duration is in seconds; 0 turns its rule off. Unset

@@ -181,7 +181,43 @@ pub(crate) async fn workers_status(State(app): State<AppState>) -> ApiResult {
         events: app.events.stats().into(),
         incidents,
         alerts: crate::alerts::stats(&app),
+        instance: views::InstanceShare::new(
+            app.cluster.as_ref().map(|c| c.stats.snapshot()).as_ref(),
+        ),
         timestamp: views::ts(app.clock.now()),
+    })
+}
+
+pub(crate) async fn instances(State(app): State<AppState>) -> ApiResult {
+    let total = u64::from(fleet_core::cluster::BUCKETS);
+    let Some(cluster) = &app.cluster else {
+        // A store this process has alone: it is the only instance, and owns everything.
+        let servers = active_by_health(&app).await?.values().sum();
+        return ok(views::InstanceList {
+            instances: vec![views::Instance {
+                id: "local".to_owned(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                heartbeat_age_seconds: 0.0,
+                live: true,
+                buckets: total,
+                servers,
+                leader: true,
+                this: true,
+            }],
+            live: 1,
+            buckets_total: total,
+        });
+    };
+    let me = cluster.stats.snapshot().instance_id;
+    let listed = cluster.leases.instances(cluster.ttl).await?;
+    let instances: Vec<views::Instance> = listed
+        .into_iter()
+        .map(|r| views::Instance::new(r, &me))
+        .collect();
+    ok(views::InstanceList {
+        live: instances.iter().filter(|i| i.live).count() as u64,
+        instances,
+        buckets_total: total,
     })
 }
 
@@ -261,7 +297,39 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
     let l = &app.listener;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     let events = app.events.stats();
+    let share =
+        views::InstanceShare::new(app.cluster.as_ref().map(|c| c.stats.snapshot()).as_ref());
     for (name, kind, help, value) in [
+        (
+            "fleet_instances_live",
+            "gauge",
+            "Live instances sharing the fleet, this one included, at its last heartbeat.",
+            share.live_instances,
+        ),
+        (
+            "fleet_buckets_owned",
+            "gauge",
+            "Buckets (of 1,024) this instance owns.",
+            share.buckets_owned,
+        ),
+        (
+            "fleet_lease_takeovers_total",
+            "counter",
+            "Buckets this instance took (free or expired).",
+            share.lease_takeovers,
+        ),
+        (
+            "fleet_fenced_writes_rejected_total",
+            "counter",
+            "Results refused because their bucket changed hands, dropped as superseded.",
+            share.fenced_writes_rejected,
+        ),
+        (
+            "fleet_is_leader",
+            "gauge",
+            "1 while this instance leads fleet-wide jobs.",
+            u64::from(share.leader),
+        ),
         (
             "fleet_api_connections_refused_total",
             "counter",

@@ -115,6 +115,26 @@ pub struct AppState {
     pub(crate) streams: Arc<events::Streams>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) llm: Arc<web::LlmCache>,
+    pub(crate) cluster: Option<Arc<ClusterView>>,
+}
+
+/// What the API shows of a fleet shared among instances.
+pub struct ClusterView {
+    /// Where the instances and leases are listed from.
+    pub leases: Arc<dyn fleet_core::cluster::Leases>,
+    /// This instance's share and counters.
+    pub stats: fleet_core::cluster::ClusterStats,
+    /// The lease TTL: an instance is live while its heartbeat is younger.
+    pub ttl: Duration,
+}
+
+impl std::fmt::Debug for ClusterView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterView")
+            .field("stats", &self.stats.snapshot())
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Who called, by token name, for records such as an acknowledgement.
@@ -178,6 +198,9 @@ pub struct ApiParts {
     pub dashboard: DashboardConfig,
     /// Fires at shutdown: live streams end then, instead of holding their connections.
     pub shutdown: CancellationToken,
+    /// The instances sharing the fleet, when it is shared (PostgreSQL); `None` for a store
+    /// this process has alone, which then owns every bucket.
+    pub cluster: Option<ClusterView>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -223,6 +246,7 @@ impl AppState {
             )),
             dashboard: Arc::new(parts.dashboard),
             shutdown: parts.shutdown,
+            cluster: parts.cluster.map(Arc::new),
             llm: Arc::default(),
         }
     }
@@ -527,7 +551,8 @@ pub fn routes() -> Vec<Route> {
         route((M::GET, "/readyz"), Public, "Ready: the store answers, both workers run, every probe token opens (503 otherwise).", Reply::Readiness(schema::<v::Ready>), get(h::readyz)),
         route((M::GET, "/metrics"), Public, "Prometheus text: worker counters, cycle durations, events, fleet health.", Reply::Text, get(h::prometheus)),
         route((M::GET, "/api/v1/openapi.json"), Public, "This document.", Reply::Document, get(h::openapi)),
-        route((M::GET, "/api/v1/fleet/workers/status"), Admin, "Both workers' statistics and the result events' figures.", ok_json(schema::<v::WorkersStatus>), get(h::workers_status)),
+        route((M::GET, "/api/v1/fleet/workers/status"), Admin, "Both workers' statistics, this instance's share of the fleet and the result events' figures.", ok_json(schema::<v::WorkersStatus>), get(h::workers_status)),
+        route((M::GET, "/api/v1/fleet/instances"), Admin, "The instances sharing the fleet: heartbeat age, buckets and servers owned, the leader, the version.", ok_json(schema::<v::InstanceList>), get(h::instances)),
         route((M::GET, "/api/v1/fleet/servers"), Viewer, "List servers, filtered and paginated.", ok_json(schema::<v::ServerList>), get(h::list_servers))
             .with_query(SERVER_FILTERS),
         route((M::POST, "/api/v1/fleet/servers"), Admin, "Register a server.", created(schema::<v::Server>), post(h::create_server))

@@ -92,6 +92,7 @@ async fn api_with_limit(limit: u32) -> Api {
             ..Default::default()
         },
         shutdown: cancel.clone(),
+        cluster: None,
     });
     Api {
         router: router(state),
@@ -1269,6 +1270,58 @@ async fn the_status_endpoint_has_the_seeds_shape_and_says_why_workers_are_down()
     let v = status().await;
     assert_eq!(v["health_worker"]["servers_by_health"]["unknown"], 1);
     assert_eq!(v["health_worker"]["servers_by_health"]["healthy"], 0);
+}
+
+#[tokio::test]
+async fn a_process_with_its_store_alone_is_the_one_instance_and_owns_every_bucket() {
+    let a = api().await;
+    a.server("s1").await;
+    a.server("s2").await;
+    let v = a
+        .check(
+            Method::GET,
+            "/api/v1/fleet/instances",
+            Some(&a.admin),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(v["live"], 1);
+    assert_eq!(v["instances"][0]["buckets"], 1024);
+    assert_eq!(v["instances"][0]["servers"], 2);
+    assert_eq!(v["instances"][0]["leader"], true);
+    a.check(
+        Method::GET,
+        "/api/v1/fleet/instances",
+        Some(&a.viewer),
+        None,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    let status = a
+        .check(
+            Method::GET,
+            "/api/v1/fleet/workers/status",
+            Some(&a.admin),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(status["instance"]["share"], 1.0);
+    assert_eq!(status["instance"]["id"], Value::Null);
+    let metrics = a
+        .check(Method::GET, "/metrics", None, None, StatusCode::OK)
+        .await;
+    let text = metrics.as_str().unwrap();
+    for line in [
+        "fleet_instances_live 1",
+        "fleet_buckets_owned 1024",
+        "fleet_lease_takeovers_total 0",
+        "fleet_fenced_writes_rejected_total 0",
+        "fleet_is_leader 1",
+    ] {
+        assert!(text.contains(line), "{line} missing");
+    }
 }
 
 #[tokio::test]

@@ -552,8 +552,117 @@ pub struct WorkersStatus {
     /// The alert pipeline's counters; null without alerts.
     #[schema(value_type = Option<Object>)]
     pub alerts: Option<serde_json::Value>,
+    /// This instance's share of the fleet.
+    pub instance: InstanceShare,
     #[schema(format = DateTime)]
     pub timestamp: String,
+}
+
+/// This instance's share of a fleet shared among instances.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceShare {
+    /// This instance's id (`FLEET_INSTANCE_ID`); null for a store this process has alone.
+    pub id: Option<String>,
+    /// Live instances, this one included, at its last heartbeat.
+    pub live_instances: u64,
+    /// Buckets this instance owns.
+    pub buckets_owned: u64,
+    /// Buckets in all (1,024).
+    pub buckets_total: u64,
+    /// `buckets_owned / buckets_total`.
+    pub share: f64,
+    /// Whether this instance leads fleet-wide jobs.
+    pub leader: bool,
+    /// Buckets taken since start.
+    pub lease_takeovers: u64,
+    /// Buckets given up to another instance since start.
+    pub lease_releases: u64,
+    /// Results refused because their bucket changed hands, dropped as superseded.
+    pub fenced_writes_rejected: u64,
+    /// The last heartbeat's error, while heartbeats fail.
+    pub error: Option<String>,
+}
+
+impl InstanceShare {
+    /// The share of `snapshot`, or the whole fleet when not shared.
+    pub fn new(snapshot: Option<&fleet_core::cluster::ShareSnapshot>) -> Self {
+        let total = u64::from(fleet_core::cluster::BUCKETS);
+        match snapshot {
+            None => Self {
+                id: None,
+                live_instances: 1,
+                buckets_owned: total,
+                buckets_total: total,
+                share: 1.0,
+                leader: true,
+                lease_takeovers: 0,
+                lease_releases: 0,
+                fenced_writes_rejected: 0,
+                error: None,
+            },
+            Some(s) => Self {
+                id: Some(s.instance_id.clone()),
+                live_instances: s.live_instances,
+                buckets_owned: s.buckets_owned,
+                buckets_total: total,
+                share: s.buckets_owned as f64 / total as f64,
+                leader: s.leader_epoch.is_some(),
+                lease_takeovers: s.takeovers,
+                lease_releases: s.releases,
+                fenced_writes_rejected: s.fenced_writes_rejected,
+                error: s.last_error.clone(),
+            },
+        }
+    }
+}
+
+/// `GET /api/v1/fleet/instances`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceList {
+    /// Every registered instance, by id.
+    pub instances: Vec<Instance>,
+    /// Instances whose heartbeat is younger than the lease TTL.
+    pub live: u64,
+    /// Buckets in all (1,024).
+    pub buckets_total: u64,
+}
+
+/// One instance.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Instance {
+    pub id: String,
+    pub version: String,
+    /// Seconds since its last heartbeat, by the database's clock.
+    pub heartbeat_age_seconds: f64,
+    /// Its heartbeat is younger than the lease TTL.
+    pub live: bool,
+    /// Buckets it owns.
+    pub buckets: u64,
+    /// Active servers in those buckets.
+    pub servers: u64,
+    /// It leads fleet-wide jobs.
+    pub leader: bool,
+    /// It is the instance answering.
+    pub this: bool,
+}
+
+impl Instance {
+    /// A listed instance; `me` is the answering instance's id.
+    pub fn new(r: fleet_core::cluster::InstanceRecord, me: &str) -> Self {
+        Self {
+            this: r.id == me,
+            id: r.id,
+            version: r.version,
+            heartbeat_age_seconds: r.heartbeat_age_seconds,
+            live: r.live,
+            buckets: r.buckets,
+            servers: r.servers,
+            leader: r.leader,
+        }
+    }
 }
 
 /// `/healthz`.

@@ -338,10 +338,14 @@ impl Membership {
         Ok(())
     }
 
-    /// Heartbeats every interval until `cancel` fires, then leaves: its buckets and the
-    /// leader's lease are released at once, and its instance row removed.
+    /// Heartbeats every interval (the first one interval from now) until `cancel` fires,
+    /// then leaves: its buckets and the leader's lease are released at once, and its
+    /// instance row removed.
     pub async fn run(mut self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(self.times.heartbeat);
+        // The first round is the caller's (before its workers select), so the loop waits one
+        // heartbeat first.
+        let mut tick =
+            tokio::time::interval_at(Instant::now() + self.times.heartbeat, self.times.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

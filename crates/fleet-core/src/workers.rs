@@ -115,6 +115,37 @@ fn failed_check(
 
 /// The health worker's work: probe every active server, stalest first.
 ///
+/// When this process last started a scheduled check of each server it selects, in tokio time. A
+/// scheduled check is due 0.9 x interval after the later of this and the store's record: the
+/// store's lags while results wait in the buffer (after an outage, the first selection finds
+/// the stored times stale by the whole outage), and this one is lost at a restart.
+#[derive(Clone, Debug, Default)]
+struct LastChecked(Arc<Mutex<HashMap<ServerId, Instant>>>);
+
+impl LastChecked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ServerId, Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, id: ServerId, at: Instant) {
+        self.lock().insert(id, at);
+    }
+
+    /// The shorter of the store's age and this process's.
+    fn ago(&self, target: &ProbeTarget) -> Option<Duration> {
+        let local = self.lock().get(&target.id).map(|at| at.elapsed());
+        match (target.checked_ago, local) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Forgets servers no longer selected, so the map stays the selection's size.
+    fn keep(&self, selected: &HashSet<ServerId>) {
+        self.lock().retain(|id, _| selected.contains(id));
+    }
+}
+
 /// Clones share the last known health of every server, from which each result's event takes
 /// its true previous health: while the store is away the engine re-checks the last cycle's
 /// targets, whose selected health is stale, and the same change must not be announced again.
@@ -123,6 +154,7 @@ pub struct HealthWork {
     store: Arc<dyn Store>,
     probe: Arc<dyn HealthProbe>,
     known: Arc<Mutex<HashMap<ServerId, Option<HealthStatus>>>>,
+    last: LastChecked,
 }
 
 impl std::fmt::Debug for HealthWork {
@@ -141,6 +173,7 @@ impl HealthWork {
             store,
             probe,
             known: Arc::default(),
+            last: LastChecked::default(),
         }
     }
 
@@ -168,6 +201,7 @@ impl Work for HealthWork {
         // Forget servers that are no longer probed, so the map stays the fleet's size.
         let selected: HashSet<ServerId> = targets.iter().map(|t| t.id).collect();
         self.known().retain(|id, _| selected.contains(id));
+        self.last.keep(&selected);
         Ok(targets)
     }
 
@@ -176,7 +210,11 @@ impl Work for HealthWork {
     }
 
     fn checked_ago(&self, target: &ProbeTarget) -> Option<Duration> {
-        target.checked_ago
+        self.last.ago(target)
+    }
+
+    fn started(&self, target: &ProbeTarget, at: Instant) {
+        self.last.record(target.id, at);
     }
 
     async fn run(
@@ -295,6 +333,7 @@ pub struct MetricsWork {
     store: Arc<dyn Store>,
     collector: Arc<dyn MetricsCollector>,
     storage_check: Option<Arc<dyn StorageCheck>>,
+    last: LastChecked,
 }
 
 impl std::fmt::Debug for MetricsWork {
@@ -312,6 +351,7 @@ impl MetricsWork {
             store,
             collector,
             storage_check: None,
+            last: LastChecked::default(),
         }
     }
 
@@ -352,7 +392,9 @@ impl Work for MetricsWork {
     }
 
     async fn select(&self) -> Result<Vec<ProbeTarget>, StoreError> {
-        self.store.metrics_targets().await
+        let targets = self.store.metrics_targets().await?;
+        self.last.keep(&targets.iter().map(|t| t.id).collect());
+        Ok(targets)
     }
 
     fn name<'a>(&self, target: &'a ProbeTarget) -> &'a str {
@@ -360,7 +402,11 @@ impl Work for MetricsWork {
     }
 
     fn checked_ago(&self, target: &ProbeTarget) -> Option<Duration> {
-        target.checked_ago
+        self.last.ago(target)
+    }
+
+    fn started(&self, target: &ProbeTarget, at: Instant) {
+        self.last.record(target.id, at);
     }
 
     async fn run(

@@ -1072,11 +1072,19 @@ async fn a_target_checked_recently_is_held_until_due_within_the_cycle() {
     let selections = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let n = selections.clone();
     store.expect_health_targets().returning(move || {
-        // The first selection works; later ones fail, so the last targets are repeated.
-        if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-            Ok(targets.clone())
-        } else {
-            Err(fleet_core::StoreError::unavailable("down"))
+        // The first selection works; the second fails, so the last targets are repeated; the
+        // third works again, with ages as stale as a store that has not taken the results
+        // of the repeat yet.
+        match n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => Ok(targets.clone()),
+            1 => Err(fleet_core::StoreError::unavailable("down")),
+            _ => Ok(targets
+                .iter()
+                .map(|t| fleet_core::ProbeTarget {
+                    checked_ago: Some(60 * SEC),
+                    ..t.clone()
+                })
+                .collect()),
         }
     });
     store.expect_record_health().returning(|_| Ok(()));
@@ -1094,7 +1102,7 @@ async fn a_target_checked_recently_is_held_until_due_within_the_cycle() {
             Rig::clock(),
         )
         .spawn(cancel.clone());
-    wait_until(30 * SEC, || h.stats().snapshot().cycles == 2).await;
+    wait_until(40 * SEC, || h.stats().snapshot().cycles == 3).await;
     cancel.cancel();
     h.stopped().await;
     let starts: Vec<(String, u128)> = probe
@@ -1112,6 +1120,11 @@ async fn a_target_checked_recently_is_held_until_due_within_the_cycle() {
             ("s000".to_owned(), 10_000),
             ("s002".to_owned(), 10_000),
             ("s001".to_owned(), 15_000),
+            // The store's ages are stale; this process's own start times still hold s001
+            // until 0.9 x interval after its last start.
+            ("s000".to_owned(), 20_000),
+            ("s002".to_owned(), 20_000),
+            ("s001".to_owned(), 24_000),
         ]
     );
 }

@@ -516,6 +516,25 @@ impl PgStore {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
             .await
             .map_err(db_error)?;
+        // A shared store drops history only as the leader, under the leader's fence: a paused
+        // former leader waking up cannot run retention over its successor.
+        if let Some(m) = &self.member {
+            let Some(epoch) = m.stats.snapshot().leader_epoch else {
+                return Ok(Vec::new());
+            };
+            let fenced = tx
+                .query_opt(
+                    "SELECT 1 FROM fleet_leader WHERE owner = $1 AND epoch = $2 FOR SHARE",
+                    &[&&*m.id, &epoch],
+                )
+                .await
+                .map_err(db_error)?;
+            if fenced.is_none() {
+                m.stats.add_rejected(1);
+                tracing::info!(target: "fleet::pg", "partition retention skipped: this instance no longer leads");
+                return Ok(Vec::new());
+            }
+        }
         let mut dropped = Vec::new();
         for (table, keep) in [
             (PARTITIONED[0], self.policy.health_retention_months),

@@ -57,14 +57,32 @@ pub async fn until_ready(
     }
 }
 
-/// Runs the partition upkeep every `period` until `cancel` fires. Failures are logged and
-/// retried at the next period; the metrics worker's storage check repairs in between.
-pub async fn maintain_every(store: &PgStore, period: Duration, cancel: &CancellationToken) {
+/// Runs the partition upkeep every `period` until `cancel` fires, and at once the first time
+/// `leads` says this instance leads (retention is a leader's job; a shared store also checks
+/// the leader's fence itself). Failures are logged and retried at the next period; the
+/// metrics worker's storage check repairs in between.
+pub async fn maintain_every(
+    store: &PgStore,
+    period: Duration,
+    cancel: &CancellationToken,
+    leads: impl Fn() -> bool,
+) {
+    // Leadership is checked often, so that a new leader runs the retention it missed.
+    let poll = period.min(Duration::from_secs(5));
+    let mut next = tokio::time::Instant::now() + period;
+    let mut led = false;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(period) => {}
+            () = tokio::time::sleep(poll) => {}
         }
+        let leading = leads();
+        let due = tokio::time::Instant::now() >= next || (leading && !led);
+        led = leading;
+        if !due {
+            continue;
+        }
+        next = tokio::time::Instant::now() + period;
         if let Err(e) = store.maintain().await {
             tracing::error!(target: "fleet::pg", error = %e, "partition maintenance failed: {e}");
         }

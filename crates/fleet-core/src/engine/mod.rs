@@ -54,6 +54,10 @@ pub trait Work: Send + Sync + 'static {
         None
     }
 
+    /// Called as a cycle starts a check of `target`, at `at`: a work may remember it, so that
+    /// [`Work::checked_ago`] knows of checks whose results the store has not taken yet.
+    fn started(&self, _target: &Self::Target, _at: Instant) {}
+
     /// Runs one check, started at `started`, which must finish by `deadline`. `Err` when
     /// Fleet could not check through its own fault: nothing is recorded for the target.
     async fn run(
@@ -469,7 +473,9 @@ where
                     () = cancel.cancelled() => return Some(Instant::now()),
                     permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                 };
-                starts.push(started.elapsed());
+                let now = Instant::now();
+                starts.push(now - started);
+                self.work.started(&target, now);
                 let check = self.check();
                 running.spawn(async move {
                     check.run(target).await;
