@@ -100,6 +100,7 @@ async fn storm() {
     };
     let handle = AlertService::spawn(
         AlertParts {
+            leads: None,
             store: Arc::new(pg.clone()),
             servers: Arc::new(pg.clone()),
             notifier: notifier.clone(),

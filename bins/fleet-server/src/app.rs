@@ -232,6 +232,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
             )?;
             Some(fleet_alerts::AlertService::spawn(
                 fleet_alerts::AlertParts {
+                    leads: leader.clone(),
                     store: store.clone(),
                     servers: parts.servers.clone(),
                     notifier: Arc::new(notifier),

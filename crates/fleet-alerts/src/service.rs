@@ -238,6 +238,11 @@ pub struct AlertParts {
     pub events: Events,
     /// The health worker's interval (writes failing for two of them raise the storage rule).
     pub health_interval: Duration,
+    /// When the fleet is shared among instances: this instance's share, whose leader flag
+    /// says whether it evaluates. Only the leader opens incidents, so that two instances
+    /// never group the same alerts twice; it evaluates the results of its own checks (see
+    /// docs/scaling.md). `None`: this process evaluates every result.
+    pub leads: Option<fleet_core::cluster::ClusterStats>,
 }
 
 impl std::fmt::Debug for AlertParts {
@@ -373,6 +378,7 @@ impl AlertService {
             wake,
             reload,
             health_interval: parts.health_interval,
+            leads: parts.leads,
             rules: HashMap::new(),
             engine: Engine::new(),
             directory: HashMap::new(),
@@ -426,6 +432,7 @@ struct Evaluator {
     wake: Arc<Notify>,
     reload: Arc<Notify>,
     health_interval: Duration,
+    leads: Option<fleet_core::cluster::ClusterStats>,
     rules: HashMap<ServerId, ServerRules>,
     engine: Engine,
     directory: HashMap<ServerId, ServerInfo>,
@@ -465,20 +472,10 @@ impl Evaluator {
         cancel: CancellationToken,
     ) {
         // Start from what is stored: firing alerts and open incidents survive a restart.
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match self.restore().await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(target: "fleet::alerts", error = %e, "cannot load alert state; retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
+        if self.leads() && !self.load(&cancel).await {
+            return;
         }
+        let mut active = self.leads();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
@@ -490,6 +487,10 @@ impl Evaluator {
                 () = self.reload.notified() => self.refresh_routing().await,
                 received = events.recv() => {
                     let Some(received) = received else { break };
+                    if !active {
+                        // Another instance leads: it alone evaluates and opens incidents.
+                        continue;
+                    }
                     self.receive(received).await;
                     // Take what else is queued, then write it all in one transaction.
                     for _ in 0..4_096 {
@@ -501,6 +502,26 @@ impl Evaluator {
                     self.flush().await;
                 }
                 _ = tick.tick() => {
+                    let leads = self.leads();
+                    if leads != active {
+                        active = leads;
+                        if leads {
+                            tracing::info!(target: "fleet::alerts", "this instance leads: evaluating alerts from the stored state");
+                            if !self.load(&cancel).await {
+                                return;
+                            }
+                        } else {
+                            tracing::info!(target: "fleet::alerts", "another instance leads: alert evaluation stops here");
+                            self.flush().await;
+                            self.rules.clear();
+                            self.engine = Engine::new();
+                            self.transitions.clear();
+                            self.effects.clear();
+                        }
+                    }
+                    if !active {
+                        continue;
+                    }
                     if ticks.is_multiple_of(5) {
                         self.refresh_routing().await;
                     }
@@ -520,7 +541,34 @@ impl Evaluator {
         self.flush().await;
     }
 
+    /// Whether this instance evaluates: always, unless the fleet is shared and another
+    /// instance leads.
+    fn leads(&self) -> bool {
+        self.leads
+            .as_ref()
+            .is_none_or(|s| s.snapshot().leader_epoch.is_some())
+    }
+
+    /// Restores the stored state, retrying with backoff; false when cancelled first.
+    async fn load(&mut self, cancel: &CancellationToken) -> bool {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.restore().await {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(target: "fleet::alerts", error = %e, "cannot load alert state; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return false,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
     async fn restore(&mut self) -> Result<(), StoreError> {
+        self.rules.clear();
         self.refresh_directory().await;
         self.refresh_routing().await;
         let phases = self.store.alert_phases().await?;
@@ -1041,6 +1089,13 @@ mod tests {
     }
 
     async fn shell(cfg: AlertConfig) -> Shell {
+        shell_shared(cfg, None).await
+    }
+
+    async fn shell_shared(
+        cfg: AlertConfig,
+        leads: Option<fleet_core::cluster::ClusterStats>,
+    ) -> Shell {
         let registry = Arc::new(InMemoryStore::new());
         let mut new = NewServer::new("web-1", "http://127.0.0.1:9");
         new.region = Some("eu".into());
@@ -1063,6 +1118,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let handle = AlertService::spawn(
             AlertParts {
+                leads,
                 store: store.clone(),
                 servers: registry,
                 notifier: notifier.clone(),
@@ -1121,6 +1177,30 @@ mod tests {
     }
 
     use HealthStatus::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn in_a_shared_fleet_only_the_leader_evaluates_and_a_new_leader_starts_from_the_store() {
+        let share = fleet_core::cluster::ClusterStats::new("b:1");
+        let s = shell_shared(AlertConfig::default(), Some(share.clone())).await;
+        s.checks(&[Critical, Critical, Critical]).await;
+        assert!(s.kinds().is_empty(), "a follower opened an incident");
+        assert_eq!(s.handle.stats().results, 0);
+        // It becomes the leader: results are evaluated from then on.
+        share.set_leader(Some(2));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        s.checks(&[Critical, Critical, Critical]).await;
+        assert_eq!(s.kinds(), ["firing"]);
+        // It stops leading: nothing more is evaluated here, not even the recovery.
+        share.set_leader(None);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        s.checks(&[Healthy, Healthy, Healthy]).await;
+        assert_eq!(s.kinds(), ["firing"]);
+        // Leading again, it restores the firing alert and resolves it.
+        share.set_leader(Some(4));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        s.checks(&[Healthy, Healthy, Healthy]).await;
+        assert_eq!(s.kinds(), ["firing", "resolved"]);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn results_become_one_announced_and_one_resolved_notice() {
@@ -1264,6 +1344,7 @@ mod storm {
         let _stop = cancel.clone().drop_guard();
         let handle = AlertService::spawn(
             AlertParts {
+                leads: None,
                 store: store.clone(),
                 servers: registry,
                 notifier: notifier.clone(),

@@ -62,6 +62,7 @@ async fn api_with_limit(limit: u32) -> Api {
     let cancel = tokio_util::sync::CancellationToken::new();
     let handle = fleet_alerts::AlertService::spawn(
         fleet_alerts::AlertParts {
+            leads: None,
             store: alerts.clone(),
             servers: memory.clone(),
             notifier: notifier.clone(),

@@ -230,6 +230,12 @@ impl ClusterStats {
         }
     }
 
+    /// Records whether this instance leads, and under which epoch. [`Membership`] keeps it;
+    /// an embedder electing its leader otherwise sets it here.
+    pub fn set_leader(&self, epoch: Option<i64>) {
+        self.lock().leader_epoch = epoch;
+    }
+
     /// The figures now.
     pub fn snapshot(&self) -> ShareSnapshot {
         let mut s = self.lock().clone();
