@@ -17,14 +17,23 @@ const ADMIN: &str = "bootstrap-admin-token-scaleout-0001";
 
 /// The tests time processes against each other: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-/// The health interval, in seconds; metrics every twice that.
-const INTERVAL: f64 = 2.0;
-/// The lease TTL, in seconds, and the heartbeat.
-const TTL: f64 = 2.0;
-const HEARTBEAT: f64 = 0.5;
-
 fn long() -> bool {
     std::env::var("FLEET_LONG").is_ok_and(|v| v == "1")
+}
+
+/// The health interval, in seconds (metrics every twice that), the lease TTL and the
+/// heartbeat: short here, the harness's in the long forms.
+fn times() -> (f64, f64, f64) {
+    if long() {
+        (5.0, 6.0, 1.0)
+    } else {
+        (2.0, 2.0, 0.5)
+    }
+}
+
+/// The simulated fleet's size: `short` here, 3,000 in the long forms.
+fn servers(short: usize) -> usize {
+    if long() { 3_000 } else { short }
 }
 
 fn secs(s: f64) -> Duration {
@@ -40,18 +49,19 @@ struct Instance {
 
 impl Instance {
     fn start(db_url: &str, id: &str) -> Self {
+        let (interval, ttl, heartbeat) = times();
         let listen = format!("127.0.0.1:{}", free_port());
         let mut cmd = fleet_tests::server_cmd(db_url, &["serve"]);
         cmd.env("FLEET_ADMIN_TOKEN", ADMIN)
             .env("FLEET_LISTEN", &listen)
             .env("FLEET_INSTANCE_ID", id)
             .env("FLEET_LOG", "info")
-            .env("FLEET_HEALTH_INTERVAL", INTERVAL.to_string())
+            .env("FLEET_HEALTH_INTERVAL", interval.to_string())
             .env("FLEET_HEALTH_TIMEOUT", "1")
-            .env("FLEET_METRICS_INTERVAL", (2.0 * INTERVAL).to_string())
+            .env("FLEET_METRICS_INTERVAL", (2.0 * interval).to_string())
             .env("FLEET_METRICS_TIMEOUT", "1")
-            .env("FLEET_HEARTBEAT_INTERVAL", HEARTBEAT.to_string())
-            .env("FLEET_LEASE_TTL", TTL.to_string())
+            .env("FLEET_HEARTBEAT_INTERVAL", heartbeat.to_string())
+            .env("FLEET_LEASE_TTL", ttl.to_string())
             .env("FLEET_SHUTDOWN_GRACE", "2")
             .env("FLEET_ALERTS", "false");
         Self {
@@ -124,13 +134,14 @@ impl Db {
     /// Scheduled checks (health, then metrics) of one server less than 0.9 x interval apart,
     /// over the whole stored history.
     async fn duplicates(&self) -> (i64, i64) {
+        let (interval, _, _) = times();
         let health = self
             .one(&format!(
                 "SELECT count(*) FROM (
                      SELECT timestamp - lag(timestamp) OVER (PARTITION BY server_id ORDER BY timestamp) AS gap
                      FROM server_health_checks WHERE NOT manual) g
                  WHERE gap < make_interval(secs => {})",
-                0.9 * INTERVAL
+                0.9 * interval
             ))
             .await;
         let metrics = self
@@ -139,7 +150,7 @@ impl Db {
                      SELECT timestamp - lag(timestamp) OVER (PARTITION BY server_id ORDER BY timestamp) AS gap
                      FROM server_metrics_aggregated) g
                  WHERE gap < make_interval(secs => {})",
-                0.9 * 2.0 * INTERVAL
+                0.9 * 2.0 * interval
             ))
             .await;
         (health, metrics)
@@ -147,9 +158,10 @@ impl Db {
 
     /// Whether the leader's lease is held, unexpired, by a live instance.
     async fn leader_is_live(&self) -> bool {
+        let (_, ttl, _) = times();
         self.one(&format!(
             "SELECT count(*) FROM fleet_leader l JOIN fleet_instances i ON i.id = l.owner
-             WHERE l.expires_at > now() AND i.heartbeat_at > now() - make_interval(secs => {TTL})"
+             WHERE l.expires_at > now() AND i.heartbeat_at > now() - make_interval(secs => {ttl})"
         ))
         .await
             == 1
@@ -203,7 +215,7 @@ impl Rig {
         let wanted: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
         wait_for(
             "the buckets to be shared among the instances",
-            Duration::from_secs(30),
+            Duration::from_secs(60),
             || async {
                 let owners = self.db.owners().await;
                 owners
@@ -217,7 +229,7 @@ impl Rig {
     /// Waits until every server has at least `n` scheduled health checks stored.
     async fn every_server_checked(&self, n: i64) {
         let total = self.fleet.servers().len() as i64;
-        wait_for("every server checked", Duration::from_secs(30), || async {
+        wait_for("every server checked", Duration::from_secs(90), || async {
             self.db
                 .one(&format!(
                     "SELECT count(*) FROM (SELECT server_id FROM server_health_checks
@@ -230,11 +242,39 @@ impl Rig {
     }
 
     async fn assert_no_duplicates(&self) {
-        assert_eq!(
-            self.db.duplicates().await,
-            (0, 0),
-            "scheduled checks less than 0.9 x interval apart"
-        );
+        let found = self.db.duplicates().await;
+        if found != (0, 0) {
+            let (interval, _, _) = times();
+            let client = self.db.pool.get().await.unwrap();
+            let rows = client
+                .query(
+                    &format!(
+                        "(SELECT server_id::text, prev::text, timestamp::text FROM (
+                             SELECT server_id, timestamp,
+                                    lag(timestamp) OVER (PARTITION BY server_id ORDER BY timestamp) AS prev
+                             FROM server_health_checks WHERE NOT manual) g
+                         WHERE timestamp - prev < make_interval(secs => {}) LIMIT 10)
+                         UNION ALL (
+                         SELECT 'metrics ' || server_id::text, prev::text, timestamp::text FROM (
+                             SELECT server_id, timestamp,
+                                    lag(timestamp) OVER (PARTITION BY server_id ORDER BY timestamp) AS prev
+                             FROM server_metrics_aggregated) g
+                         WHERE timestamp - prev < make_interval(secs => {}) LIMIT 10)",
+                        0.9 * interval,
+                        1.8 * interval
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            let pairs: Vec<(String, String, String)> = rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            panic!(
+                "scheduled checks less than 0.9 x interval apart: {found:?}; health: {pairs:#?}"
+            );
+        }
     }
 }
 
@@ -257,7 +297,8 @@ async fn servers_of(db: &Db, id: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instances_servers_are_checked_again_by_the_others_without_duplicates() {
     let _serial = SERIAL.lock().await;
-    let rig = Rig::start(150, "healthy=1", None).await;
+    let rig = Rig::start(servers(150), "healthy=1", None).await;
+    let (interval, ttl, _) = times();
     let mut instances: Vec<Instance> = ["i1", "i2", "i3"]
         .iter()
         .map(|id| rig.instance(id))
@@ -266,6 +307,7 @@ async fn a_killed_instances_servers_are_checked_again_by_the_others_without_dupl
     rig.every_server_checked(2).await;
     let trials = if long() { 20 } else { 1 };
     let mut worst_gap: f64 = 0.0;
+    let mut slowest_recheck = Duration::ZERO;
     for trial in 0..trials {
         // Kill the instance that owns the most servers, without a word (SIGKILL).
         let victim = trial % instances.len();
@@ -277,6 +319,7 @@ async fn a_killed_instances_servers_are_checked_again_by_the_others_without_dupl
             .one("SELECT (extract(epoch FROM now()) * 1000)::int8")
             .await;
         instances[victim].signal("-KILL");
+        let killed = std::time::Instant::now();
         // Each of its servers is checked again by another instance: after the TTL, a
         // heartbeat and at most a cycle.
         let list = orphans
@@ -287,7 +330,7 @@ async fn a_killed_instances_servers_are_checked_again_by_the_others_without_dupl
         let orphan_count = orphans.len() as i64;
         wait_for(
             "the killed instance's servers checked again",
-            Duration::from_secs(30),
+            Duration::from_secs(60),
             || async {
                 rig.db
                     .one(&format!(
@@ -299,6 +342,7 @@ async fn a_killed_instances_servers_are_checked_again_by_the_others_without_dupl
             },
         )
         .await;
+        slowest_recheck = slowest_recheck.max(killed.elapsed());
         // The longest gap of any of them across the kill: the TTL and one check window, plus
         // a heartbeat and the pace of a cycle.
         let gap_ms = rig
@@ -311,7 +355,7 @@ async fn a_killed_instances_servers_are_checked_again_by_the_others_without_dupl
             .await;
         worst_gap = worst_gap.max(gap_ms as f64 / 1000.0);
         assert!(
-            (gap_ms as f64) < 1000.0 * (TTL + 3.0 * INTERVAL + 2.0),
+            (gap_ms as f64) < 1000.0 * (ttl + 3.0 * interval + 2.0),
             "a server waited {gap_ms} ms"
         );
         wait_for("a live leader", Duration::from_secs(15), || async {
@@ -323,7 +367,12 @@ async fn a_killed_instances_servers_are_checked_again_by_the_others_without_dupl
         instances[victim] = rig.instance(&id);
         rig.settled(&["i1", "i2", "i3"]).await;
     }
-    eprintln!("kill trials: {trials}, longest gap of a killed instance's server: {worst_gap:.2}s");
+    eprintln!(
+        "FIGURE kill: {trials} trials, {} servers, interval {interval}s, TTL {ttl}s: every server of the killed instance checked again within {:.1}s of the kill (slowest trial); longest gap of any of them {worst_gap:.2}s; duplicates {:?}",
+        rig.fleet.servers().len(),
+        slowest_recheck.as_secs_f64(),
+        rig.db.duplicates().await
+    );
     rig.assert_no_duplicates().await;
     for i in &instances {
         i.proc.terminate_quietly();
@@ -333,7 +382,8 @@ async fn a_killed_instances_servers_are_checked_again_by_the_others_without_dupl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_instance_cannot_write_over_its_successor_and_rejoins() {
     let _serial = SERIAL.lock().await;
-    let rig = Rig::start(120, "healthy=1,slow=1", None).await;
+    let rig = Rig::start(servers(120), "healthy=1,slow=1", None).await;
+    let (interval, _, _) = times();
     let instances: Vec<Instance> = ["p1", "p2", "p3"]
         .iter()
         .map(|id| rig.instance(id))
@@ -364,7 +414,7 @@ async fn a_paused_instance_cannot_write_over_its_successor_and_rejoins() {
             || async { rig.db.buckets_of(&id).await == 0 },
         )
         .await;
-        tokio::time::sleep(secs(INTERVAL)).await;
+        tokio::time::sleep(secs(interval)).await;
         paused.signal("-CONT");
         // Its late writes are refused and counted, and it rejoins.
         wait_for(
@@ -385,7 +435,11 @@ async fn a_paused_instance_cannot_write_over_its_successor_and_rejoins() {
             - before;
         assert_eq!(after["health_worker"]["results_dropped"], 0, "{after}");
     }
-    eprintln!("pause trials: {trials}, late writes refused: {rejected_total}");
+    eprintln!(
+        "FIGURE pause: {trials} trials, {} servers (half slow), each paused past the TTL with checks in flight: {rejected_total} late writes refused and counted, every instance rejoined; duplicates {:?}",
+        rig.fleet.servers().len(),
+        rig.db.duplicates().await
+    );
     rig.assert_no_duplicates().await;
     for i in &instances {
         i.proc.terminate_quietly();
@@ -395,7 +449,7 @@ async fn a_paused_instance_cannot_write_over_its_successor_and_rejoins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joiner_takes_about_its_share_and_a_leaver_hands_its_own_over_at_once() {
     let _serial = SERIAL.lock().await;
-    let rig = Rig::start(100, "healthy=1", None).await;
+    let rig = Rig::start(servers(100), "healthy=1", None).await;
     let a = rig.instance("j1");
     let b = rig.instance("j2");
     let c = rig.instance("j3");
@@ -418,6 +472,11 @@ async fn a_joiner_takes_about_its_share_and_a_leaver_hands_its_own_over_at_once(
     assert!(
         (180..=340).contains(&moved.len()),
         "{} buckets moved to the 4th instance, expected about 256",
+        moved.len()
+    );
+    eprintln!(
+        "FIGURE join: {} servers; a 4th instance joined 3: {} of 1024 buckets moved, all to it, none between the others",
+        rig.fleet.servers().len(),
         moved.len()
     );
     let listed = a.api.get("/api/v1/fleet/instances").await.unwrap().1;
@@ -465,7 +524,8 @@ async fn a_joiner_takes_about_its_share_and_a_leaver_hands_its_own_over_at_once(
 async fn a_database_outage_under_three_instances_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
     let cluster = PrivateCluster::start();
-    let rig = Rig::start(90, "healthy=1", Some(&cluster.url())).await;
+    let rig = Rig::start(servers(90), "healthy=1", Some(&cluster.url())).await;
+    let (_, ttl, _) = times();
     let instances: Vec<Instance> = ["o1", "o2", "o3"]
         .iter()
         .map(|id| rig.instance(id))
@@ -480,7 +540,7 @@ async fn a_database_outage_under_three_instances_loses_and_duplicates_nothing() 
         let v = i.status().await.unwrap();
         refused_before.push(v["instance"]["fenced_writes_rejected"].as_u64().unwrap());
     }
-    let outage = if long() { 120.0 } else { 4.0 * TTL };
+    let outage = if long() { 120.0 } else { 4.0 * ttl };
     tokio::task::block_in_place(|| cluster.stop());
     tokio::time::sleep(secs(outage)).await;
     tokio::task::block_in_place(|| cluster.start_again());
@@ -521,6 +581,11 @@ async fn a_database_outage_under_three_instances_loses_and_duplicates_nothing() 
     assert!(
         stored >= written,
         "stored {stored} of {written} written (rows when the database came back: {start_rows:?})"
+    );
+    eprintln!(
+        "FIGURE outage: {} servers, 3 instances, PostgreSQL stopped {outage}s: {stored} rows stored >= {written} written, 0 dropped, 0 refused; duplicates {:?}",
+        rig.fleet.servers().len(),
+        rig.db.duplicates().await
     );
     rig.assert_no_duplicates().await;
     for i in &instances {

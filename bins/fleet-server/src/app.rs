@@ -314,18 +314,26 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                     }
                 }
             }
+            let interval = health_cfg.interval;
+            let health = health
+                .worker(health_cfg, parts.clock.clone())
+                .with_events(events.clone());
+            let mut metrics = MetricsWork::new(as_store, parts.collector);
+            if let Some(pg) = &parts.pg {
+                metrics = metrics.with_storage_check(pg.clone());
+            }
+            let metrics = metrics.worker(metrics_cfg, parts.clock).with_events(events);
             if let Some((mut membership, _)) = parts.membership {
                 // Take buckets (a restarted instance: its own, at once) before the first
-                // selection; a failure here is retried by the heartbeat loop.
+                // selection; a failure here is retried by the heartbeat loop. Buckets taken
+                // later are caught up at once, not at the next tick.
                 let _ = membership.round().await;
+                membership.on_takeover(health.catch_up());
+                membership.on_takeover(metrics.catch_up());
                 *membership_task.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(tokio::spawn(membership.run(leave)));
             }
-            let interval = health_cfg.interval;
-            let h = health
-                .worker(health_cfg, parts.clock.clone())
-                .with_events(events.clone())
-                .spawn(cancel.clone());
+            let h = health.spawn(cancel.clone());
             workers.write().unwrap_or_else(|p| p.into_inner()).health = Some(h.stats().clone());
             if parts.metrics_after_health {
                 let stats = h.stats().clone();
@@ -336,14 +344,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                 };
                 let _ = tokio::time::timeout(interval, first_cycle).await;
             }
-            let mut metrics = MetricsWork::new(as_store, parts.collector);
-            if let Some(pg) = &parts.pg {
-                metrics = metrics.with_storage_check(pg.clone());
-            }
-            let m = metrics
-                .worker(metrics_cfg, parts.clock)
-                .with_events(events)
-                .spawn(cancel.clone());
+            let m = metrics.spawn(cancel.clone());
             {
                 let mut w = workers.write().unwrap_or_else(|p| p.into_inner());
                 w.metrics = Some(m.stats().clone());

@@ -253,6 +253,9 @@ pub struct Membership {
     /// Takeovers of expired leases wait until then: one TTL after the backend came back.
     takeover_gate: Option<Instant>,
     failing: bool,
+    /// Workers asked to catch up when buckets are taken, so that their overdue servers are
+    /// checked without waiting for the next tick.
+    catch_ups: Vec<crate::engine::CatchUp>,
 }
 
 impl std::fmt::Debug for Membership {
@@ -274,7 +277,13 @@ impl Membership {
             times,
             takeover_gate: None,
             failing: false,
+            catch_ups: Vec::new(),
         }
+    }
+
+    /// Asks `worker` to catch up whenever this instance takes buckets.
+    pub fn on_takeover(&mut self, worker: crate::engine::CatchUp) {
+        self.catch_ups.push(worker);
     }
 
     /// The figures this membership keeps; hand them to the store for its rejected writes.
@@ -329,6 +338,11 @@ impl Membership {
                 .await?
         };
         let leader = self.leases.lead(&self.me.id, ttl, take_expired).await?;
+        if !taken.is_empty() {
+            for worker in &self.catch_ups {
+                worker.request();
+            }
+        }
         if !taken.is_empty() || released > 0 {
             tracing::info!(target: "fleet::cluster", taken = taken.len(), released, live = beat.live.len(), "took {} buckets, released {released}", taken.len());
         }

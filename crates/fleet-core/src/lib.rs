@@ -105,8 +105,8 @@ pub mod testing;
 pub use classify::{Classification, classify};
 pub use clock::{Clock, SystemClock};
 pub use engine::{
-    CheckError, ConfigError, CycleSummary, ShutdownReport, StatsHandle, Tally, Work, Worker,
-    WorkerConfig, WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats, check_now,
+    CatchUp, CheckError, ConfigError, CycleSummary, ShutdownReport, StatsHandle, Tally, Work,
+    Worker, WorkerConfig, WorkerConfigBuilder, WorkerHandle, WorkerKind, WorkerStats, check_now,
     check_once,
 };
 pub use events::{Event, EventStats, Events, Problem, Received, SubscriberStats, Subscription};

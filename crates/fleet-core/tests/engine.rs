@@ -1061,8 +1061,9 @@ fn aged(i: usize, checked_ago: Option<Duration>) -> fleet_core::ProbeTarget {
 
 #[tokio::test(start_paused = true)]
 async fn a_target_checked_recently_is_held_until_due_within_the_cycle() {
-    // Interval 10 s: due 9 s after the last check. s000 was never checked, s001 4 s ago,
-    // s002 20 s ago; s001 waits 5 s into the cycle, and the others are not held behind it.
+    // Interval 10 s: due 9.02 s after the last check (0.9 x interval and 0.2 % for clock
+    // drift). s000 was never checked, s001 4 s ago, s002 20 s ago; s001 waits 5.02 s into
+    // the cycle, and the others are not held behind it.
     let targets = vec![
         aged(1, Some(4 * SEC)),
         aged(0, None),
@@ -1115,16 +1116,69 @@ async fn a_target_checked_recently_is_held_until_due_within_the_cycle() {
         [
             ("s000".to_owned(), 0),
             ("s002".to_owned(), 0),
-            ("s001".to_owned(), 5_000),
+            ("s001".to_owned(), 5_020),
             // The repeat while selecting fails keeps each target's offset in its cycle.
             ("s000".to_owned(), 10_000),
             ("s002".to_owned(), 10_000),
-            ("s001".to_owned(), 15_000),
+            ("s001".to_owned(), 15_020),
             // The store's ages are stale; this process's own start times still hold s001
             // until 0.9 x interval after its last start.
             ("s000".to_owned(), 20_000),
             ("s002".to_owned(), 20_000),
-            ("s001".to_owned(), 24_000),
+            ("s001".to_owned(), 24_040),
         ]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_catch_up_checks_only_what_is_due_between_cycles_and_keeps_the_grid() {
+    // s000 is there from the start; s001 arrives (a bucket taken over) at 3 s, when a
+    // catch-up is asked for.
+    let (s0, s1) = (aged(0, None), aged(1, None));
+    let mut store = MockStore::new();
+    let selections = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let n = selections.clone();
+    store.expect_health_targets().returning(move || {
+        Ok(match n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => vec![s0.clone()],
+            _ => vec![s0.clone(), s1.clone()],
+        })
+    });
+    store.expect_record_health().returning(|_| Ok(()));
+    let probe = Arc::new(ScriptedProbe::new(healthy()));
+    let cancel = CancellationToken::new();
+    let t0 = Instant::now();
+    let worker = HealthWork::new(Arc::new(store), probe.clone()).worker(
+        health()
+            .interval(10 * SEC)
+            .timeout(2 * SEC)
+            .build()
+            .unwrap(),
+        Rig::clock(),
+    );
+    let catch_up = worker.catch_up();
+    let h = worker.spawn(cancel.clone());
+    sleep(3 * SEC).await;
+    catch_up.request();
+    wait_until(20 * SEC, || h.stats().snapshot().cycles == 2).await;
+    sleep(3 * SEC).await;
+    cancel.cancel();
+    h.stopped().await;
+    let starts: Vec<(String, u128)> = probe
+        .calls()
+        .iter()
+        .map(|c| (c.name.clone(), (c.at - t0).as_millis()))
+        .collect();
+    assert_eq!(
+        starts,
+        [
+            ("s000".to_owned(), 0),
+            // The catch-up: s001 is due, s000 (checked 3 s ago) is not.
+            ("s001".to_owned(), 3_000),
+            // The next cycle keeps its tick; s001 waits until 0.9 x interval after 3 s.
+            ("s000".to_owned(), 10_000),
+            ("s001".to_owned(), 12_020),
+        ]
+    );
+    assert_eq!(selections.load(std::sync::atomic::Ordering::SeqCst), 3);
 }

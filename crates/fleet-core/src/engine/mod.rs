@@ -133,6 +133,20 @@ pub struct Worker<W: Work> {
     events: Events,
     /// Dropped results already announced as a problem.
     reported_drops: std::sync::atomic::AtomicU64,
+    catch_up: CatchUp,
+}
+
+/// Asks a worker for a catch-up between its cycles: one extra pass over the targets that are
+/// due now (a bucket just taken over), without waiting for the next tick. Cheap to clone; a
+/// request made while a cycle runs is kept until it ends.
+#[derive(Clone, Debug, Default)]
+pub struct CatchUp(Arc<tokio::sync::Notify>);
+
+impl CatchUp {
+    /// Requests a catch-up.
+    pub fn request(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// A worker running on its own task.
@@ -187,7 +201,13 @@ where
             last_targets: std::sync::Mutex::new((Vec::new(), Vec::new())),
             events: Events::new(),
             reported_drops: std::sync::atomic::AtomicU64::new(0),
+            catch_up: CatchUp::default(),
         }
+    }
+
+    /// The handle that asks this worker for a catch-up (see [`CatchUp`]).
+    pub fn catch_up(&self) -> CatchUp {
+        self.catch_up.clone()
     }
 
     /// Publishes this worker's events on `events` (each worker has a bus of its own until
@@ -231,15 +251,22 @@ where
         let mut cancelled_checks = 0;
         let mut announced_delay = None;
         let stop_at = loop {
-            tokio::select! {
+            let catch_up = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break Instant::now(),
-                () = sleep_until(next) => {}
-            }
-            let cycle = self.run_cycle(&cancel, &mut announced_delay).await;
+                () = sleep_until(next) => false,
+                () = self.catch_up.0.notified() => true,
+            };
+            let cycle = self
+                .run_cycle(&cancel, &mut announced_delay, catch_up)
+                .await;
             if let Some((stop_at, cut)) = cycle {
                 cancelled_checks = cut;
                 break stop_at;
+            }
+            if catch_up {
+                // Off the grid: the next cycle keeps its tick (at once if it passed).
+                continue;
             }
             // Keep the cadence on the grid anchor + k * interval. Ticks that fell while
             // this cycle ran are counted, never queued: the next cycle starts at once and
@@ -317,22 +344,36 @@ where
 
     /// Runs one cycle in four steps: select, dispatch, drain, finish. Returns
     /// `Some((stop_at, cut_checks))` when cancelled during it.
+    ///
+    /// A catch-up runs only the targets due now, and leaves the cycle figures alone.
     async fn run_cycle(
         &self,
         cancel: &CancellationToken,
         announced_delay: &mut Option<Duration>,
+        catch_up: bool,
     ) -> Option<(Instant, u64)> {
         let started = Instant::now();
         let started_at = self.clock.now();
-        let targets = match self.select(cancel, started).await {
+        let mut targets = match self.select(cancel, started, catch_up).await {
             Selected::Targets(t) => t,
             Selected::Nothing => return None,
             Selected::Cancelled => return Some((Instant::now(), 0)),
         };
-        let delay = self.begin(targets.len(), announced_delay);
+        if catch_up {
+            targets.retain(|(_, hold)| hold.is_zero());
+            if targets.is_empty() {
+                return None;
+            }
+            tracing::info!(target: "fleet::engine", worker = self.work.kind().as_str(), due = targets.len(), "{} catch-up: {} targets due now", capitalized(self.work.kind().as_str()), targets.len());
+        }
+        let delay = if catch_up {
+            self.batch_delay(targets.len())
+        } else {
+            self.begin(targets.len(), announced_delay)
+        };
         let mut running = JoinSet::new();
         let stop_at = match self
-            .dispatch(targets, started, delay, cancel, &mut running)
+            .dispatch(targets, started, delay, cancel, &mut running, !catch_up)
             .await
         {
             Some(stop_at) => Some(stop_at),
@@ -341,7 +382,11 @@ where
         if let Some(stop_at) = stop_at {
             return Some((stop_at, self.cut(stop_at, running).await));
         }
-        self.finish(started, started_at, cancel).await;
+        if catch_up {
+            self.flushed(cancel).await;
+        } else {
+            self.finish(started, started_at, cancel).await;
+        }
         None
     }
 
@@ -350,7 +395,14 @@ where
     /// (the selection is then ordered by that time, stably). While selecting fails, the last
     /// cycle's targets are checked again, each at its offset of that cycle, so monitoring
     /// goes on through a store outage; their results wait in the buffer until it is back.
-    async fn select(&self, cancel: &CancellationToken, started: Instant) -> Selected<W::Target> {
+    ///
+    /// A catch-up's selection is not kept: the repeat goes on from the last whole cycle.
+    async fn select(
+        &self,
+        cancel: &CancellationToken,
+        started: Instant,
+        catch_up: bool,
+    ) -> Selected<W::Target> {
         let kind = self.work.kind().as_str();
         let selected = tokio::select! {
             biased;
@@ -364,7 +416,9 @@ where
         match selected {
             Ok(targets) => {
                 self.stats.lock().stats.clear_error(SELECT_FAILED);
-                let due = self.config.interval.mul_f64(0.9);
+                // 0.9 x interval, and 0.2 % more for the drift between the monotonic clock
+                // the hold counts on and the wall clock the stored timestamps come from.
+                let due = self.config.interval.mul_f64(0.902);
                 let mut held: Vec<(W::Target, Duration)> = targets
                     .into_iter()
                     .map(|t| {
@@ -378,9 +432,11 @@ where
                 if held.iter().any(|(_, hold)| !hold.is_zero()) {
                     held.sort_by_key(|(_, hold)| *hold);
                 }
-                last.clear();
-                last.extend(held.iter().map(|(t, _)| t.clone()));
-                last_starts.clear();
+                if !catch_up {
+                    last.clear();
+                    last.extend(held.iter().map(|(t, _)| t.clone()));
+                    last_starts.clear();
+                }
                 Selected::Targets(held)
             }
             Err(e) => {
@@ -394,7 +450,7 @@ where
                 };
                 tracing::error!(target: "fleet::engine", worker = kind, error = %e, "{} cycle: {message}", capitalized(kind));
                 self.stats.lock().stats.last_error = Some(message);
-                if last.is_empty() {
+                if last.is_empty() || catch_up {
                     Selected::Nothing
                 } else {
                     let starts = last_starts
@@ -439,7 +495,8 @@ where
     }
 
     /// Step 2: starts the targets in batches, `delay` apart, at most `max_in_flight` at once,
-    /// none before its hold ends. Returns when cancelled before every target started.
+    /// none before its hold ends; keeps their offsets for a repeat when `keep_starts`.
+    /// Returns when cancelled before every target started.
     async fn dispatch(
         &self,
         targets: Vec<(W::Target, Duration)>,
@@ -447,6 +504,7 @@ where
         delay: Duration,
         cancel: &CancellationToken,
         running: &mut JoinSet<()>,
+        keep_starts: bool,
     ) -> Option<Instant> {
         let slots = Arc::new(Semaphore::new(self.config.max_in_flight));
         let mut starts = Vec::with_capacity(targets.len());
@@ -473,12 +531,15 @@ where
                     () = cancel.cancelled() => return Some(Instant::now()),
                     permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                 };
+                // The check's timestamp and its start as the hold rule counts it are taken
+                // together, here, not when its task first runs (which can be later).
                 let now = Instant::now();
+                let started_at = self.clock.now();
                 starts.push(now - started);
                 self.work.started(&target, now);
                 let check = self.check();
                 running.spawn(async move {
-                    check.run(target).await;
+                    check.run(target, started_at, now).await;
                     drop(permit);
                 });
                 // Reap finished checks as we go so the set stays small.
@@ -487,7 +548,7 @@ where
             batch += 1;
         }
         let mut guard = self.last_targets.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.0.len() == starts.len() {
+        if keep_starts && guard.0.len() == starts.len() {
             guard.1 = starts;
         }
         None
@@ -498,7 +559,6 @@ where
             work: self.work.clone(),
             buffer: self.buffer.clone(),
             stats: self.stats.clone(),
-            clock: self.clock.clone(),
             events: self.events.clone(),
             timeout: self.config.timeout,
         }
@@ -530,21 +590,7 @@ where
         started_at: OffsetDateTime,
         cancel: &CancellationToken,
     ) {
-        let drained = async {
-            loop {
-                let wrote = self.buffer.wrote.notified();
-                if self.buffer.pending() == 0 {
-                    break;
-                }
-                self.buffer.full_enough.notify_one();
-                wrote.await;
-            }
-        };
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => {}
-            _ = tokio::time::timeout(self.config.flush_interval * 2, drained) => {}
-        }
+        self.flushed(cancel).await;
 
         let duration = started.elapsed();
         let summary = {
@@ -609,6 +655,26 @@ where
         });
     }
 
+    /// Asks the writer to write what waits now, and waits a little for it: a store that is
+    /// down does not hold the cycle up for long (its results wait in the buffer).
+    async fn flushed(&self, cancel: &CancellationToken) {
+        let drained = async {
+            loop {
+                let wrote = self.buffer.wrote.notified();
+                if self.buffer.pending() == 0 {
+                    break;
+                }
+                self.buffer.full_enough.notify_one();
+                wrote.await;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {}
+            _ = tokio::time::timeout(self.config.flush_interval * 2, drained) => {}
+        }
+    }
+
     /// Publishes a problem of this worker.
     fn problem(&self, problem: Problem) {
         self.events.publish(Event::Problem {
@@ -662,7 +728,6 @@ struct Check<W: Work> {
     work: Arc<W>,
     buffer: Arc<ResultBuffer<W::Output>>,
     stats: StatsHandle,
-    clock: Arc<dyn Clock>,
     events: Events,
     timeout: Duration,
 }
@@ -684,9 +749,10 @@ impl Drop for InFlight {
 }
 
 impl<W: Work> Check<W> {
-    async fn run(self, target: W::Target) {
+    async fn run(self, target: W::Target, started_at: OffsetDateTime, started: Instant) {
         let _in_flight = InFlight::new(self.stats.clone());
-        let output = match check_once(&*self.work, &target, self.timeout, &*self.clock).await {
+        let output = match run_until(&*self.work, &target, started_at, started, self.timeout).await
+        {
             Ok(output) => output,
             Err(why) => {
                 self.stats.not_checked(&why, self.work.name(&target));
@@ -710,8 +776,18 @@ pub async fn check_once<W: Work>(
     timeout: Duration,
     clock: &dyn Clock,
 ) -> Result<W::Output, NotChecked> {
-    let started_at = clock.now();
-    let deadline = Instant::now() + timeout;
+    run_until(work, target, clock.now(), Instant::now(), timeout).await
+}
+
+/// Runs one check started at `started_at` (`started` in tokio time) under its deadline.
+async fn run_until<W: Work>(
+    work: &W,
+    target: &W::Target,
+    started_at: OffsetDateTime,
+    started: Instant,
+    timeout: Duration,
+) -> Result<W::Output, NotChecked> {
+    let deadline = started + timeout;
     match timeout_at(deadline, work.run(target, started_at, deadline)).await {
         Ok(output) => output,
         Err(_) => Ok(work.timed_out(target, started_at, timeout)),
