@@ -65,6 +65,10 @@ struct Outcome {
     metrics_ms: Vec<f64>,
     summary_ms: Vec<f64>,
     exit_code: Option<i32>,
+    /// Stored health checks of one server less than 0.9 x interval apart.
+    duplicates: i64,
+    /// The longest time between two stored checks of one server, in seconds.
+    longest_gap: f64,
 }
 
 fn binary(target: &Path, name: &str) -> PathBuf {
@@ -259,6 +263,27 @@ async fn run(scenario: &Scenario, target: &Path, db_url: &str) -> Outcome {
     o.peak_rss_mb = peak_rss_mib(pid);
     o.exit_code = terminate(&mut server, Duration::from_secs(20));
     let _ = terminate(&mut sim, Duration::from_secs(10));
+    // Once per interval, never early: the gaps between each server's stored checks.
+    let interval: f64 = scenario
+        .settings
+        .iter()
+        .find(|(k, _)| *k == "FLEET_HEALTH_INTERVAL")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(30.0);
+    let pool = db.settings.pool().expect("pool");
+    let client = pool.get().await.expect("connection");
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE gap < 0.9 * $1), coalesce(max(gap), 0) FROM (
+                 SELECT extract(epoch FROM timestamp - lag(timestamp)
+                        OVER (PARTITION BY server_id ORDER BY timestamp))::float8 AS gap
+                 FROM server_health_checks WHERE NOT manual) g",
+            &[&interval],
+        )
+        .await
+        .expect("gaps");
+    o.duplicates = row.get(0);
+    o.longest_gap = row.get(1);
     let _ = std::fs::remove_dir_all(&dir);
     o
 }
@@ -339,8 +364,10 @@ async fn main() {
     }
 
     let mut table = String::new();
-    table.push_str("| scenario | servers | health cycle median / max (s) | metrics cycle median / max (s) | checks/s in a cycle | CPU µs per check | peak RSS (MB) | rows written/s | pending at cycle end (max) | dropped | status p50 / p99 (ms) | /metrics p50 / p99 (ms) | /summary p50 / p99 (ms) | exit |\n");
-    table.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    table.push_str("| scenario | servers | health cycle median / max (s) | metrics cycle median / max (s) | checks/s in a cycle | CPU µs per check | peak RSS (MB) | rows written/s | pending at cycle end (max) | dropped | status p50 / p99 (ms) | /metrics p50 / p99 (ms) | /summary p50 / p99 (ms) | checks < 0.9 × interval apart | longest gap between a server's checks (s) | exit |\n");
+    table.push_str(
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
     for (s, o) in &rows {
         let checks_per_s = s.servers as f64 / median(&o.health_durations);
         let cpu_us = if o.checks > 0 {
@@ -354,7 +381,7 @@ async fn main() {
             f64::NAN
         };
         table.push_str(&format!(
-            "| {} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} |\n",
+            "| {} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {} | {:.1} | {} |\n",
             s.label,
             s.servers,
             median(&o.health_durations),
@@ -373,6 +400,8 @@ async fn main() {
             percentile(&o.metrics_ms, 99.0),
             median(&o.summary_ms),
             percentile(&o.summary_ms, 99.0),
+            o.duplicates,
+            o.longest_gap,
             o.exit_code.map_or("killed".into(), |c| c.to_string()),
         ));
     }

@@ -2,7 +2,10 @@
 //!
 //! Large fleets are spread over several processes of its own (`--per-process`), since each
 //! simulated server holds a listening socket plus one per open connection and a process may
-//! hold only so many files.
+//! hold only so many files, and over several loopback addresses (`--spread`, one per 16,000
+//! servers by default), since one address has only so many ports. The children read their
+//! standard input from the parent and exit when it closes: whenever the parent ends, even by
+//! SIGKILL.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -41,9 +44,10 @@ struct Args {
     /// Most servers in one process; larger fleets start child processes.
     #[arg(long, default_value_t = 5000)]
     per_process: usize,
-    /// Spread servers over this many loopback addresses (127.0.0.1, 127.0.0.2, ...).
-    #[arg(long, default_value_t = 1)]
-    spread: u8,
+    /// Spread servers over this many loopback addresses (127.0.0.1, 127.0.0.2, ...)
+    /// [default: one per 16,000 servers, since one address has about 28,000 ports to give].
+    #[arg(long)]
+    spread: Option<u8>,
     /// Latency range of slow servers, in milliseconds: MIN..MAX.
     #[arg(long, default_value = "200..2000")]
     slow_ms: String,
@@ -56,6 +60,19 @@ struct Args {
     /// Run as a child of another fleet-sim: stop when standard input closes.
     #[arg(long, hide = true)]
     child: bool,
+}
+
+/// Servers one loopback address is given: well under the ~28,000 ports of Linux's default
+/// ephemeral range, which binding port 0 draws from.
+const PER_ADDRESS: usize = 16_000;
+
+/// The loopback addresses `count` servers need.
+fn auto_spread(count: usize) -> anyhow::Result<u8> {
+    let n = count.div_ceil(PER_ADDRESS).max(1);
+    u8::try_from(n)
+        .ok()
+        .filter(|n| *n < 255)
+        .with_context(|| format!("--count {count} needs {n} loopback addresses; at most 254"))
 }
 
 fn slow_range(text: &str) -> anyhow::Result<(Duration, Duration)> {
@@ -87,13 +104,15 @@ async fn main() -> anyhow::Result<()> {
     if args.per_process == 0 {
         bail!("--per-process must be at least 1");
     }
-    if args.spread == 0 {
-        bail!("--spread must be at least 1");
-    }
+    let spread = match args.spread {
+        Some(0) => bail!("--spread must be at least 1"),
+        Some(n) => n,
+        None => auto_spread(args.count)?,
+    };
     if args.count > args.per_process && !args.child {
-        return run_parent(&args).await;
+        return run_parent(&args, spread).await;
     }
-    let addresses = (1..=args.spread)
+    let addresses = (1..=spread)
         .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i)))
         .collect();
     let config = SimConfig {
@@ -189,7 +208,7 @@ async fn wait_for_stop(duration: u64, child: bool) {
 }
 
 /// Starts one child process per `per_process` servers, merges their manifests and waits.
-async fn run_parent(args: &Args) -> anyhow::Result<()> {
+async fn run_parent(args: &Args, spread: u8) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the fleet-sim binary")?;
     let dir = std::env::temp_dir().join(format!("fleet-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -219,7 +238,7 @@ async fn run_parent(args: &Args) -> anyhow::Result<()> {
                 "--first-index",
                 &first.to_string(),
                 "--spread",
-                &args.spread.to_string(),
+                &spread.to_string(),
                 "--slow-ms",
                 &args.slow_ms,
             ])
@@ -272,4 +291,17 @@ async fn run_parent(args: &Args) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn large_fleets_spread_over_enough_loopback_addresses() {
+        assert_eq!(super::auto_spread(1).unwrap(), 1);
+        assert_eq!(super::auto_spread(16_000).unwrap(), 1);
+        assert_eq!(super::auto_spread(16_001).unwrap(), 2);
+        assert_eq!(super::auto_spread(100_000).unwrap(), 7);
+        assert_eq!(super::auto_spread(250_000).unwrap(), 16);
+        assert!(super::auto_spread(10_000_000).is_err());
+    }
 }
