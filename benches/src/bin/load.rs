@@ -274,7 +274,7 @@ async fn run(scenario: &Scenario, target: &Path, db_url: &str) -> Outcome {
     let client = pool.get().await.expect("connection");
     let row = client
         .query_one(
-            "SELECT count(*) FILTER (WHERE gap < 0.9 * $1), coalesce(max(gap), 0) FROM (
+            "SELECT count(*) FILTER (WHERE gap < 0.9 * $1::float8), coalesce(max(gap), 0) FROM (
                  SELECT extract(epoch FROM timestamp - lag(timestamp)
                         OVER (PARTITION BY server_id ORDER BY timestamp))::float8 AS gap
                  FROM server_health_checks WHERE NOT manual) g",
