@@ -488,8 +488,17 @@ impl Evaluator {
                 received = events.recv() => {
                     let Some(received) = received else { break };
                     if !active {
-                        // Another instance leads: it alone evaluates and opens incidents.
-                        continue;
+                        if !self.leads() {
+                            // Another instance leads: it alone evaluates and opens incidents.
+                            continue;
+                        }
+                        // It has just come to lead (at start, before the first tick): load the
+                        // stored state before this result.
+                        tracing::info!(target: "fleet::alerts", "this instance leads: evaluating alerts from the stored state");
+                        if !self.load(&cancel).await {
+                            return;
+                        }
+                        active = true;
                     }
                     self.receive(received).await;
                     // Take what else is queued, then write it all in one transaction.
