@@ -539,7 +539,7 @@ where
                 self.work.started(&target, now);
                 let check = self.check();
                 running.spawn(async move {
-                    check.run(target, started_at, now).await;
+                    check.run(target, started_at).await;
                     drop(permit);
                 });
                 // Reap finished checks as we go so the set stays small.
@@ -749,9 +749,18 @@ impl Drop for InFlight {
 }
 
 impl<W: Work> Check<W> {
-    async fn run(self, target: W::Target, started_at: OffsetDateTime, started: Instant) {
+    /// Runs the check stamped `started_at`; its deadline counts from when its task runs, so
+    /// that a check's full timeout is its own however late the task starts.
+    async fn run(self, target: W::Target, started_at: OffsetDateTime) {
         let _in_flight = InFlight::new(self.stats.clone());
-        let output = match run_until(&*self.work, &target, started_at, started, self.timeout).await
+        let output = match run_until(
+            &*self.work,
+            &target,
+            started_at,
+            Instant::now(),
+            self.timeout,
+        )
+        .await
         {
             Ok(output) => output,
             Err(why) => {
