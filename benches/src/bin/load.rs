@@ -69,6 +69,8 @@ struct Outcome {
     duplicates: i64,
     /// The longest time between two stored checks of one server, in seconds.
     longest_gap: f64,
+    /// Deadlocks PostgreSQL detected in the run's database.
+    deadlocks: i64,
 }
 
 fn binary(target: &Path, name: &str) -> PathBuf {
@@ -284,6 +286,14 @@ async fn run(scenario: &Scenario, target: &Path, db_url: &str) -> Outcome {
         .expect("gaps");
     o.duplicates = row.get(0);
     o.longest_gap = row.get(1);
+    o.deadlocks = client
+        .query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("deadlocks")
+        .get(0);
     let _ = std::fs::remove_dir_all(&dir);
     o
 }
@@ -420,6 +430,14 @@ async fn main() {
         ),
         _ => "No 1,000-server pair in this run.".into(),
     };
+    let deadlocks: Vec<String> = rows
+        .iter()
+        .map(|(s, o)| format!("{}: {}", s.label, o.deadlocks))
+        .collect();
+    let ratio = format!(
+        "{ratio} Deadlocks PostgreSQL detected: {}.",
+        deadlocks.join(", ")
+    );
     println!("{table}\n{ratio}");
 
     let commit = Command::new("git")

@@ -613,8 +613,9 @@ const SHARED_HEALTH_TARGETS: &str = "SELECT s.id, s.name, s.api_url, s.api_token
 /// [`METRICS_TARGETS`] in the buckets `$1` owns, as [`SHARED_HEALTH_TARGETS`], timed from
 /// the last collection.
 const SHARED_METRICS_TARGETS: &str = "SELECT s.id, s.name, s.api_url, s.api_token_sealed, s.api_token_key_id, s.health_status, s.kind, \
-     s.metrics_path, s.ca_cert, l.bucket, l.epoch, EXTRACT(EPOCH FROM now() - s.last_metrics_at)::float8 \
+     s.metrics_path, s.ca_cert, l.bucket, l.epoch, EXTRACT(EPOCH FROM now() - ms.last_metrics_at)::float8 \
      FROM managed_servers s JOIN fleet_bucket_leases l ON l.bucket = s.bucket \
+     LEFT JOIN server_metrics_state ms ON ms.server_id = s.id \
      WHERE s.status = 'active' AND s.health_status IN ('healthy', 'degraded') AND l.owner = $1 \
      ORDER BY s.last_seen_at DESC NULLS LAST, s.id";
 
@@ -688,7 +689,9 @@ SELECT (SELECT count(*) FROM raw) - (SELECT count(*) FROM input) AS rejected";
 
 /// Fenced as [`RECORD_HEALTH`]: samples and failures carrying a bucket epoch are kept only
 /// while `$23` owns the bucket at that epoch. Each kept collection moves the server's
-/// `last_metrics_at` forward (the next one is due from it), and a failure its last error.
+/// `last_metrics_at` forward in `server_metrics_state` (the next one is due from it; a table
+/// of its own, so that the metrics writer never takes the health writer's row locks), and a
+/// failure its last error.
 /// Returns how many records the fence refused.
 const RECORD_METRICS: &str = "\
 WITH s_raw AS (
@@ -724,21 +727,17 @@ WITH s_raw AS (
     ON CONFLICT DO NOTHING
 ), failures AS (
     SELECT DISTINCT ON (server_id) server_id, ts, error FROM failed ORDER BY server_id, ts DESC
-), latest AS (
-    SELECT coalesce(a.server_id, f.server_id) AS server_id, a.ts AS sample_ts, f.ts AS fail_ts, f.error
-    FROM (SELECT server_id, max(ts) AS ts FROM samples GROUP BY server_id) a
-    FULL JOIN failures f ON f.server_id = a.server_id
-), updated AS (
-    UPDATE managed_servers m SET
-        last_metrics_at = GREATEST(m.last_metrics_at, l.sample_ts, l.fail_ts),
-        last_metrics_error = CASE WHEN l.fail_ts IS NOT NULL
-                                       AND (m.last_metrics_error_at IS NULL OR m.last_metrics_error_at <= l.fail_ts)
-                                  THEN l.error ELSE m.last_metrics_error END,
-        last_metrics_error_at = CASE WHEN l.fail_ts IS NOT NULL
-                                          AND (m.last_metrics_error_at IS NULL OR m.last_metrics_error_at <= l.fail_ts)
-                                     THEN l.fail_ts ELSE m.last_metrics_error_at END
-    FROM latest l
-    WHERE m.id = l.server_id
+), errors AS (
+    UPDATE managed_servers m SET last_metrics_error = f.error, last_metrics_error_at = f.ts
+    FROM failures f
+    WHERE m.id = f.server_id AND (m.last_metrics_error_at IS NULL OR m.last_metrics_error_at <= f.ts)
+), collected AS (
+    INSERT INTO server_metrics_state (server_id, last_metrics_at)
+    SELECT c.server_id, max(c.ts) FROM (SELECT server_id, ts FROM samples UNION ALL SELECT server_id, ts FROM failed) c
+    WHERE c.server_id IN (SELECT id FROM managed_servers)
+    GROUP BY c.server_id
+    ON CONFLICT (server_id) DO UPDATE
+        SET last_metrics_at = GREATEST(server_metrics_state.last_metrics_at, EXCLUDED.last_metrics_at)
 )
 SELECT (SELECT count(*) FROM s_raw) + (SELECT count(*) FROM f_raw)
      - (SELECT count(*) FROM samples) - (SELECT count(*) FROM failed) AS rejected";
@@ -1116,6 +1115,12 @@ impl Registry for PgStore {
         .map_err(db_error)?;
         tx.execute(
             "DELETE FROM server_state_changes WHERE server_id = $1",
+            &[&id.0],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM server_metrics_state WHERE server_id = $1",
             &[&id.0],
         )
         .await

@@ -69,7 +69,8 @@ async fn migrations_apply_once() {
             "V6__dashboard",
             "V7__server_kinds",
             "V8__server_ca_certs",
-            "V9__scale_out"
+            "V9__scale_out",
+            "V10__metrics_state"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
