@@ -394,6 +394,186 @@ impl Membership {
 mod tests {
     use super::*;
 
+    /// Leases in memory, expiring on tokio's (paused) clock, as PostgreSQL's do on its own.
+    #[derive(Default)]
+    struct MemoryLeases {
+        state: Mutex<MemState>,
+    }
+
+    #[derive(Default)]
+    struct MemState {
+        beats: std::collections::HashMap<String, Instant>,
+        buckets: std::collections::BTreeMap<u16, (Option<String>, i64, Instant)>,
+        leader: Option<(String, i64, Instant)>,
+        leader_epoch: i64,
+    }
+
+    impl MemoryLeases {
+        fn owned(&self, id: &str) -> usize {
+            let s = self.state.lock().unwrap();
+            s.buckets
+                .values()
+                .filter(|(o, _, _)| o.as_deref() == Some(id))
+                .count()
+        }
+    }
+
+    #[async_trait]
+    impl Leases for MemoryLeases {
+        async fn beat(&self, me: &InstanceMeta, ttl: Duration) -> Result<Beat, StoreError> {
+            let now = Instant::now();
+            let mut s = self.state.lock().unwrap();
+            s.beats.insert(me.id.clone(), now);
+            let mut owned = Vec::new();
+            for (b, (owner, epoch, expires)) in s.buckets.iter_mut() {
+                if owner.as_deref() == Some(&me.id) {
+                    *expires = now + ttl;
+                    owned.push(Lease {
+                        bucket: *b,
+                        epoch: *epoch,
+                    });
+                }
+            }
+            let live = s
+                .beats
+                .iter()
+                .filter(|(_, at)| now.duration_since(**at) < ttl)
+                .map(|(id, _)| id.clone())
+                .collect();
+            Ok(Beat { live, owned })
+        }
+        async fn release(&self, me: &str, buckets: &[u16]) -> Result<u64, StoreError> {
+            let mut s = self.state.lock().unwrap();
+            let mut n = 0;
+            for b in buckets {
+                if let Some(l) = s.buckets.get_mut(b)
+                    && l.0.as_deref() == Some(me)
+                {
+                    l.0 = None;
+                    n += 1;
+                }
+            }
+            Ok(n)
+        }
+        async fn acquire(
+            &self,
+            me: &str,
+            buckets: &[u16],
+            ttl: Duration,
+            take_expired: bool,
+        ) -> Result<Vec<Lease>, StoreError> {
+            let now = Instant::now();
+            let mut s = self.state.lock().unwrap();
+            let mut taken = Vec::new();
+            for b in buckets {
+                let l = s.buckets.entry(*b).or_insert((None, 0, now));
+                let free =
+                    l.0.is_none() || (take_expired && l.2 < now && l.0.as_deref() != Some(me));
+                if free {
+                    *l = (Some(me.to_owned()), l.1 + 1, now + ttl);
+                    taken.push(Lease {
+                        bucket: *b,
+                        epoch: l.1,
+                    });
+                }
+            }
+            Ok(taken)
+        }
+        async fn lead(
+            &self,
+            me: &str,
+            ttl: Duration,
+            take_expired: bool,
+        ) -> Result<Option<i64>, StoreError> {
+            let now = Instant::now();
+            let mut s = self.state.lock().unwrap();
+            let holder = s.leader.clone();
+            match holder {
+                Some((owner, epoch, _)) if owner == me => {
+                    s.leader = Some((owner, epoch, now + ttl));
+                    Ok(Some(epoch))
+                }
+                Some((_, _, expires)) if !(take_expired && expires < now) => Ok(None),
+                _ => {
+                    s.leader_epoch += 1;
+                    let epoch = s.leader_epoch;
+                    s.leader = Some((me.to_owned(), epoch, now + ttl));
+                    Ok(Some(epoch))
+                }
+            }
+        }
+        async fn leave(&self, me: &str) -> Result<(), StoreError> {
+            let mut s = self.state.lock().unwrap();
+            for l in s.buckets.values_mut() {
+                if l.0.as_deref() == Some(me) {
+                    l.0 = None;
+                }
+            }
+            if s.leader.as_ref().is_some_and(|(o, _, _)| o == me) {
+                s.leader = None;
+            }
+            s.beats.remove(me);
+            Ok(())
+        }
+        async fn instances(&self, _ttl: Duration) -> Result<Vec<InstanceRecord>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn member(leases: &Arc<MemoryLeases>, id: &str) -> Membership {
+        Membership::new(
+            leases.clone(),
+            InstanceMeta {
+                id: id.to_owned(),
+                version: "test".to_owned(),
+            },
+            LeaseTimes::default(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_instances_buckets_move_after_the_ttl_and_the_taker_catches_up() {
+        let leases = Arc::new(MemoryLeases::default());
+        let (a_stop, b_stop) = (CancellationToken::new(), CancellationToken::new());
+        let mut a = member(&leases, "a:1");
+        let mut b = member(&leases, "b:1");
+        let catch_up = crate::engine::CatchUp::default();
+        b.on_takeover(catch_up.clone());
+        a.round().await.unwrap();
+        b.round().await.unwrap();
+        let (a_stats, b_stats) = (a.stats(), b.stats());
+        let a_task = tokio::spawn(a.run(a_stop.clone()));
+        tokio::spawn(b.run(b_stop.clone()));
+        // Within two heartbeats the two share the buckets by rendezvous.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let live = ["a:1".to_owned(), "b:1".to_owned()];
+        assert_eq!(leases.owned("a:1"), share("a:1", &live).len());
+        assert_eq!(leases.owned("b:1"), share("b:1", &live).len());
+        assert_eq!(
+            a_stats.snapshot().buckets_owned + b_stats.snapshot().buckets_owned,
+            u64::from(BUCKETS)
+        );
+        // A goes silent (no leave): nothing moves before the TTL, everything soon after.
+        a_task.abort();
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert_eq!(
+            leases.owned("a:1"),
+            share("a:1", &live).len(),
+            "taken early"
+        );
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert_eq!(leases.owned("b:1"), usize::from(BUCKETS));
+        assert_eq!(b_stats.snapshot().buckets_owned, u64::from(BUCKETS));
+        assert!(b_stats.snapshot().leader_epoch.is_some());
+        // The takeover asked B's workers to catch up.
+        let requested = tokio::time::timeout(Duration::from_millis(1), catch_up.0.notified());
+        assert!(requested.await.is_ok(), "no catch-up was requested");
+        // B leaves on cancel: its buckets are free at once.
+        b_stop.cancel();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(leases.owned("b:1"), 0);
+    }
+
     fn ids(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("host-{i}:8080")).collect()
     }

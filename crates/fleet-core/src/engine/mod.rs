@@ -140,7 +140,7 @@ pub struct Worker<W: Work> {
 /// due now (a bucket just taken over), without waiting for the next tick. Cheap to clone; a
 /// request made while a cycle runs is kept until it ends.
 #[derive(Clone, Debug, Default)]
-pub struct CatchUp(Arc<tokio::sync::Notify>);
+pub struct CatchUp(pub(crate) Arc<tokio::sync::Notify>);
 
 impl CatchUp {
     /// Requests a catch-up.
