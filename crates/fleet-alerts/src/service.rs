@@ -208,6 +208,10 @@ pub enum AckError {
     /// The alert pipeline is not running.
     #[error("the alert pipeline is not running")]
     Stopped,
+    /// Another instance leads: incidents are decided there, so the acknowledgement must be
+    /// made there.
+    #[error("another instance leads alert evaluation")]
+    NotLeader,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -679,6 +683,10 @@ impl Evaluator {
                 reason,
                 reply,
             } => {
+                if !self.leads() {
+                    let _ = reply.send(Err(AckError::NotLeader));
+                    return;
+                }
                 self.flush().await;
                 let channels = self.channel_refs();
                 let ctx = ctx!(self, channels);
@@ -1199,9 +1207,16 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         s.checks(&[Critical, Critical, Critical]).await;
         assert_eq!(s.kinds(), ["firing"]);
-        // It stops leading: nothing more is evaluated here, not even the recovery.
+        // It stops leading: nothing more is evaluated here, not even the recovery, and an
+        // acknowledgement is refused (it belongs to the leader).
         share.set_leader(None);
         tokio::time::sleep(Duration::from_secs(2)).await;
+        let open = s.store.open_incidents().await.unwrap();
+        let incident = open[0].snapshot.incident.id;
+        assert!(matches!(
+            s.handle.acknowledge(incident, "ops", "looking").await,
+            Err(AckError::NotLeader)
+        ));
         s.checks(&[Healthy, Healthy, Healthy]).await;
         assert_eq!(s.kinds(), ["firing"]);
         // Leading again, it restores the firing alert and resolves it.

@@ -831,6 +831,11 @@ pub(crate) async fn ack_incident(
             "alerts_off",
             "the alert pipeline is not running",
         )),
+        Err(AckError::NotLeader) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_leader",
+            "another instance leads alert evaluation: acknowledge the incident through the leader (GET /api/v1/fleet/instances names it)",
+        )),
         Err(AckError::Store(e)) => Err(e.into()),
     }
 }
