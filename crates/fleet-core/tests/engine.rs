@@ -1042,6 +1042,15 @@ async fn a_failed_storage_check_is_reported_and_cleared_by_a_good_one() {
     rig.stop(m).await;
 }
 
+/// Each probe call's target and start, in milliseconds after `t0`.
+fn named_starts(probe: &ScriptedProbe, t0: Instant) -> Vec<(String, u128)> {
+    probe
+        .calls()
+        .iter()
+        .map(|c| (c.name.clone(), (c.at - t0).as_millis()))
+        .collect()
+}
+
 /// A target named `name(i)`, last checked `checked_ago`.
 fn aged(i: usize, checked_ago: Option<Duration>) -> fleet_core::ProbeTarget {
     fleet_core::ProbeTarget {
@@ -1106,13 +1115,8 @@ async fn a_target_checked_recently_is_held_until_due_within_the_cycle() {
     wait_until(40 * SEC, || h.stats().snapshot().cycles == 3).await;
     cancel.cancel();
     h.stopped().await;
-    let starts: Vec<(String, u128)> = probe
-        .calls()
-        .iter()
-        .map(|c| (c.name.clone(), (c.at - t0).as_millis()))
-        .collect();
     assert_eq!(
-        starts,
+        named_starts(&probe, t0),
         [
             ("s000".to_owned(), 0),
             ("s002".to_owned(), 0),
@@ -1164,13 +1168,8 @@ async fn a_catch_up_checks_only_what_is_due_between_cycles_and_keeps_the_grid() 
     sleep(3 * SEC).await;
     cancel.cancel();
     h.stopped().await;
-    let starts: Vec<(String, u128)> = probe
-        .calls()
-        .iter()
-        .map(|c| (c.name.clone(), (c.at - t0).as_millis()))
-        .collect();
     assert_eq!(
-        starts,
+        named_starts(&probe, t0),
         [
             ("s000".to_owned(), 0),
             // The catch-up: s001 is due, s000 (checked 3 s ago) is not.
