@@ -155,23 +155,20 @@ impl Leases for PgStore {
 
     async fn instances(&self, ttl: Duration) -> Result<Vec<InstanceRecord>, StoreError> {
         let client = self.client().await?;
-        // Bounded by the instances and the 1,024 buckets, never by the fleet: servers are
-        // counted per bucket through the bucket index.
+        // Bounded by the instances and the 1,024 buckets, never by the fleet: active servers
+        // are counted per bucket by triggers (server_bucket_tallies).
         let rows = client
             .query(
                 "WITH owned AS (
-                     SELECT l.owner, count(*) AS buckets FROM fleet_bucket_leases l
+                     SELECT l.owner, count(*) AS buckets, sum(t.active)::int8 AS servers
+                     FROM fleet_bucket_leases l JOIN server_bucket_tallies t USING (bucket)
                      WHERE l.owner IS NOT NULL GROUP BY l.owner
-                 ), servers AS (
-                     SELECT l.owner, count(*) AS servers
-                     FROM managed_servers s JOIN fleet_bucket_leases l ON l.bucket = s.bucket
-                     WHERE s.status = 'active' AND l.owner IS NOT NULL GROUP BY l.owner
                  )
                  SELECT i.id, i.version, EXTRACT(EPOCH FROM now() - i.heartbeat_at)::float8,
-                        coalesce(o.buckets, 0), coalesce(s.servers, 0),
+                        coalesce(o.buckets, 0), coalesce(o.servers, 0),
                         EXISTS (SELECT 1 FROM fleet_leader f WHERE f.owner = i.id AND f.expires_at > now())
                  FROM fleet_instances i
-                 LEFT JOIN owned o ON o.owner = i.id LEFT JOIN servers s ON s.owner = i.id
+                 LEFT JOIN owned o ON o.owner = i.id
                  ORDER BY i.id",
                 &[],
             )

@@ -364,10 +364,43 @@ async fn after_an_outage_each_instance_renews_its_own_before_anyone_takes_over()
 async fn leaving_hands_buckets_and_leadership_over_at_once() {
     let db = TestDb::create().await;
     let store = db.store(Arc::new(fleet_core::SystemClock)).await;
+    // Servers are counted per owner from per-bucket counts: active ones only, and a server
+    // that goes inactive or is removed no longer counts.
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let s = store
+            .create_server(NewServer::new(format!("s{i}"), "http://127.0.0.1:9"))
+            .await
+            .unwrap();
+        ids.push(s.id);
+    }
+    store
+        .update_server(
+            ids[0],
+            fleet_core::ServerUpdate {
+                status: Some(fleet_core::ServerStatus::Inactive),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(store.delete_server(ids[1]).await.unwrap());
     let mut a = Membership::new(Arc::new(store.clone()), meta("a:1"), TIMES);
     let mut b = Membership::new(Arc::new(store.clone()), meta("b:1"), TIMES);
     a.round().await.unwrap();
     b.round().await.unwrap();
+    a.round().await.unwrap();
+    b.round().await.unwrap();
+    let listed = store.instances(TIMES.ttl).await.unwrap();
+    let live = ["a:1".to_owned(), "b:1".to_owned()];
+    for i in &listed {
+        let expected = ids[2..]
+            .iter()
+            .filter(|id| share(&i.id, &live).contains(&bucket_of(**id)))
+            .count() as u64;
+        assert_eq!(i.servers, expected, "{i:?}");
+    }
+    assert_eq!(listed.iter().map(|i| i.servers).sum::<u64>(), 38);
     store.leave("a:1").await.unwrap();
     // No wait for an expiry: released buckets and a released leader's lease are free.
     b.round().await.unwrap();
@@ -381,6 +414,7 @@ async fn leaving_hands_buckets_and_leadership_over_at_once() {
         listed.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
         ["b:1"]
     );
+    assert_eq!(listed[0].servers, 38);
 }
 
 #[tokio::test]

@@ -70,7 +70,8 @@ async fn migrations_apply_once() {
             "V7__server_kinds",
             "V8__server_ca_certs",
             "V9__scale_out",
-            "V10__metrics_state"
+            "V10__metrics_state",
+            "V11__bucket_tallies"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
