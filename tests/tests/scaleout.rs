@@ -49,6 +49,10 @@ struct Instance {
 
 impl Instance {
     fn start(db_url: &str, id: &str) -> Self {
+        Self::start_with(db_url, id, &[("FLEET_ALERTS", "false")])
+    }
+
+    fn start_with(db_url: &str, id: &str, extra: &[(&str, &str)]) -> Self {
         let (interval, ttl, heartbeat) = times();
         let listen = format!("127.0.0.1:{}", free_port());
         let mut cmd = fleet_tests::server_cmd(db_url, &["serve"]);
@@ -62,8 +66,10 @@ impl Instance {
             .env("FLEET_METRICS_TIMEOUT", "1")
             .env("FLEET_HEARTBEAT_INTERVAL", heartbeat.to_string())
             .env("FLEET_LEASE_TTL", ttl.to_string())
-            .env("FLEET_SHUTDOWN_GRACE", "2")
-            .env("FLEET_ALERTS", "false");
+            .env("FLEET_SHUTDOWN_GRACE", "2");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
         Self {
             id: id.to_owned(),
             proc: Proc::start(cmd),
@@ -585,6 +591,173 @@ async fn a_database_outage_under_three_instances_loses_and_duplicates_nothing() 
     eprintln!(
         "FIGURE outage: {} servers, 3 instances, PostgreSQL stopped {outage}s: {stored} rows stored >= {written} written, 0 dropped, 0 refused; duplicates {:?}",
         rig.fleet.servers().len(),
+        rig.db.duplicates().await
+    );
+    rig.assert_no_duplicates().await;
+    for i in &instances {
+        i.proc.terminate_quietly();
+    }
+}
+
+/// Alerts with short timings, for [`Instance::start_with`].
+const ALERTS: &[(&str, &str)] = &[
+    ("FLEET_ALERTS", "true"),
+    ("FLEET_ALERT_CRITICAL_AFTER", "2"),
+    ("FLEET_ALERT_RESOLVE_AFTER", "2"),
+    ("FLEET_ALERT_GROUP_WAIT", "1"),
+    ("FLEET_ALERT_GROUP_INTERVAL", "1"),
+    ("FLEET_ALERT_SEND_TIMEOUT", "2"),
+    ("FLEET_ALERT_SELF", "false"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_judged_by_each_owner_decided_by_the_leader_and_each_notice_sent_once() {
+    let _serial = SERIAL.lock().await;
+    let rig = Rig::start(servers(90), "healthy=1", None).await;
+    let ids = ["a1", "a2", "a3"];
+    let mut instances: Vec<Instance> = ids
+        .iter()
+        .map(|id| Instance::start_with(&rig.url, id, ALERTS))
+        .collect();
+    rig.settled(&ids).await;
+    rig.every_server_checked(2).await;
+    let hook = fleet_tests::Receiver::start().await;
+    let (status, v) = instances[0]
+        .api
+        .post(
+            "/api/v1/fleet/alerts/channels",
+            &serde_json::json!({"name": "hook", "kind": "webhook", "url": hook.url("/hook")}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let names: BTreeMap<String, String> = {
+        let client = rig.db.pool.get().await.unwrap();
+        client
+            .query("SELECT id::text, name FROM managed_servers", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    let all: Vec<(String, String)> = names.into_iter().collect();
+    let trials = if long() { 21 } else { 3 };
+    let mut kinds_run = BTreeMap::<&str, usize>::new();
+    for trial in 0..trials {
+        // Six servers go critical, spread over the fleet (so over every instance's buckets).
+        let step = all.len() / 6;
+        let broken: Vec<&(String, String)> = (0..6)
+            .map(|k| &all[(k * step + trial) % all.len()])
+            .collect();
+        let owners: BTreeSet<Option<String>> = {
+            let owners = rig.db.owners().await;
+            broken
+                .iter()
+                .map(|(id, _)| {
+                    owners[&(fleet_core::cluster::bucket_of(fleet_core::ServerId(
+                        id.parse().unwrap(),
+                    )) as i16)]
+                        .clone()
+                })
+                .collect()
+        };
+        assert!(
+            owners.len() >= 2,
+            "the broken servers are all one instance's"
+        );
+        for (_, name) in &broken {
+            assert!(rig.fleet.set_behavior(name, fleet_sim::Behavior::Critical));
+        }
+        // Meanwhile, one instance is killed, paused past the TTL, or restarted.
+        let victim = trial % instances.len();
+        let kind = ["kill", "pause", "restart"][trial % 3];
+        *kinds_run.entry(kind).or_default() += 1;
+        let id = instances[victim].id.clone();
+        match kind {
+            "kill" => instances[victim].signal("-KILL"),
+            "pause" => instances[victim].signal("-STOP"),
+            _ => instances[victim].proc.terminate(),
+        }
+        // Every broken server is announced, whoever owns it.
+        let wanted: BTreeSet<String> = broken.iter().map(|(id, _)| id.clone()).collect();
+        wait_for(
+            "every broken server announced",
+            Duration::from_secs(60),
+            || async {
+                let announced: BTreeSet<String> = hook
+                    .got()
+                    .iter()
+                    .filter(|d| d.body["status"] == "firing")
+                    .flat_map(|d| d.body["alerts"].as_array().cloned().unwrap_or_default())
+                    .filter_map(|a| a["labels"]["server_id"].as_str().map(str::to_owned))
+                    .collect();
+                wanted.is_subset(&announced)
+            },
+        )
+        .await;
+        match kind {
+            "pause" => instances[victim].signal("-CONT"),
+            _ => {
+                let _ = instances[victim].proc.wait(Duration::from_secs(10));
+                instances[victim] = Instance::start_with(&rig.url, &id, ALERTS);
+            }
+        }
+        rig.settled(&ids).await;
+        for (_, name) in &broken {
+            rig.fleet.set_behavior(name, fleet_sim::Behavior::Healthy);
+        }
+        // Every incident resolves and every notice is out.
+        wait_for(
+            "the incidents resolved and every notice sent",
+            Duration::from_secs(90),
+            || async {
+                rig.db
+                    .one(
+                        "SELECT (SELECT count(*) FROM incidents WHERE state <> 'resolved')
+                              + (SELECT count(*) FROM alert_outbox WHERE state <> 'sent')",
+                    )
+                    .await
+                    == 0
+            },
+        )
+        .await;
+    }
+    // Each idempotency key delivered once; twice only when a sender died (or was paused past
+    // its claim) between sending and marking.
+    let mut per_key = BTreeMap::<String, usize>::new();
+    for d in hook.got() {
+        *per_key.entry(d.key).or_default() += 1;
+    }
+    let rows = rig.db.one("SELECT count(*) FROM alert_outbox").await as usize;
+    let twice = per_key.values().filter(|n| **n == 2).count();
+    assert_eq!(
+        per_key.len(),
+        rows,
+        "a key delivered that has no row, or a row never delivered"
+    );
+    assert!(
+        per_key.values().all(|n| *n <= 2),
+        "a key delivered more than twice: {per_key:?}"
+    );
+    assert!(
+        twice <= trials,
+        "{twice} keys delivered twice in {trials} trials"
+    );
+    let resolved = hook
+        .got()
+        .iter()
+        .filter(|d| d.body["status"] == "resolved")
+        .count();
+    assert!(
+        resolved >= trials,
+        "{resolved} resolved notices for {trials} trials"
+    );
+    eprintln!(
+        "FIGURE alerts: {trials} trials ({kinds_run:?}), {} servers, 3 instances, 6 servers broken per trial across owners: {} idempotency keys, {} delivered once, {twice} twice; duplicates {:?}",
+        rig.fleet.servers().len(),
+        per_key.len(),
+        per_key.len() - twice,
         rig.db.duplicates().await
     );
     rig.assert_no_duplicates().await;

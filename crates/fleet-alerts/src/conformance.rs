@@ -15,8 +15,9 @@ use crate::model::{
     AlertKey, AlertTransition, Attempted, ChannelConfig, Incident, IncidentFilter, IncidentState,
     Matchers, Member, NoticeKind, Phase, Rule, Scope, Severity, Step,
 };
+use crate::rules::AlertChange;
 use crate::schedule::{Schedule, Weekly};
-use crate::store::{AlertStore, ChannelPatch, PolicyPatch, WindowPatch};
+use crate::store::{AlertStore, ChannelPatch, OwnedWrite, PolicyPatch, WindowPatch};
 
 const T0: OffsetDateTime = datetime!(2026-03-31 23:59:00 UTC);
 
@@ -33,7 +34,8 @@ macro_rules! alert_store_conformance_tests {
             retries_wait_and_failures_stop,
             channels_keep_their_secrets_and_refuse_taken_names,
             incidents_are_listed_by_filter_newest_first,
-            silences_windows_and_policies_round_trip
+            silences_windows_and_policies_round_trip,
+            owners_log_changes_in_order_and_the_leader_moves_its_position_with_its_firing_set
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -186,6 +188,73 @@ pub async fn phases_keep_the_last_transition_and_forget_resolved_alerts(
     assert_eq!(phases.len(), 1, "{phases:?}");
     assert_eq!(phases[0].key, AlertKey::server(Rule::ServerCritical, a));
     assert_eq!(phases[0].phase, Phase::Firing);
+}
+
+/// A shared fleet's log: owners' changes come back in order, after any position; the
+/// leader's position and firing set move together; phases are found by bucket.
+pub async fn owners_log_changes_in_order_and_the_leader_moves_its_position_with_its_firing_set(
+    store: &dyn AlertStore,
+    registry: &dyn Registry,
+) {
+    let a = server(registry, "a").await;
+    let b = server(registry, "b").await;
+    let change = |s, firing| AlertChange {
+        key: AlertKey::server(Rule::ServerCritical, s),
+        firing,
+        at: T0,
+        since: T0,
+    };
+    let write = |s, to, firing| OwnedWrite {
+        fence: None,
+        transitions: vec![AlertTransition {
+            key: AlertKey::server(Rule::ServerCritical, s),
+            from: Phase::Pending,
+            to,
+            at: T0,
+            since: T0,
+        }],
+        changes: vec![change(s, firing)],
+    };
+    let refused = store
+        .record_owned(&[write(a, Phase::Firing, true), write(b, Phase::Firing, true)])
+        .await
+        .unwrap();
+    assert_eq!(refused, 0);
+    store
+        .record_owned(&[write(a, Phase::Inactive, false)])
+        .await
+        .unwrap();
+    let bucket = fleet_core::cluster::bucket_of(b);
+    let in_b = store.phases_in_buckets(&[bucket]).await.unwrap();
+    assert!(in_b.iter().any(|p| p.key.server == Some(b)), "{in_b:?}");
+    assert!(
+        in_b.iter().all(|p| p.key.server != Some(a)),
+        "a resolved: {in_b:?}"
+    );
+
+    let log = store.changes_after(0, 10).await.unwrap();
+    let seen: Vec<_> = log
+        .iter()
+        .map(|l| (l.change.key.server, l.change.firing))
+        .collect();
+    assert_eq!(seen, [(Some(a), true), (Some(b), true), (Some(a), false)]);
+    assert!(log.windows(2).all(|w| w[0].id < w[1].id));
+    let rest = store.changes_after(log[0].id, 10).await.unwrap();
+    assert_eq!(rest, log[1..]);
+    assert_eq!(store.changes_after(log[0].id, 1).await.unwrap(), log[1..2]);
+
+    let start = store.led_state().await.unwrap();
+    assert_eq!((start.position, start.firing.len()), (0, 0));
+    assert!(store.apply_led(&[], &log[..2], 1).await.unwrap());
+    let led = store.led_state().await.unwrap();
+    assert_eq!(led.position, log[1].id);
+    let firing: BTreeSet<_> = led.firing.iter().map(|(k, _)| k.server).collect();
+    assert_eq!(firing, BTreeSet::from([Some(a), Some(b)]));
+    assert!(store.apply_led(&[], &log[2..], 1).await.unwrap());
+    let led = store.led_state().await.unwrap();
+    assert_eq!(led.position, log[2].id);
+    assert_eq!(led.firing.len(), 1);
+    assert_eq!(led.firing[0].0, AlertKey::server(Rule::ServerCritical, b));
 }
 
 /// Open incidents come back with their timers and members; the timeline keeps its order.

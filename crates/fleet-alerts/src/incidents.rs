@@ -1,6 +1,7 @@
 //! Grouping, inhibition, timers and routing: a pure state machine over alert changes and time.
 //!
-//! The [`Engine`] runs in exactly one place (the single instance; later the leader). It takes
+//! The [`Engine`] runs in exactly one place (the single instance, or a shared fleet's leader,
+//! fed from the owners' change log). It takes
 //! [`AlertChange`]s, ticks and acknowledgements with the time and a [`Context`] (channels,
 //! policies, silences, maintenance windows, what is known of each server) and returns
 //! [`Effect`]s. The shell writes each call's effects in one transaction, so an incident's

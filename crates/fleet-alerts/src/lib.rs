@@ -56,4 +56,7 @@ pub use service::{
     AckError, AlertCounters, AlertParts, AlertService, AlertStats, AlertsHandle, MAX_BACKLOG,
     ServerSource,
 };
-pub use store::{AlertStore, ChannelPatch, PolicyPatch, StoredPhase, WindowPatch};
+pub use store::{
+    AlertStore, ChannelPatch, LedState, LoggedChange, OwnedWrite, PolicyPatch, StoredPhase,
+    WindowPatch,
+};

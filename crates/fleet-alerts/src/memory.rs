@@ -17,8 +17,12 @@ use crate::model::{
     IncidentFilter, IncidentState, MaintenanceWindow, Matchers, Member, NoticeKind, Phase, Policy,
     Scope, Severity, Silence, Step, TimelineEntry,
 };
+use crate::rules::AlertChange;
 use crate::schedule::Schedule;
-use crate::store::{AlertStore, ChannelPatch, PolicyPatch, StoredPhase, WindowPatch};
+use crate::store::{
+    AlertStore, ChannelPatch, LedState, LoggedChange, OwnedWrite, PolicyPatch, StoredPhase,
+    WindowPatch,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum RowState {
@@ -48,6 +52,29 @@ struct Inner {
     policies: BTreeMap<Uuid, Policy>,
     /// Incidents in the order they were opened.
     order: Vec<Uuid>,
+    /// The owners' change log (a shared fleet), its last id, and the leader's state.
+    log: Vec<LoggedChange>,
+    log_id: i64,
+    position: i64,
+    announced: BTreeMap<AlertKey, OffsetDateTime>,
+}
+
+/// Applies phase transitions: the last of each alert wins, an inactive one is forgotten.
+fn put_phases(phases: &mut BTreeMap<AlertKey, StoredPhase>, transitions: &[AlertTransition]) {
+    for t in transitions {
+        if t.to == Phase::Inactive {
+            phases.remove(&t.key);
+        } else {
+            phases.insert(
+                t.key.clone(),
+                StoredPhase {
+                    key: t.key.clone(),
+                    phase: t.to,
+                    since: t.since,
+                },
+            );
+        }
+    }
 }
 
 /// Alert state in memory.
@@ -102,6 +129,15 @@ fn conflict(what: &str, name: &str) -> StoreError {
     StoreError::Conflict(format!("{what} `{name}` already exists"))
 }
 
+/// Moves the leader's firing set by one change.
+fn announce(announced: &mut BTreeMap<AlertKey, OffsetDateTime>, change: &AlertChange) {
+    if change.firing {
+        announced.entry(change.key.clone()).or_insert(change.since);
+    } else {
+        announced.remove(&change.key);
+    }
+}
+
 #[async_trait]
 impl AlertStore for MemoryAlertStore {
     async fn apply(
@@ -127,20 +163,7 @@ impl AlertStore for MemoryAlertStore {
                 )));
             }
         }
-        for t in transitions {
-            if t.to == Phase::Inactive {
-                inner.phases.remove(&t.key);
-            } else {
-                inner.phases.insert(
-                    t.key.clone(),
-                    StoredPhase {
-                        key: t.key.clone(),
-                        phase: t.to,
-                        since: t.since,
-                    },
-                );
-            }
-        }
+        put_phases(&mut inner.phases, transitions);
         for e in effects {
             match e {
                 Effect::Save(snap) => {
@@ -223,6 +246,71 @@ impl AlertStore for MemoryAlertStore {
             }
         }
         Ok(())
+    }
+
+    /// Memory holds no leases: every write is kept.
+    async fn record_owned(&self, writes: &[OwnedWrite]) -> Result<u64, StoreError> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        for w in writes {
+            put_phases(&mut inner.phases, &w.transitions);
+            for c in &w.changes {
+                inner.log_id += 1;
+                inner.log.push(LoggedChange {
+                    id: inner.log_id,
+                    change: c.clone(),
+                });
+            }
+        }
+        Ok(0)
+    }
+
+    async fn phases_in_buckets(&self, buckets: &[u16]) -> Result<Vec<StoredPhase>, StoreError> {
+        Ok(self
+            .lock()
+            .phases
+            .values()
+            .filter(|p| {
+                p.key
+                    .server
+                    .is_some_and(|s| buckets.contains(&fleet_core::cluster::bucket_of(s)))
+            })
+            .cloned()
+            .collect())
+    }
+
+    async fn changes_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<LoggedChange>, StoreError> {
+        let g = self.lock();
+        let from = g.log.partition_point(|c| c.id <= after);
+        Ok(g.log[from..].iter().take(limit).cloned().collect())
+    }
+
+    async fn led_state(&self) -> Result<LedState, StoreError> {
+        let g = self.lock();
+        Ok(LedState {
+            position: g.position,
+            firing: g.announced.iter().map(|(k, s)| (k.clone(), *s)).collect(),
+        })
+    }
+
+    /// Memory holds no leader row: the write is always the leader's.
+    async fn apply_led(
+        &self,
+        effects: &[Effect],
+        consumed: &[LoggedChange],
+        _leader_epoch: i64,
+    ) -> Result<bool, StoreError> {
+        self.apply(&[], effects).await?;
+        let mut g = self.lock();
+        for LoggedChange { id, change } in consumed {
+            announce(&mut g.announced, change);
+            g.position = g.position.max(*id);
+        }
+        Ok(true)
     }
 
     async fn alert_phases(&self) -> Result<Vec<StoredPhase>, StoreError> {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fleet_core::cluster::Fence;
 use fleet_core::{
     CancellationToken, Clock, Counts, Event, Events, Groups, HealthStatus, History, MetricsRecord,
     Problem, Received, Registry, ServerFilter, ServerId, ServerStatus, StoreError, WorkerKind,
@@ -26,7 +27,7 @@ use crate::model::{
 };
 use crate::notify::{Notifier, RateLimits, SendClass, decide};
 use crate::rules::{AlertChange, Observation, ServerRules};
-use crate::store::AlertStore;
+use crate::store::{AlertStore, LoggedChange, OwnedWrite};
 
 /// Pending notices per channel past which new ones are dropped (and counted).
 pub const MAX_BACKLOG: u64 = 1_000;
@@ -242,10 +243,10 @@ pub struct AlertParts {
     pub events: Events,
     /// The health worker's interval (writes failing for two of them raise the storage rule).
     pub health_interval: Duration,
-    /// When the fleet is shared among instances: this instance's share, whose leader flag
-    /// says whether it evaluates. Only the leader opens incidents, so that two instances
-    /// never group the same alerts twice; it evaluates the results of its own checks (see
-    /// docs/scaling.md). `None`: this process evaluates every result.
+    /// When the fleet is shared among instances: this instance's share. Every instance judges
+    /// the rules of the servers it checks and logs what changed under the buckets' fences;
+    /// the one whose share says it leads decides incidents from that log, under the leader's
+    /// fence (see docs/scaling.md). `None`: this process does both with every result.
     pub leads: Option<fleet_core::cluster::ClusterStats>,
 }
 
@@ -391,6 +392,7 @@ impl AlertService {
             signals: Signals::default(),
             transitions: Vec::new(),
             effects: Vec::new(),
+            shared: Shared::default(),
         };
         let c = cancel.clone();
         tracker.spawn(async move { evaluator.run(subscription, rx, c).await });
@@ -445,7 +447,38 @@ struct Evaluator {
     signals: Signals,
     transitions: Vec<AlertTransition>,
     effects: Vec<Effect>,
+    shared: Shared,
 }
+
+/// What the evaluator keeps when the fleet is shared: the owner's rule stage and, while it
+/// leads, the leader's position in the change log.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The owner's writes waiting for the store.
+    owned: Vec<OwnedWrite>,
+    /// The epoch under which each server's rules were restored.
+    loaded: HashMap<ServerId, i64>,
+    /// Per bucket: the epoch its stored phases were read at, and those not yet restored.
+    fetched: HashMap<u16, (i64, HashMap<ServerId, Vec<RestoredPhase>>)>,
+    /// Counters rebuilt from history in the current batch.
+    rebuilt: usize,
+    /// The leader's epoch while this process decides incidents.
+    leading: Option<i64>,
+    /// The last change decided and written.
+    position: i64,
+    /// Changes decided, waiting to be written with their effects.
+    consumed: Vec<LoggedChange>,
+    /// What this process last said of each fleet-wide signal.
+    signalled: HashMap<String, bool>,
+}
+
+type RestoredPhase = (Rule, String, crate::model::Phase, OffsetDateTime);
+
+/// Changes the leader reads from the log at once.
+const TAIL_PAGE: usize = 1_000;
+
+/// Decided changes waiting to be written past which the leader stops reading more.
+const MAX_CONSUMED: usize = 20_000;
 
 /// Effects waiting for the store past this many are dropped (and counted): the store has
 /// been down for long, and the engine's memory still holds the current state.
@@ -469,17 +502,22 @@ macro_rules! ctx {
 }
 
 impl Evaluator {
+    /// Evaluates results and ticks until cancelled. In a shared fleet every instance judges
+    /// the rules of the servers it checks and writes their phases and changes under the
+    /// buckets' fences; the leader alone tails the changes of all instances and decides
+    /// incidents, writing under the leader's fence.
     async fn run(
         mut self,
         mut events: fleet_core::Subscription,
         mut commands: mpsc::Receiver<Command>,
         cancel: CancellationToken,
     ) {
+        let shared = self.leads.is_some();
         // Start from what is stored: firing alerts and open incidents survive a restart.
-        if self.leads() && !self.load(&cancel).await {
+        // (Shared: the leader loads its state when it comes to lead.)
+        if !shared && !self.load(&cancel).await {
             return;
         }
-        let mut active = self.leads();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks: u64 = 0;
@@ -491,48 +529,29 @@ impl Evaluator {
                 () = self.reload.notified() => self.refresh_routing().await,
                 received = events.recv() => {
                     let Some(received) = received else { break };
-                    if !active {
-                        if !self.leads() {
-                            // Another instance leads: it alone evaluates and opens incidents.
-                            continue;
-                        }
-                        // It has just come to lead (at start, before the first tick): load the
-                        // stored state before this result.
-                        tracing::info!(target: "fleet::alerts", "this instance leads: evaluating alerts from the stored state");
-                        if !self.load(&cancel).await {
-                            return;
-                        }
-                        active = true;
-                    }
-                    self.receive(received).await;
                     // Take what else is queued, then write it all in one transaction.
-                    for _ in 0..4_096 {
+                    let mut batch = vec![received];
+                    while batch.len() < 4_096 {
                         match events.try_recv() {
-                            Some(r) => self.receive(r).await,
+                            Some(r) => batch.push(r),
                             None => break,
                         }
+                    }
+                    if shared {
+                        self.prepare(&batch).await;
+                    }
+                    for r in batch {
+                        self.receive(r).await;
                     }
                     self.flush().await;
                 }
                 _ = tick.tick() => {
-                    let leads = self.leads();
-                    if leads != active {
-                        active = leads;
-                        if leads {
-                            tracing::info!(target: "fleet::alerts", "this instance leads: evaluating alerts from the stored state");
-                            if !self.load(&cancel).await {
-                                return;
-                            }
-                        } else {
-                            tracing::info!(target: "fleet::alerts", "another instance leads: alert evaluation stops here");
-                            self.flush().await;
-                            self.rules.clear();
-                            self.engine = Engine::new();
-                            self.transitions.clear();
-                            self.effects.clear();
-                        }
+                    if shared {
+                        self.follow_leader(&cancel).await;
                     }
-                    if !active {
+                    self.signals_tick();
+                    if shared && self.shared.leading.is_none() {
+                        self.flush().await;
                         continue;
                     }
                     if ticks.is_multiple_of(5) {
@@ -542,7 +561,9 @@ impl Evaluator {
                         self.refresh_directory().await;
                     }
                     ticks += 1;
-                    self.signals_tick();
+                    if shared {
+                        self.tail().await;
+                    }
                     let channels = self.channel_refs();
                     let ctx = ctx!(self, channels);
                     let fx = self.engine.tick(&ctx);
@@ -554,12 +575,245 @@ impl Evaluator {
         self.flush().await;
     }
 
-    /// Whether this instance evaluates: always, unless the fleet is shared and another
-    /// instance leads.
-    fn leads(&self) -> bool {
-        self.leads
-            .as_ref()
-            .is_none_or(|s| s.snapshot().leader_epoch.is_some())
+    /// Starts deciding incidents when this instance has come to lead (from the stored
+    /// incidents and the leader's position, never from what a former leader held in memory),
+    /// and stops when it no longer does.
+    async fn follow_leader(&mut self, cancel: &CancellationToken) {
+        let epoch = self.leads.as_ref().and_then(|s| s.snapshot().leader_epoch);
+        if epoch == self.shared.leading {
+            return;
+        }
+        self.stop_leading();
+        let Some(epoch) = epoch else {
+            tracing::info!(target: "fleet::alerts", "another instance leads: incidents are decided there");
+            return;
+        };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.load_led().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(target: "fleet::alerts", error = %e, "cannot load the leader's alert state; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        self.shared.leading = Some(epoch);
+        tracing::info!(target: "fleet::alerts", epoch, position = self.shared.position, open_incidents = self.engine.open_count(), "this instance leads: deciding incidents from the change log");
+    }
+
+    fn stop_leading(&mut self) {
+        self.shared.leading = None;
+        self.shared.consumed.clear();
+        self.effects.clear();
+        self.engine = Engine::new();
+    }
+
+    async fn load_led(&mut self) -> Result<(), StoreError> {
+        self.refresh_directory().await;
+        self.refresh_routing().await;
+        let led = self.store.led_state().await?;
+        let open = self.store.open_incidents().await?;
+        self.engine = Engine::restore(open, led.firing);
+        self.shared.position = led.position;
+        self.shared.consumed.clear();
+        self.effects.clear();
+        Ok(())
+    }
+
+    /// Restores the rules of the servers in buckets this batch shows at a new epoch: read
+    /// once per bucket and epoch, after the lease was taken, so the former owner's last
+    /// fenced write is in it.
+    async fn prepare(&mut self, batch: &[Received]) {
+        let mut want: HashMap<u16, i64> = HashMap::new();
+        for r in batch {
+            if let Received::Event(e) = r
+                && let Some(f) = fence_of(e)
+                && self
+                    .shared
+                    .fetched
+                    .get(&f.bucket)
+                    .is_none_or(|(e, _)| *e < f.epoch)
+            {
+                let w = want.entry(f.bucket).or_insert(f.epoch);
+                *w = (*w).max(f.epoch);
+            }
+        }
+        self.shared.rebuilt = 0;
+        if want.is_empty() {
+            return;
+        }
+        let buckets: Vec<u16> = want.keys().copied().collect();
+        match self.store.phases_in_buckets(&buckets).await {
+            Ok(phases) => {
+                for (b, epoch) in &want {
+                    self.shared.fetched.insert(*b, (*epoch, HashMap::new()));
+                }
+                for p in phases {
+                    let Some(server) = p.key.server else { continue };
+                    if let Some((_, by_server)) = self
+                        .shared
+                        .fetched
+                        .get_mut(&fleet_core::cluster::bucket_of(server))
+                    {
+                        by_server.entry(server).or_default().push((
+                            p.key.rule,
+                            p.key.detail,
+                            p.phase,
+                            p.since,
+                        ));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(target: "fleet::alerts", error = %e, buckets = buckets.len(), "cannot read the alert phases of newly owned buckets; their results wait for the next checks");
+            }
+        }
+    }
+
+    /// Reads the changes every instance logged and decides incidents from them, a page at a
+    /// time, each page written with its effects before the next is read.
+    async fn tail(&mut self) {
+        for _ in 0..8 {
+            if self.shared.leading.is_none() || self.shared.consumed.len() >= MAX_CONSUMED {
+                return;
+            }
+            let after = self
+                .shared
+                .consumed
+                .last()
+                .map_or(self.shared.position, |c| c.id);
+            let page = match self.store.changes_after(after, TAIL_PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(target: "fleet::alerts", error = %e, "cannot read the alert change log");
+                    return;
+                }
+            };
+            let full = page.len() == TAIL_PAGE;
+            for logged in page {
+                if let Some(server) = logged.change.key.server
+                    && logged.change.firing
+                    && !self.directory.contains_key(&server)
+                    && let Ok(Some(info)) = self.servers.server_info(server).await
+                {
+                    self.directory.insert(server, info);
+                }
+                let channels = self.channel_refs();
+                let ctx = ctx!(self, channels);
+                let fx = self.engine.change(&logged.change, &ctx);
+                self.effects.extend(fx);
+                self.shared.consumed.push(logged);
+            }
+            self.flush_led().await;
+            if !full {
+                return;
+            }
+        }
+    }
+
+    /// The owners' writes: phases and changes under the buckets' fences.
+    async fn flush_owned(&mut self) {
+        if self.shared.owned.is_empty() {
+            return;
+        }
+        match self.store.record_owned(&self.shared.owned).await {
+            Ok(refused) => {
+                let written: usize = self.shared.owned.iter().map(|w| w.transitions.len()).sum();
+                self.counters
+                    .transitions
+                    .fetch_add(written as u64, Ordering::Relaxed);
+                if refused > 0 {
+                    tracing::info!(target: "fleet::alerts", refused, "alert writes refused: their buckets have moved on");
+                }
+                self.shared.owned.clear();
+                if self.shared.leading.is_some() {
+                    self.tail().await;
+                }
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "fleet::alerts", error = %e, waiting = self.shared.owned.len(), "writing alert phases failed; kept for the next try");
+                let over = self.shared.owned.len().saturating_sub(MAX_UNWRITTEN);
+                self.shared.owned.drain(..over);
+            }
+        }
+        self.counters.unwritten.store(
+            (self.effects.len() + self.shared.owned.len()) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The leader's write: effects, firing set and position, under the leader's fence.
+    async fn flush_led(&mut self) {
+        let Some(epoch) = self.shared.leading else {
+            return;
+        };
+        if self.effects.is_empty() && self.shared.consumed.is_empty() {
+            return;
+        }
+        let (opened, notices, dropped) = self.effect_counts();
+        match self
+            .store
+            .apply_led(&self.effects, &self.shared.consumed, epoch)
+            .await
+        {
+            Ok(true) => {
+                self.counters.opened.fetch_add(opened, Ordering::Relaxed);
+                self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+                if let Some(last) = self.shared.consumed.last() {
+                    self.shared.position = last.id;
+                }
+                self.shared.consumed.clear();
+                self.effects.clear();
+                if notices {
+                    self.wake.notify_one();
+                }
+            }
+            Ok(false) => {
+                tracing::info!(target: "fleet::alerts", epoch, "incident writes refused: another instance leads now");
+                self.stop_leading();
+            }
+            Err(e) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "fleet::alerts", error = %e, "writing incidents failed; kept for the next try");
+            }
+        }
+        self.counters.unwritten.store(
+            (self.effects.len() + self.shared.owned.len()) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Incidents opened, whether a notice is among the effects, and notices dropped.
+    fn effect_counts(&self) -> (u64, bool, u64) {
+        let opened = self
+            .effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Timeline { kind: "opened", .. }))
+            .count() as u64;
+        let notices = self
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::Notify { .. }));
+        let dropped = self
+            .effects
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Effect::Timeline {
+                        kind: "dropped",
+                        ..
+                    }
+                )
+            })
+            .count() as u64;
+        (opened, notices, dropped)
     }
 
     /// Restores the stored state, retrying with backoff; false when cancelled first.
@@ -683,7 +937,8 @@ impl Evaluator {
                 reason,
                 reply,
             } => {
-                if !self.leads() {
+                let shared = self.leads.is_some();
+                if shared && self.shared.leading.is_none() {
                     let _ = reply.send(Err(AckError::NotLeader));
                     return;
                 }
@@ -691,12 +946,13 @@ impl Evaluator {
                 let channels = self.channel_refs();
                 let ctx = ctx!(self, channels);
                 let result = match self.engine.acknowledge(id, &by, &reason, &ctx) {
-                    Some((incident, fx)) => match self.store.apply(&[], &fx).await {
+                    Some((incident, fx)) => match self.apply_now(&fx).await {
                         Ok(()) => Ok(incident),
-                        Err(e) => {
+                        Err(AckError::Store(e)) => {
                             self.effects.extend(fx);
                             Err(AckError::Store(e))
                         }
+                        Err(e) => Err(e),
                     },
                     None => match self.store.incident(id).await {
                         Ok(Some(d)) if d.incident.state == IncidentState::Resolved => {
@@ -708,6 +964,21 @@ impl Evaluator {
                 };
                 let _ = reply.send(result);
             }
+        }
+    }
+
+    /// Writes effects now: under the leader's fence when the fleet is shared.
+    async fn apply_now(&mut self, fx: &[Effect]) -> Result<(), AckError> {
+        match self.shared.leading {
+            None => self.store.apply(&[], fx).await.map_err(AckError::Store),
+            Some(epoch) => match self.store.apply_led(fx, &[], epoch).await {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    self.stop_leading();
+                    Err(AckError::NotLeader)
+                }
+                Err(e) => Err(AckError::Store(e)),
+            },
         }
     }
 
@@ -725,6 +996,7 @@ impl Evaluator {
             Event::Checked { check, .. } => {
                 self.observe(
                     check.server_id,
+                    check.fence,
                     Observation::Health(check.status),
                     check.timestamp,
                 )
@@ -734,14 +1006,20 @@ impl Evaluator {
                 MetricsRecord::Sample(s) => {
                     self.observe(
                         s.server_id,
+                        s.fence,
                         Observation::Metrics(Some(&s.values)),
                         s.timestamp,
                     )
                     .await;
                 }
                 MetricsRecord::Failure(f) => {
-                    self.observe(f.server_id, Observation::Metrics(None), f.timestamp)
-                        .await;
+                    self.observe(
+                        f.server_id,
+                        f.fence,
+                        Observation::Metrics(None),
+                        f.timestamp,
+                    )
+                    .await;
                 }
             },
             Event::CycleFinished {
@@ -835,6 +1113,30 @@ impl Evaluator {
 
     /// Raises or clears a fleet-wide alert (no server).
     fn fleet_signal(&mut self, detail: &str, firing: bool, rule: Rule) {
+        if let Some(share) = &self.leads {
+            // Shared: this process's own signal, named after the instance, goes to the log
+            // (once per change of mind) for the leader to decide on.
+            let detail = format!("{detail}@{}", share.snapshot().instance_id);
+            if self.shared.signalled.insert(detail.clone(), firing) == Some(firing) {
+                return;
+            }
+            let now = self.clock.now();
+            self.shared.owned.push(OwnedWrite {
+                fence: None,
+                transitions: Vec::new(),
+                changes: vec![AlertChange {
+                    key: AlertKey {
+                        rule,
+                        server: None,
+                        detail,
+                    },
+                    firing,
+                    at: now,
+                    since: now,
+                }],
+            });
+            return;
+        }
         let change = AlertChange {
             key: AlertKey {
                 rule,
@@ -851,7 +1153,16 @@ impl Evaluator {
         self.effects.extend(fx);
     }
 
-    async fn observe(&mut self, server: ServerId, obs: Observation<'_>, at: OffsetDateTime) {
+    async fn observe(
+        &mut self,
+        server: ServerId,
+        fence: Option<Fence>,
+        obs: Observation<'_>,
+        at: OffsetDateTime,
+    ) {
+        if self.leads.is_some() {
+            return self.observe_owned(server, fence, obs, at).await;
+        }
         self.counters.results.fetch_add(1, Ordering::Relaxed);
         let step = self
             .rules
@@ -876,34 +1187,83 @@ impl Evaluator {
         }
     }
 
+    /// A shared fleet's rule stage: the server's rules, restored at the fence's epoch, judge
+    /// the result; what changed is written under the fence for the leader.
+    async fn observe_owned(
+        &mut self,
+        server: ServerId,
+        fence: Option<Fence>,
+        obs: Observation<'_>,
+        at: OffsetDateTime,
+    ) {
+        // A manual check is judged only by the server's owner, under the owner's fence; its
+        // result elsewhere waits for the owner's next scheduled check.
+        let Some(fence) = fence.or_else(|| {
+            self.shared.loaded.get(&server).map(|epoch| Fence {
+                bucket: fleet_core::cluster::bucket_of(server),
+                epoch: *epoch,
+            })
+        }) else {
+            return;
+        };
+        if self.shared.loaded.get(&server) != Some(&fence.epoch) {
+            let f = fence;
+            let Some((_, stash)) = self
+                .shared
+                .fetched
+                .get_mut(&f.bucket)
+                .filter(|(e, _)| *e == f.epoch)
+            else {
+                // Its bucket's phases could not be read (or the result is from an older
+                // lease, whose writes are refused anyway): the next check moves it on.
+                self.counters.lagged.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let states = stash.remove(&server).unwrap_or_default();
+            let mut rules = ServerRules::restore(server, None, states);
+            if rules.counting() && self.shared.rebuilt < 64 {
+                self.shared.rebuilt += 1;
+                let window = self.cfg.critical_after.max(self.cfg.resolve_after) as usize + 1;
+                if let Ok(recent) = self.servers.recent_health(server, window).await {
+                    rules.rebuild(&recent);
+                }
+            }
+            self.rules.insert(server, rules);
+            self.shared.loaded.insert(server, f.epoch);
+        }
+        self.counters.results.fetch_add(1, Ordering::Relaxed);
+        let step = self
+            .rules
+            .entry(server)
+            .or_insert_with(|| ServerRules::new(server))
+            .observe(obs, at, &self.cfg);
+        if step.transitions.is_empty() && step.changes.is_empty() {
+            return;
+        }
+        self.shared.owned.push(OwnedWrite {
+            fence: Some(fence),
+            transitions: step.transitions,
+            changes: step.changes,
+        });
+    }
+
+    /// Writes what is waiting: shared, the owner's writes, then the leader's.
+    async fn flush(&mut self) {
+        if self.leads.is_some() {
+            self.flush_owned().await;
+            self.flush_led().await;
+        } else {
+            self.flush_single().await;
+        }
+    }
+
     /// Writes what is waiting, in one transaction. On failure it stays (bounded) and is
     /// retried with the next flush.
-    async fn flush(&mut self) {
+    async fn flush_single(&mut self) {
         if self.transitions.is_empty() && self.effects.is_empty() {
             return;
         }
-        let opened = self
-            .effects
-            .iter()
-            .filter(|e| matches!(e, Effect::Timeline { kind: "opened", .. }))
-            .count() as u64;
-        let notices = self
-            .effects
-            .iter()
-            .any(|e| matches!(e, Effect::Notify { .. }));
-        let dropped = self
-            .effects
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e,
-                    Effect::Timeline {
-                        kind: "dropped",
-                        ..
-                    }
-                )
-            })
-            .count() as u64;
+        let (opened, notices, dropped) = self.effect_counts();
         match self.store.apply(&self.transitions, &self.effects).await {
             Ok(()) => {
                 self.counters
@@ -933,6 +1293,18 @@ impl Evaluator {
             (self.effects.len() + self.transitions.len()) as u64,
             Ordering::Relaxed,
         );
+    }
+}
+
+/// The fence of a scheduled result.
+fn fence_of(event: &Event) -> Option<Fence> {
+    match event {
+        Event::Checked { check, .. } => check.fence,
+        Event::Collected { record, .. } => match record {
+            MetricsRecord::Sample(s) => s.fence,
+            MetricsRecord::Failure(f) => f.fence,
+        },
+        _ => None,
     }
 }
 
@@ -1105,18 +1477,12 @@ mod tests {
         _stop: tokio_util::sync::DropGuard,
     }
 
-    async fn shell(cfg: AlertConfig) -> Shell {
-        shell_shared(cfg, None).await
-    }
-
-    async fn shell_shared(
-        cfg: AlertConfig,
-        leads: Option<fleet_core::cluster::ClusterStats>,
-    ) -> Shell {
-        let registry = Arc::new(InMemoryStore::new());
-        let mut new = NewServer::new("web-1", "http://127.0.0.1:9");
-        new.region = Some("eu".into());
-        let server = registry.create_server(new).await.unwrap().id;
+    /// An alert store with one webhook channel, a recording notifier and a paused clock.
+    async fn hooked() -> (
+        Arc<MemoryAlertStore>,
+        Arc<RecordingNotifier>,
+        Arc<TokioClock>,
+    ) {
         let store = Arc::new(MemoryAlertStore::new());
         store
             .create_channel(
@@ -1131,6 +1497,22 @@ mod tests {
             .unwrap();
         let notifier = Arc::new(RecordingNotifier::new());
         let clock = Arc::new(TokioClock::new(datetime!(2026-01-01 0:00 UTC)));
+        (store, notifier, clock)
+    }
+
+    async fn shell(cfg: AlertConfig) -> Shell {
+        shell_shared(cfg, None).await
+    }
+
+    async fn shell_shared(
+        cfg: AlertConfig,
+        leads: Option<fleet_core::cluster::ClusterStats>,
+    ) -> Shell {
+        let registry = Arc::new(InMemoryStore::new());
+        let mut new = NewServer::new("web-1", "http://127.0.0.1:9");
+        new.region = Some("eu".into());
+        let server = registry.create_server(new).await.unwrap().id;
+        let (store, notifier, clock) = hooked().await;
         let events = Events::new();
         let cancel = CancellationToken::new();
         let handle = AlertService::spawn(
@@ -1195,35 +1577,133 @@ mod tests {
 
     use HealthStatus::*;
 
+    /// One instance of a shared fleet on a common store: its events, its share, its handle.
+    struct Member {
+        events: Events,
+        share: fleet_core::cluster::ClusterStats,
+        handle: AlertsHandle,
+        _stop: tokio_util::sync::DropGuard,
+    }
+
+    fn member(
+        id: &str,
+        store: &Arc<MemoryAlertStore>,
+        registry: &Arc<InMemoryStore>,
+        notifier: &Arc<RecordingNotifier>,
+        clock: &Arc<TokioClock>,
+    ) -> Member {
+        let events = Events::new();
+        let share = fleet_core::cluster::ClusterStats::new(id);
+        let cancel = CancellationToken::new();
+        let handle = AlertService::spawn(
+            AlertParts {
+                leads: Some(share.clone()),
+                store: store.clone(),
+                servers: registry.clone(),
+                notifier: notifier.clone(),
+                config: AlertConfig::default(),
+                clock: clock.clone(),
+                events: events.clone(),
+                health_interval: Duration::from_secs(30),
+            },
+            cancel.clone(),
+            &TaskTracker::new(),
+        );
+        Member {
+            events,
+            share,
+            handle,
+            _stop: cancel.drop_guard(),
+        }
+    }
+
+    impl Member {
+        /// Checks `server` every 30 s of paused time, as the owner of its bucket at `epoch`.
+        async fn checks(
+            &self,
+            clock: &TokioClock,
+            server: ServerId,
+            epoch: i64,
+            statuses: &[HealthStatus],
+        ) {
+            for s in statuses {
+                let mut check = check_at(server, clock.now(), *s);
+                check.fence = Some(Fence {
+                    bucket: fleet_core::cluster::bucket_of(server),
+                    epoch,
+                });
+                self.events.publish(Event::Checked {
+                    server: "web-1".into(),
+                    check,
+                    previous: None,
+                    manual: false,
+                });
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn in_a_shared_fleet_only_the_leader_evaluates_and_a_new_leader_starts_from_the_store() {
-        let share = fleet_core::cluster::ClusterStats::new("b:1");
-        let s = shell_shared(AlertConfig::default(), Some(share.clone())).await;
-        s.checks(&[Critical, Critical, Critical]).await;
-        assert!(s.kinds().is_empty(), "a follower opened an incident");
-        assert_eq!(s.handle.stats().results, 0);
-        // It becomes the leader: results are evaluated from then on.
-        share.set_leader(Some(2));
+    async fn in_a_shared_fleet_owners_judge_their_servers_and_the_leader_alone_decides_incidents() {
+        let registry = Arc::new(InMemoryStore::new());
+        let server = registry
+            .create_server(NewServer::new("web-1", "http://127.0.0.1:9"))
+            .await
+            .unwrap()
+            .id;
+        let (store, notifier, clock) = hooked().await;
+        let a = member("a:1", &store, &registry, &notifier, &clock);
+        let b = member("b:1", &store, &registry, &notifier, &clock);
+        let kinds = || -> Vec<String> {
+            notifier
+                .received()
+                .iter()
+                .map(|r| {
+                    r.notice["incident"]["notice"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned()
+                })
+                .collect()
+        };
+        a.share.set_leader(Some(1));
         tokio::time::sleep(Duration::from_secs(2)).await;
-        s.checks(&[Critical, Critical, Critical]).await;
-        assert_eq!(s.kinds(), ["firing"]);
-        // It stops leading: nothing more is evaluated here, not even the recovery, and an
-        // acknowledgement is refused (it belongs to the leader).
-        share.set_leader(None);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let open = s.store.open_incidents().await.unwrap();
-        let incident = open[0].snapshot.incident.id;
+
+        // B owns the server's bucket: B judges the checks, A (the leader) opens the incident
+        // from B's logged change.
+        b.checks(&clock, server, 1, &[Critical, Critical, Critical])
+            .await;
+        assert_eq!(kinds(), ["firing"]);
+        assert_eq!(
+            a.handle.stats().results,
+            0,
+            "the leader judged a result it did not check"
+        );
+        assert_eq!(b.handle.stats().results, 3);
+        let incident = store.open_incidents().await.unwrap()[0]
+            .snapshot
+            .incident
+            .id;
         assert!(matches!(
-            s.handle.acknowledge(incident, "ops", "looking").await,
+            b.handle.acknowledge(incident, "ops", "looking").await,
             Err(AckError::NotLeader)
         ));
-        s.checks(&[Healthy, Healthy, Healthy]).await;
-        assert_eq!(s.kinds(), ["firing"]);
-        // Leading again, it restores the firing alert and resolves it.
-        share.set_leader(Some(4));
+
+        // Leadership moves to B: it starts from the stored incidents and the log position, so
+        // the firing change A decided on is not decided again. The bucket moves to A
+        // (epoch 2) while the alert fires: A restores the server's rules from the stored
+        // phase, so its recovery resolves the alert.
+        a.share.set_leader(None);
+        b.share.set_leader(Some(2));
         tokio::time::sleep(Duration::from_secs(2)).await;
-        s.checks(&[Healthy, Healthy, Healthy]).await;
-        assert_eq!(s.kinds(), ["firing", "resolved"]);
+        a.checks(&clock, server, 2, &[Healthy, Healthy, Healthy])
+            .await;
+        assert_eq!(kinds(), ["firing", "resolved"]);
+        assert!(store.open_incidents().await.unwrap().is_empty());
+        // Each notice sent once.
+        let rows = store.outbox();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(notifier.received().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,7 @@ use crate::model::{
     IncidentDetail, IncidentFilter, MaintenanceWindow, Matchers, Phase, Policy, Scope, Severity,
     Silence, Step, TimelineEntry,
 };
+use crate::rules::AlertChange;
 use crate::schedule::Schedule;
 
 /// A stored alert phase: the last transition of one alert.
@@ -25,6 +26,37 @@ pub struct StoredPhase {
     pub phase: Phase,
     /// Since when its episode runs.
     pub since: OffsetDateTime,
+}
+
+/// What a bucket's owner writes for one observation when the fleet is shared: the phase
+/// transitions and the changes it caused, kept only while the owner still holds the fence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OwnedWrite {
+    /// The fence of the observed result; `None` for a manual check or a fleet-wide signal,
+    /// which are written unfenced.
+    pub fence: Option<fleet_core::cluster::Fence>,
+    /// Phase transitions.
+    pub transitions: Vec<AlertTransition>,
+    /// Alerts that started or stopped firing, for the leader.
+    pub changes: Vec<AlertChange>,
+}
+
+/// A change as the leader reads it from the log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggedChange {
+    /// Its position in the log.
+    pub id: i64,
+    /// The change.
+    pub change: AlertChange,
+}
+
+/// Where the leader stands: what a new leader starts from, beside the open incidents.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LedState {
+    /// The last change decided on.
+    pub position: i64,
+    /// The alerts held as firing as of that change, with their episodes' start.
+    pub firing: Vec<(AlertKey, OffsetDateTime)>,
 }
 
 /// Changes to a channel; `None` leaves a field as it is.
@@ -73,6 +105,35 @@ pub trait AlertStore: Send + Sync {
         transitions: &[AlertTransition],
         effects: &[Effect],
     ) -> Result<(), StoreError>;
+
+    /// A shared fleet's owners' write: phase transitions and logged changes, each write kept
+    /// only while its fence holds (the bucket still this instance's, at the same epoch).
+    /// Returns how many writes were refused as superseded.
+    async fn record_owned(&self, writes: &[OwnedWrite]) -> Result<u64, StoreError>;
+
+    /// The stored phases of the servers in `buckets`: what a new owner restores.
+    async fn phases_in_buckets(&self, buckets: &[u16]) -> Result<Vec<StoredPhase>, StoreError>;
+
+    /// At most `limit` logged changes after position `after`, oldest first. Never skips a
+    /// change that commits later with a smaller position.
+    async fn changes_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<LoggedChange>, StoreError>;
+
+    /// The leader's position and firing set.
+    async fn led_state(&self) -> Result<LedState, StoreError>;
+
+    /// The leader's write: incident effects, the firing set moved by `consumed`, and the
+    /// position past them, in one transaction under the leader's fence `leader_epoch`.
+    /// False, with nothing written, when this instance no longer leads at that epoch.
+    async fn apply_led(
+        &self,
+        effects: &[Effect],
+        consumed: &[LoggedChange],
+        leader_epoch: i64,
+    ) -> Result<bool, StoreError>;
 
     /// Every alert not resolved, as its last transition left it.
     async fn alert_phases(&self) -> Result<Vec<StoredPhase>, StoreError>;

@@ -1,20 +1,21 @@
 //! [`AlertStore`] on PostgreSQL: one transaction per batch of effects, outbox rows claimed
 //! with `FOR UPDATE SKIP LOCKED` and a claim token, channel configurations sealed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fleet_alerts::{
-    AlertKey, AlertStore, AlertTransition, Attempted, Backlog, Channel, ChannelConfig,
+    AlertChange, AlertKey, AlertStore, AlertTransition, Attempted, Backlog, Channel, ChannelConfig,
     ChannelPatch, Delivery, Effect, Incident, IncidentDetail, IncidentFilter, IncidentState,
-    MaintenanceWindow, Matchers, Member, NoticeKind, Phase, Policy, PolicyPatch, Restored, Rule,
-    Schedule, Scope, Severity, Silence, Snapshot, Step, StoredPhase, TimelineEntry, WindowPatch,
+    LedState, LoggedChange, MaintenanceWindow, Matchers, Member, NoticeKind, OwnedWrite, Phase,
+    Policy, PolicyPatch, Restored, Rule, Schedule, Scope, Severity, Silence, Snapshot, Step,
+    StoredPhase, TimelineEntry, WindowPatch,
 };
 use fleet_core::{ApiToken, ServerId, StoreError};
 use time::OffsetDateTime;
-use tokio_postgres::Row;
 use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
 use crate::store::{PgStore, db_error};
@@ -27,6 +28,279 @@ fn corrupt(what: &str, value: &str) -> StoreError {
 
 fn json_error(what: &str, e: serde_json::Error) -> StoreError {
     StoreError::backend(format!("stored {what} cannot be read: {e}"))
+}
+
+/// Writes phase transitions: the last of each alert wins; an inactive one is deleted.
+async fn write_phases<'t>(
+    tx: &Transaction<'_>,
+    transitions: impl Iterator<Item = &'t AlertTransition>,
+) -> Result<(), StoreError> {
+    // Phases: the last transition of each alert in the batch wins.
+    let mut last: BTreeMap<(ServerId, Rule, &str), &AlertTransition> = BTreeMap::new();
+    for t in transitions {
+        if let Some(s) = t.key.server {
+            last.insert((s, t.key.rule, t.key.detail.as_str()), t);
+        }
+    }
+    let (mut del_s, mut del_r, mut del_d) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut up_s, mut up_r, mut up_d, mut up_p, mut up_since, mut up_at) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for ((s, rule, detail), t) in &last {
+        if t.to == Phase::Inactive {
+            del_s.push(s.0);
+            del_r.push(rule.as_str());
+            del_d.push(*detail);
+        } else {
+            up_s.push(s.0);
+            up_r.push(rule.as_str());
+            up_d.push(*detail);
+            up_p.push(t.to.as_str());
+            up_since.push(t.since);
+            up_at.push(t.at);
+        }
+    }
+    if !del_s.is_empty() {
+        tx.execute(
+            "DELETE FROM alert_phases p USING UNNEST($1::uuid[], $2::text[], $3::text[]) AS d(s, r, t) \
+             WHERE p.server_id = d.s AND p.rule = d.r AND p.detail = d.t",
+            &[&del_s, &del_r, &del_d],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    if !up_s.is_empty() {
+        // Servers deleted meanwhile are skipped, not an error.
+        tx.execute(
+            "INSERT INTO alert_phases (server_id, rule, detail, phase, since, changed_at) \
+             SELECT u.* FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) \
+               AS u(s, r, d, p, since, at) \
+             WHERE EXISTS (SELECT 1 FROM managed_servers m WHERE m.id = u.s) \
+             ON CONFLICT (server_id, rule, detail) DO UPDATE \
+             SET phase = EXCLUDED.phase, since = EXCLUDED.since, changed_at = EXCLUDED.changed_at",
+            &[&up_s, &up_r, &up_d, &up_p, &up_since, &up_at],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// Writes incident effects: snapshots, members, the timeline and outbox rows.
+async fn write_effects(tx: &Transaction<'_>, effects: &[Effect]) -> Result<(), StoreError> {
+    // Incidents first (their latest snapshot), then what refers to them.
+    let mut saves: BTreeMap<Uuid, &Snapshot> = BTreeMap::new();
+    for e in effects {
+        if let Effect::Save(s) = e {
+            saves.insert(s.incident.id, s);
+        }
+    }
+    let upsert = tx
+        .prepare(&format!(
+            "INSERT INTO incidents ({INCIDENT_COLUMNS}) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
+             ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, summary = EXCLUDED.summary, \
+             acknowledged_at = EXCLUDED.acknowledged_at, acknowledged_by = EXCLUDED.acknowledged_by, \
+             ack_reason = EXCLUDED.ack_reason, resolved_at = EXCLUDED.resolved_at, servers = EXCLUDED.servers, \
+             covers = EXCLUDED.covers, seq = EXCLUDED.seq, announced_at = EXCLUDED.announced_at, \
+             notified_at = EXCLUDED.notified_at, additions = EXCLUDED.additions, immediate = EXCLUDED.immediate, \
+             escalated_until = EXCLUDED.escalated_until, told = EXCLUDED.told"
+        ))
+        .await
+        .map_err(db_error)?;
+    for s in saves.values() {
+        let i = &s.incident;
+        let told: Vec<Uuid> = s.told.iter().copied().collect();
+        let servers = i.servers as i64;
+        let covers = i.covers as i64;
+        let escalated = s.escalated_until as i64;
+        tx.execute(
+            &upsert,
+            &[
+                &i.id,
+                &i.group_key,
+                &i.rule.as_str(),
+                &i.severity.as_str(),
+                &i.region,
+                &i.state.as_str(),
+                &i.summary,
+                &i.opened_at,
+                &i.acknowledged_at,
+                &i.acknowledged_by,
+                &i.ack_reason,
+                &i.resolved_at,
+                &servers,
+                &covers,
+                &s.seq,
+                &s.announced_at,
+                &s.notified_at,
+                &s.additions,
+                &s.immediate,
+                &escalated,
+                &told,
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    // Members, as the batch leaves them; members dropped from an unannounced incident go.
+    let mut members: BTreeMap<(Uuid, ServerId, &str), Option<&Member>> = BTreeMap::new();
+    let mut left: BTreeMap<(Uuid, ServerId, &str), OffsetDateTime> = BTreeMap::new();
+    for e in effects {
+        match e {
+            Effect::Join { incident, member } => {
+                members.insert((*incident, member.server_id, &member.detail), Some(member));
+                left.remove(&(*incident, member.server_id, member.detail.as_str()));
+            }
+            Effect::Leave {
+                incident,
+                server,
+                detail,
+                at,
+            } => {
+                left.insert((*incident, *server, detail.as_str()), *at);
+            }
+            _ => {}
+        }
+    }
+    let (mut mi, mut ms, mut mn, mut mr, mut md, mut mj) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for ((inc, server, detail), m) in &members {
+        if let Some(m) = m {
+            mi.push(*inc);
+            ms.push(server.0);
+            mn.push(m.server_name.as_str());
+            mr.push(m.region.as_deref());
+            md.push(*detail);
+            mj.push(m.joined_at);
+        }
+    }
+    if !mi.is_empty() {
+        tx.execute(
+            "INSERT INTO incident_members (incident_id, server_id, server_name, region, detail, joined_at) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) \
+             ON CONFLICT (incident_id, server_id, detail) DO UPDATE SET resolved_at = NULL",
+            &[&mi, &ms, &mn, &mr, &md, &mj],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    if !left.is_empty() {
+        let (mut li, mut ls, mut ld, mut la) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ((inc, server, detail), at) in &left {
+            li.push(*inc);
+            ls.push(server.0);
+            ld.push(*detail);
+            la.push(*at);
+        }
+        tx.execute(
+            "UPDATE incident_members m SET resolved_at = l.at \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[]) AS l(i, s, d, at) \
+             WHERE m.incident_id = l.i AND m.server_id = l.s AND m.detail = l.d",
+            &[&li, &ls, &ld, &la],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    // The timeline, in order.
+    let (mut ti, mut ta, mut tk, mut tm, mut tc) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut ords: Vec<i32> = Vec::new();
+    for e in effects {
+        if let Effect::Timeline {
+            incident,
+            at,
+            kind,
+            message,
+            channel,
+        } = e
+        {
+            ti.push(*incident);
+            ta.push(*at);
+            tk.push(*kind);
+            tm.push(message.as_str());
+            tc.push(*channel);
+            ords.push(ords.len() as i32);
+        }
+    }
+    if !ti.is_empty() {
+        tx.execute(
+            "INSERT INTO incident_timeline (incident_id, at, kind, message, channel_id) \
+             SELECT i, at, k, m, c FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::uuid[], $6::int[]) \
+               AS t(i, at, k, m, c, o) ORDER BY o",
+            &[&ti, &ta, &tk, &tm, &tc, &ords],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    // The outbox: one row per (incident, seq, channel), never twice; a channel deleted
+    // meanwhile is skipped.
+    let (mut oi, mut oq, mut oc, mut ok, mut on) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for e in effects {
+        if let Effect::Notify {
+            incident,
+            seq,
+            channel,
+            kind,
+            notice,
+        } = e
+        {
+            oi.push(*incident);
+            oq.push(*seq);
+            oc.push(*channel);
+            ok.push(kind.as_str());
+            on.push(Json(notice));
+        }
+    }
+    if !oi.is_empty() {
+        tx.execute(
+            "INSERT INTO alert_outbox (incident_id, seq, channel_id, kind, notice) \
+             SELECT o.* FROM UNNEST($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::jsonb[]) AS o(i, s, c, k, n) \
+             WHERE EXISTS (SELECT 1 FROM alert_channels ch WHERE ch.id = o.c) \
+             ON CONFLICT (incident_id, seq, channel_id) DO NOTHING",
+            &[&oi, &oq, &oc, &ok, &on],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(())
+}
+
+/// The advisory lock between the change log's writers (shared) and the leader's reader
+/// (exclusive).
+const CHANGE_LOG_LOCK: i64 = 0x666c_6565_7461_6c67; // "fleetalg"
+
+/// An alert's key in `alert_announced`.
+fn announced_key(key: &AlertKey) -> String {
+    let server = key.server.map(|s| s.0.to_string()).unwrap_or_default();
+    format!("{}/{server}/{}", key.rule.as_str(), key.detail)
+}
+
+/// A row of `alert_phases` (server_id, rule, detail, phase, since).
+fn stored_phase(r: &Row) -> Result<StoredPhase, StoreError> {
+    let rule: String = r.get(1);
+    let phase: String = r.get(3);
+    Ok(StoredPhase {
+        key: AlertKey {
+            rule: Rule::parse(&rule).ok_or_else(|| corrupt("rule", &rule))?,
+            server: Some(ServerId(r.get(0))),
+            detail: r.get(2),
+        },
+        phase: Phase::parse(&phase).ok_or_else(|| corrupt("phase", &phase))?,
+        since: r.get(4),
+    })
 }
 
 const INCIDENT_COLUMNS: &str = "id, group_key, rule, severity, region, state, summary, opened_at, \
@@ -182,242 +456,255 @@ impl AlertStore for PgStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
-        // Phases: the last transition of each alert in the batch wins.
-        let mut last: BTreeMap<(ServerId, Rule, &str), &AlertTransition> = BTreeMap::new();
-        for t in transitions {
-            if let Some(s) = t.key.server {
-                last.insert((s, t.key.rule, t.key.detail.as_str()), t);
-            }
-        }
-        let (mut del_s, mut del_r, mut del_d) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut up_s, mut up_r, mut up_d, mut up_p, mut up_since, mut up_at) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        for ((s, rule, detail), t) in &last {
-            if t.to == Phase::Inactive {
-                del_s.push(s.0);
-                del_r.push(rule.as_str());
-                del_d.push(*detail);
-            } else {
-                up_s.push(s.0);
-                up_r.push(rule.as_str());
-                up_d.push(*detail);
-                up_p.push(t.to.as_str());
-                up_since.push(t.since);
-                up_at.push(t.at);
-            }
-        }
-        if !del_s.is_empty() {
-            tx.execute(
-                "DELETE FROM alert_phases p USING UNNEST($1::uuid[], $2::text[], $3::text[]) AS d(s, r, t) \
-                 WHERE p.server_id = d.s AND p.rule = d.r AND p.detail = d.t",
-                &[&del_s, &del_r, &del_d],
-            )
-            .await
-            .map_err(db_error)?;
-        }
-        if !up_s.is_empty() {
-            // Servers deleted meanwhile are skipped, not an error.
-            tx.execute(
-                "INSERT INTO alert_phases (server_id, rule, detail, phase, since, changed_at) \
-                 SELECT u.* FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[]) \
-                   AS u(s, r, d, p, since, at) \
-                 WHERE EXISTS (SELECT 1 FROM managed_servers m WHERE m.id = u.s) \
-                 ON CONFLICT (server_id, rule, detail) DO UPDATE \
-                 SET phase = EXCLUDED.phase, since = EXCLUDED.since, changed_at = EXCLUDED.changed_at",
-                &[&up_s, &up_r, &up_d, &up_p, &up_since, &up_at],
-            )
-            .await
-            .map_err(db_error)?;
-        }
-        // Incidents first (their latest snapshot), then what refers to them.
-        let mut saves: BTreeMap<Uuid, &Snapshot> = BTreeMap::new();
-        for e in effects {
-            if let Effect::Save(s) = e {
-                saves.insert(s.incident.id, s);
-            }
-        }
-        let upsert = tx
-            .prepare(&format!(
-                "INSERT INTO incidents ({INCIDENT_COLUMNS}) VALUES \
-                 ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21) \
-                 ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, summary = EXCLUDED.summary, \
-                 acknowledged_at = EXCLUDED.acknowledged_at, acknowledged_by = EXCLUDED.acknowledged_by, \
-                 ack_reason = EXCLUDED.ack_reason, resolved_at = EXCLUDED.resolved_at, servers = EXCLUDED.servers, \
-                 covers = EXCLUDED.covers, seq = EXCLUDED.seq, announced_at = EXCLUDED.announced_at, \
-                 notified_at = EXCLUDED.notified_at, additions = EXCLUDED.additions, immediate = EXCLUDED.immediate, \
-                 escalated_until = EXCLUDED.escalated_until, told = EXCLUDED.told"
-            ))
-            .await
-            .map_err(db_error)?;
-        for s in saves.values() {
-            let i = &s.incident;
-            let told: Vec<Uuid> = s.told.iter().copied().collect();
-            let servers = i.servers as i64;
-            let covers = i.covers as i64;
-            let escalated = s.escalated_until as i64;
-            tx.execute(
-                &upsert,
-                &[
-                    &i.id,
-                    &i.group_key,
-                    &i.rule.as_str(),
-                    &i.severity.as_str(),
-                    &i.region,
-                    &i.state.as_str(),
-                    &i.summary,
-                    &i.opened_at,
-                    &i.acknowledged_at,
-                    &i.acknowledged_by,
-                    &i.ack_reason,
-                    &i.resolved_at,
-                    &servers,
-                    &covers,
-                    &s.seq,
-                    &s.announced_at,
-                    &s.notified_at,
-                    &s.additions,
-                    &s.immediate,
-                    &escalated,
-                    &told,
-                ],
-            )
-            .await
-            .map_err(db_error)?;
-        }
-        // Members, as the batch leaves them; members dropped from an unannounced incident go.
-        let mut members: BTreeMap<(Uuid, ServerId, &str), Option<&Member>> = BTreeMap::new();
-        let mut left: BTreeMap<(Uuid, ServerId, &str), OffsetDateTime> = BTreeMap::new();
-        for e in effects {
-            match e {
-                Effect::Join { incident, member } => {
-                    members.insert((*incident, member.server_id, &member.detail), Some(member));
-                    left.remove(&(*incident, member.server_id, member.detail.as_str()));
-                }
-                Effect::Leave {
-                    incident,
-                    server,
-                    detail,
-                    at,
-                } => {
-                    left.insert((*incident, *server, detail.as_str()), *at);
-                }
-                _ => {}
-            }
-        }
-        let (mut mi, mut ms, mut mn, mut mr, mut md, mut mj) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        for ((inc, server, detail), m) in &members {
-            if let Some(m) = m {
-                mi.push(*inc);
-                ms.push(server.0);
-                mn.push(m.server_name.as_str());
-                mr.push(m.region.as_deref());
-                md.push(*detail);
-                mj.push(m.joined_at);
-            }
-        }
-        if !mi.is_empty() {
-            tx.execute(
-                "INSERT INTO incident_members (incident_id, server_id, server_name, region, detail, joined_at) \
-                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) \
-                 ON CONFLICT (incident_id, server_id, detail) DO UPDATE SET resolved_at = NULL",
-                &[&mi, &ms, &mn, &mr, &md, &mj],
-            )
-            .await
-            .map_err(db_error)?;
-        }
-        if !left.is_empty() {
-            let (mut li, mut ls, mut ld, mut la) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for ((inc, server, detail), at) in &left {
-                li.push(*inc);
-                ls.push(server.0);
-                ld.push(*detail);
-                la.push(*at);
-            }
-            tx.execute(
-                "UPDATE incident_members m SET resolved_at = l.at \
-                 FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[]) AS l(i, s, d, at) \
-                 WHERE m.incident_id = l.i AND m.server_id = l.s AND m.detail = l.d",
-                &[&li, &ls, &ld, &la],
-            )
-            .await
-            .map_err(db_error)?;
-        }
-        // The timeline, in order.
-        let (mut ti, mut ta, mut tk, mut tm, mut tc) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut ords: Vec<i32> = Vec::new();
-        for e in effects {
-            if let Effect::Timeline {
-                incident,
-                at,
-                kind,
-                message,
-                channel,
-            } = e
-            {
-                ti.push(*incident);
-                ta.push(*at);
-                tk.push(*kind);
-                tm.push(message.as_str());
-                tc.push(*channel);
-                ords.push(ords.len() as i32);
-            }
-        }
-        if !ti.is_empty() {
-            tx.execute(
-                "INSERT INTO incident_timeline (incident_id, at, kind, message, channel_id) \
-                 SELECT i, at, k, m, c FROM UNNEST($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::uuid[], $6::int[]) \
-                   AS t(i, at, k, m, c, o) ORDER BY o",
-                &[&ti, &ta, &tk, &tm, &tc, &ords],
-            )
-            .await
-            .map_err(db_error)?;
-        }
-        // The outbox: one row per (incident, seq, channel), never twice; a channel deleted
-        // meanwhile is skipped.
-        let (mut oi, mut oq, mut oc, mut ok, mut on) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for e in effects {
-            if let Effect::Notify {
-                incident,
-                seq,
-                channel,
-                kind,
-                notice,
-            } = e
-            {
-                oi.push(*incident);
-                oq.push(*seq);
-                oc.push(*channel);
-                ok.push(kind.as_str());
-                on.push(Json(notice));
-            }
-        }
-        if !oi.is_empty() {
-            tx.execute(
-                "INSERT INTO alert_outbox (incident_id, seq, channel_id, kind, notice) \
-                 SELECT o.* FROM UNNEST($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::jsonb[]) AS o(i, s, c, k, n) \
-                 WHERE EXISTS (SELECT 1 FROM alert_channels ch WHERE ch.id = o.c) \
-                 ON CONFLICT (incident_id, seq, channel_id) DO NOTHING",
-                &[&oi, &oq, &oc, &ok, &on],
-            )
-            .await
-            .map_err(db_error)?;
-        }
+        write_phases(&tx, transitions.iter()).await?;
+        write_effects(&tx, effects).await?;
         tx.commit().await.map_err(db_error)
+    }
+
+    async fn record_owned(&self, writes: &[OwnedWrite]) -> Result<u64, StoreError> {
+        if writes.is_empty() {
+            return Ok(0);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        // The fences still held, locked FOR SHARE until commit: a takeover (which bumps the
+        // epoch) waits for this write, and a write after a takeover finds the new epoch.
+        let mut held: HashSet<(u16, i64)> = HashSet::new();
+        let fenced: Vec<i16> = writes
+            .iter()
+            .filter_map(|w| w.fence.map(|f| f.bucket as i16))
+            .collect();
+        if let Some((me, _)) = self.member()
+            && !fenced.is_empty()
+        {
+            for r in tx
+                .query(
+                    "SELECT bucket, epoch FROM fleet_bucket_leases \
+                     WHERE owner = $1 AND bucket = ANY($2) FOR SHARE",
+                    &[&me, &fenced],
+                )
+                .await
+                .map_err(db_error)?
+            {
+                held.insert((r.get::<_, i16>(0) as u16, r.get(1)));
+            }
+        }
+        let shared = self.member().is_some();
+        let kept: Vec<&OwnedWrite> = writes
+            .iter()
+            .filter(|w| !shared || w.fence.is_none_or(|f| held.contains(&(f.bucket, f.epoch))))
+            .collect();
+        let refused = (writes.len() - kept.len()) as u64;
+        write_phases(&tx, kept.iter().flat_map(|w| &w.transitions)).await?;
+        let (mut ls, mut lr, mut ld, mut lf, mut la, mut lsince) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for c in kept.iter().flat_map(|w| &w.changes) {
+            ls.push(c.key.server.map(|s| s.0));
+            lr.push(c.key.rule.as_str());
+            ld.push(c.key.detail.as_str());
+            lf.push(c.firing);
+            la.push(c.at);
+            lsince.push(c.since);
+        }
+        if !ls.is_empty() {
+            // Shared: the leader's reader takes this lock exclusively, so it reads only once
+            // every writer that drew an id has committed.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock_shared($1)",
+                &[&CHANGE_LOG_LOCK],
+            )
+            .await
+            .map_err(db_error)?;
+            tx.execute(
+                "INSERT INTO alert_change_log (server_id, rule, detail, firing, at, since) \
+                 SELECT s, r, d, f, at, since FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::timestamptz[], $6::timestamptz[]) \
+                 WITH ORDINALITY AS c(s, r, d, f, at, since, n) ORDER BY n",
+                &[&ls, &lr, &ld, &lf, &la, &lsince],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        if let Some((_, stats)) = self.member() {
+            stats.add_rejected(refused);
+        }
+        Ok(refused)
+    }
+
+    async fn phases_in_buckets(&self, buckets: &[u16]) -> Result<Vec<StoredPhase>, StoreError> {
+        let buckets: Vec<i16> = buckets.iter().map(|b| *b as i16).collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT p.server_id, p.rule, p.detail, p.phase, p.since FROM alert_phases p \
+                 JOIN managed_servers m ON m.id = p.server_id WHERE m.bucket = ANY($1)",
+                &[&buckets],
+            )
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(stored_phase).collect()
+    }
+
+    async fn changes_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<LoggedChange>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        // Waits for the writers holding the lock shared: every id drawn before this point is
+        // committed (or rolled back) when the next statement takes its snapshot.
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGE_LOG_LOCK])
+            .await
+            .map_err(db_error)?;
+        let rows = tx
+            .query(
+                "SELECT id, server_id, rule, detail, firing, at, since FROM alert_change_log \
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &(limit as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                let rule: String = r.get(2);
+                Ok(LoggedChange {
+                    id: r.get(0),
+                    change: AlertChange {
+                        key: AlertKey {
+                            rule: Rule::parse(&rule).ok_or_else(|| corrupt("rule", &rule))?,
+                            server: r.get::<_, Option<Uuid>>(1).map(ServerId),
+                            detail: r.get(3),
+                        },
+                        firing: r.get(4),
+                        at: r.get(5),
+                        since: r.get(6),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn led_state(&self) -> Result<LedState, StoreError> {
+        let client = self.client().await?;
+        let position: i64 = client
+            .query_one("SELECT position FROM alert_leader_state", &[])
+            .await
+            .map_err(db_error)?
+            .get(0);
+        let rows = client
+            .query(
+                "SELECT server_id, rule, detail, since FROM alert_announced",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        let firing = rows
+            .iter()
+            .map(|r| {
+                let rule: String = r.get(1);
+                Ok((
+                    AlertKey {
+                        rule: Rule::parse(&rule).ok_or_else(|| corrupt("rule", &rule))?,
+                        server: r.get::<_, Option<Uuid>>(0).map(ServerId),
+                        detail: r.get(2),
+                    },
+                    r.get(3),
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(LedState { position, firing })
+    }
+
+    async fn apply_led(
+        &self,
+        effects: &[Effect],
+        consumed: &[LoggedChange],
+        leader_epoch: i64,
+    ) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        if let Some((me, stats)) = self.member() {
+            let fenced = tx
+                .query_opt(
+                    "SELECT 1 FROM fleet_leader WHERE owner = $1 AND epoch = $2 FOR SHARE",
+                    &[&me, &leader_epoch],
+                )
+                .await
+                .map_err(db_error)?;
+            if fenced.is_none() {
+                stats.add_rejected(1);
+                return Ok(false);
+            }
+        }
+        write_effects(&tx, effects).await?;
+        // The firing set as the consumed changes leave it: the last change of each alert wins.
+        let mut last: BTreeMap<String, &AlertChange> = BTreeMap::new();
+        for c in consumed {
+            last.insert(announced_key(&c.change.key), &c.change);
+        }
+        let (mut gone, mut ak, mut asv, mut ar, mut ad, mut asince) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
+        for (key, c) in &last {
+            if c.firing {
+                ak.push(key.as_str());
+                asv.push(c.key.server.map(|s| s.0));
+                ar.push(c.key.rule.as_str());
+                ad.push(c.key.detail.as_str());
+                asince.push(c.since);
+            } else {
+                gone.push(key.as_str());
+            }
+        }
+        if !gone.is_empty() {
+            tx.execute("DELETE FROM alert_announced WHERE key = ANY($1)", &[&gone])
+                .await
+                .map_err(db_error)?;
+        }
+        if !ak.is_empty() {
+            // A firing change for an alert already held keeps its first episode start.
+            tx.execute(
+                "INSERT INTO alert_announced (key, server_id, rule, detail, since) \
+                 SELECT * FROM UNNEST($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[]) \
+                 ON CONFLICT (key) DO NOTHING",
+                &[&ak, &asv, &ar, &ad, &asince],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        if let Some(position) = consumed.iter().map(|c| c.id).max() {
+            tx.execute(
+                "UPDATE alert_leader_state SET position = $1 WHERE position < $1",
+                &[&position],
+            )
+            .await
+            .map_err(db_error)?;
+            // Decided changes are kept an hour (for inspection), then trimmed; a bounded
+            // statement, run about once in a hundred positions.
+            if position % 100 < consumed.len() as i64 {
+                tx.execute(
+                    "DELETE FROM alert_change_log WHERE id <= $1 AND written_at < now() - interval '1 hour'",
+                    &[&position],
+                )
+                .await
+                .map_err(db_error)?;
+            }
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(true)
     }
 
     async fn alert_phases(&self) -> Result<Vec<StoredPhase>, StoreError> {
@@ -429,21 +716,7 @@ impl AlertStore for PgStore {
             )
             .await
             .map_err(db_error)?;
-        rows.iter()
-            .map(|r| {
-                let rule: String = r.get(1);
-                let phase: String = r.get(3);
-                Ok(StoredPhase {
-                    key: AlertKey {
-                        rule: Rule::parse(&rule).ok_or_else(|| corrupt("rule", &rule))?,
-                        server: Some(ServerId(r.get(0))),
-                        detail: r.get(2),
-                    },
-                    phase: Phase::parse(&phase).ok_or_else(|| corrupt("phase", &phase))?,
-                    since: r.get(4),
-                })
-            })
-            .collect()
+        rows.iter().map(stored_phase).collect()
     }
 
     async fn open_incidents(&self) -> Result<Vec<Restored>, StoreError> {

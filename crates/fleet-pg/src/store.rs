@@ -341,6 +341,11 @@ impl PgStore {
         self
     }
 
+    /// The instance this store works for, with its figures, when the fleet is shared.
+    pub(crate) fn member(&self) -> Option<(&str, &ClusterStats)> {
+        self.member.as_ref().map(|m| (&*m.id, &m.stats))
+    }
+
     fn member_id(&self) -> Option<&str> {
         self.member.as_ref().map(|m| &*m.id)
     }

@@ -434,3 +434,169 @@ async fn migrations_refuse_a_schema_newer_than_they_know() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn alert_changes_are_kept_only_under_their_fence_and_decided_only_under_the_leaders() {
+    use fleet_alerts::{
+        AlertChange, AlertKey, AlertStore, AlertTransition, OwnedWrite, Phase, Rule,
+    };
+    let db = TestDb::create().await;
+    let base = db.store(Arc::new(fleet_core::SystemClock)).await;
+    let a_stats = ClusterStats::new("a:1");
+    let a = base.clone().shared_as("a:1", a_stats.clone());
+    let b = base.clone().shared_as("b:1", ClusterStats::new("b:1"));
+    let ids = [
+        base.create_server(NewServer::new("s0", "http://127.0.0.1:9"))
+            .await
+            .unwrap()
+            .id,
+        base.create_server(NewServer::new("s1", "http://127.0.0.1:9"))
+            .await
+            .unwrap()
+            .id,
+    ];
+    let mut ma = Membership::new(Arc::new(base.clone()), meta("a:1"), TIMES);
+    ma.round().await.unwrap();
+    let leader_epoch = ma.stats().snapshot().leader_epoch.unwrap();
+    let at = fleet_core::conformance::base_time();
+    let write = |server: fleet_core::ServerId, epoch: i64, firing: bool| {
+        let key = AlertKey {
+            rule: Rule::ServerCritical,
+            server: Some(server),
+            detail: String::new(),
+        };
+        OwnedWrite {
+            fence: Some(fleet_core::cluster::Fence {
+                bucket: bucket_of(server),
+                epoch,
+            }),
+            transitions: vec![AlertTransition {
+                key: key.clone(),
+                from: Phase::Pending,
+                to: if firing {
+                    Phase::Firing
+                } else {
+                    Phase::Inactive
+                },
+                at,
+                since: at,
+            }],
+            changes: vec![AlertChange {
+                key,
+                firing,
+                at,
+                since: at,
+            }],
+        }
+    };
+
+    // A owns every bucket at epoch 1: its writes land, phase and change together.
+    assert_eq!(a.record_owned(&[write(ids[0], 1, true)]).await.unwrap(), 0);
+    assert_eq!(
+        b.phases_in_buckets(&[bucket_of(ids[0])])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        b.phases_in_buckets(&[bucket_of(ids[0]) ^ 1])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // B takes every bucket over (epoch 2); A's late write under epoch 1 is refused, counted,
+    // and leaves neither a phase nor a change.
+    exec(
+        &base,
+        "UPDATE fleet_bucket_leases SET expires_at = now() - interval '1 minute'",
+    )
+    .await;
+    base.acquire("b:1", &(0..BUCKETS).collect::<Vec<_>>(), TIMES.ttl, true)
+        .await
+        .unwrap();
+    assert_eq!(a.record_owned(&[write(ids[1], 1, true)]).await.unwrap(), 1);
+    assert_eq!(a_stats.snapshot().fenced_writes_rejected, 1);
+    let phases = b.alert_phases().await.unwrap();
+    assert!(
+        phases.iter().all(|p| p.key.server != Some(ids[1])),
+        "{phases:?}"
+    );
+    assert_eq!(b.record_owned(&[write(ids[0], 2, false)]).await.unwrap(), 0);
+
+    // The log holds A's firing and B's resolution, in order, and nothing of the refused write.
+    let log = a.changes_after(0, 100).await.unwrap();
+    let seen: Vec<_> = log
+        .iter()
+        .map(|l| (l.change.key.server, l.change.firing))
+        .collect();
+    assert_eq!(seen, [(Some(ids[0]), true), (Some(ids[0]), false)]);
+    assert_eq!(a.changes_after(log[0].id, 100).await.unwrap().len(), 1);
+
+    // The leader decides on the first change: its position and firing set move together.
+    assert!(a.apply_led(&[], &log[..1], leader_epoch).await.unwrap());
+    let led = b.led_state().await.unwrap();
+    assert_eq!(led.position, log[0].id);
+    assert_eq!(led.firing.len(), 1);
+    // A former leader (a superseded epoch) writes nothing.
+    assert!(!a.apply_led(&[], &log[1..], leader_epoch + 1).await.unwrap());
+    assert_eq!(b.led_state().await.unwrap(), led);
+    assert!(a.apply_led(&[], &log[1..], leader_epoch).await.unwrap());
+    let led = b.led_state().await.unwrap();
+    assert_eq!((led.position, led.firing.len()), (log[1].id, 0));
+}
+
+#[tokio::test]
+async fn the_leader_never_reads_past_a_change_still_being_written() {
+    use fleet_alerts::AlertStore;
+    let db = TestDb::create().await;
+    let store = db.store(Arc::new(fleet_core::SystemClock)).await;
+    // A writer draws id 1 and is slow to commit; another writes id 2 and commits.
+    let mut slow = store.pool().get().await.unwrap();
+    let tx = slow.transaction().await.unwrap();
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock_shared(x'666c656574616c67'::bigint);
+         INSERT INTO alert_change_log (rule, detail, firing, at, since)
+         VALUES ('storage', 'slow', true, now(), now());",
+    )
+    .await
+    .unwrap();
+    exec(
+        &store,
+        "INSERT INTO alert_change_log (rule, detail, firing, at, since)
+         VALUES ('storage', 'quick', true, now(), now())",
+    )
+    .await;
+    // The reader waits for the slow writer instead of returning id 2 alone (and skipping 1).
+    let reader = {
+        let store = store.clone();
+        tokio::spawn(async move { store.changes_after(0, 10).await.unwrap() })
+    };
+    let client = store.pool().get().await.unwrap();
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(!reader.is_finished(), "read past an uncommitted change");
+        assert!(tokio::time::Instant::now() < end, "the reader never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!reader.is_finished(), "read past an uncommitted change");
+    tx.commit().await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    let details: Vec<_> = read.iter().map(|l| l.change.key.detail.as_str()).collect();
+    assert_eq!(details, ["slow", "quick"]);
+}

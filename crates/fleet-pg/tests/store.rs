@@ -71,7 +71,8 @@ async fn migrations_apply_once() {
             "V8__server_ca_certs",
             "V9__scale_out",
             "V10__metrics_state",
-            "V11__bucket_tallies"
+            "V11__bucket_tallies",
+            "V12__alert_change_log"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
