@@ -125,6 +125,8 @@ struct Parts {
     public_url: Option<url::Url>,
     /// This instance's membership of a shared fleet (PostgreSQL), and the lease TTL.
     membership: Option<(Membership, Duration)>,
+    /// How long each history tier holds, for the API's choice of source.
+    tiers: fleet_core::Tiers,
 }
 
 /// The running parts, and how to stop them.
@@ -267,6 +269,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
         .with_public_url(parts.public_url.as_ref()),
         shutdown: cancel.clone(),
         cluster,
+        tiers: parts.tiers,
     });
     let config = ListenerConfig {
         header_timeout: api.api_header_timeout,
@@ -362,8 +365,16 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                         .as_ref()
                         .is_none_or(|s| s.snapshot().leader_epoch.is_some())
                 };
-                fleet_pg::supervise::maintain_every(pg, Duration::from_secs(3600), &cancel, leads)
-                    .await;
+                // So do the history rollups.
+                tokio::join!(
+                    fleet_pg::supervise::maintain_every(
+                        pg,
+                        Duration::from_secs(3600),
+                        &cancel,
+                        leads
+                    ),
+                    fleet_pg::supervise::roll_up_every(pg, &cancel, leads),
+                );
             }
         }
     };
@@ -492,8 +503,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pool = settings.pool()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let pg = Arc::new(
-        PgStore::new(pool.clone(), vault, clock.clone(), args.partitions.policy())
-            .with_target(settings.target()),
+        PgStore::new(
+            pool.clone(),
+            vault,
+            clock.clone(),
+            args.partitions.policy()?,
+        )
+        .with_target(settings.target()),
     );
     let times = args.cluster.times()?;
     let me = args.cluster.instance_id(args.api.listen)?;
@@ -534,6 +550,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         deny_nets: args.workers.probe_deny_nets.clone(),
         public_url: args.alerts.public_url()?,
         membership: Some((membership, times.ttl)),
+        tiers: args.partitions.tiers(),
     };
     let run = start(parts, &args.api, args.workers.shutdown_grace)
         .await?
@@ -679,6 +696,11 @@ pub async fn demo(mut args: DemoArgs) -> anyhow::Result<()> {
         deny_nets: args.workers.probe_deny_nets.clone(),
         public_url: args.alerts.public_url()?,
         membership: None,
+        // The demo's store keeps every row it holds (within its cap): raw unless asked.
+        tiers: fleet_core::Tiers {
+            raw: None,
+            ..Default::default()
+        },
     };
     let running = start(parts, &args.api, args.workers.shutdown_grace).await?;
     let listen = running.listen;

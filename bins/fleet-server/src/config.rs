@@ -608,15 +608,43 @@ pub struct PartitionArgs {
     /// Months of metrics kept before the current one (0 keeps forever).
     #[arg(long, env = "FLEET_METRICS_RETENTION_MONTHS", default_value_t = 13)]
     pub metrics_retention_months: u32,
+    /// Hours of raw checks and samples kept, then dropped a day at a time once rolled up
+    /// (0 keeps them for the monthly retentions).
+    #[arg(long, env = "FLEET_RAW_RETENTION_HOURS", default_value_t = 48)]
+    pub raw_retention_hours: u32,
+    /// Days of 5-minute rollups kept.
+    #[arg(long, env = "FLEET_ROLLUP_5M_RETENTION_DAYS", default_value_t = 7)]
+    pub rollup_5m_retention_days: u32,
+    /// Months of hourly rollups and of the state-change log kept before the current one (0
+    /// keeps forever).
+    #[arg(long, env = "FLEET_ROLLUP_1H_RETENTION_MONTHS", default_value_t = 13)]
+    pub rollup_1h_retention_months: u32,
 }
 
 impl PartitionArgs {
-    /// The policy.
-    pub fn policy(&self) -> PartitionPolicy {
-        PartitionPolicy {
+    /// The policy, or which setting is out of range.
+    pub fn policy(&self) -> anyhow::Result<PartitionPolicy> {
+        if self.rollup_5m_retention_days == 0 {
+            anyhow::bail!(
+                "invalid FLEET_ROLLUP_5M_RETENTION_DAYS (--rollup-5m-retention-days) = 0: must be at least 1, or hours could not be rolled up from it"
+            );
+        }
+        Ok(PartitionPolicy {
             premake_months: self.partition_premake_months,
             health_retention_months: self.health_retention_months,
             metrics_retention_months: self.metrics_retention_months,
+            raw_retention_hours: self.raw_retention_hours,
+            rollup_5m_retention_days: self.rollup_5m_retention_days,
+            rollup_1h_retention_months: self.rollup_1h_retention_months,
+        })
+    }
+
+    /// How long each history tier holds, for the API's choice of source.
+    pub fn tiers(&self) -> fleet_core::Tiers {
+        fleet_core::Tiers {
+            raw: (self.raw_retention_hours > 0)
+                .then(|| time::Duration::hours(i64::from(self.raw_retention_hours))),
+            five_minutes: time::Duration::days(i64::from(self.rollup_5m_retention_days)),
         }
     }
 }

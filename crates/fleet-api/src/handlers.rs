@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use fleet_core::{
     ApiToken, ChangeQuery, GroupFields, GroupId, HealthStatus, HistoryQuery, NewServer, NotChecked,
-    ServerFilter, ServerId, ServerKind, ServerStatus, ServerUpdate,
+    Resolution, ServerFilter, ServerId, ServerKind, ServerStatus, ServerUpdate,
 };
 use serde::de::{Deserialize, Deserializer};
 use serde_json::{Value, json};
@@ -812,9 +812,24 @@ pub(crate) struct WindowQuery {
     from: Option<String>,
     to: Option<String>,
     limit: Option<usize>,
+    resolution: Option<String>,
 }
 
 impl WindowQuery {
+    /// The source to read: as asked, or the finest that covers `from` on.
+    fn resolution(
+        &self,
+        app: &AppState,
+        from: Option<OffsetDateTime>,
+    ) -> Result<Resolution, ApiError> {
+        match self.resolution.as_deref() {
+            None => Ok(app.tiers.finest(from, app.clock.now())),
+            Some(r) => Resolution::parse(r).ok_or_else(|| {
+                ApiError::bad_request(format!("resolution must be raw, 5m or 1h, got `{r}`"))
+            }),
+        }
+    }
+
     fn query(&self) -> Result<HistoryQuery, ApiError> {
         let limit = page_limit(self.limit)?;
         let from = time_param("from", &self.from)?;
@@ -842,11 +857,22 @@ pub(crate) async fn health_history(
     ApiQuery(q): ApiQuery<WindowQuery>,
 ) -> ApiResult {
     let query = q.query()?;
+    let resolution = q.resolution(&app, query.from)?;
     known_server(&app, id).await?;
-    let checks = app.store.health_history(ServerId(id), query).await?;
+    let items = if resolution == Resolution::Raw {
+        let checks = app.store.health_history(ServerId(id), query).await?;
+        views::HealthItems::Raw(checks.iter().map(Into::into).collect())
+    } else {
+        let rollups = app
+            .store
+            .health_rollups(ServerId(id), resolution, query)
+            .await?;
+        views::HealthItems::Rollups(rollups.iter().map(Into::into).collect())
+    };
     ok(views::HealthHistory {
         server_id: id,
-        health_checks: checks.iter().map(Into::into).collect(),
+        resolution: resolution.as_str(),
+        health_checks: items,
     })
 }
 
@@ -856,11 +882,22 @@ pub(crate) async fn metrics_history(
     ApiQuery(q): ApiQuery<WindowQuery>,
 ) -> ApiResult {
     let query = q.query()?;
+    let resolution = q.resolution(&app, query.from)?;
     known_server(&app, id).await?;
-    let samples = app.store.metrics_history(ServerId(id), query).await?;
+    let items = if resolution == Resolution::Raw {
+        let samples = app.store.metrics_history(ServerId(id), query).await?;
+        views::MetricsItems::Raw(samples.iter().map(Into::into).collect())
+    } else {
+        let rollups = app
+            .store
+            .metrics_rollups(ServerId(id), resolution, query)
+            .await?;
+        views::MetricsItems::Rollups(rollups.iter().map(Into::into).collect())
+    };
     ok(views::MetricsHistory {
         server_id: id,
-        metrics: samples.iter().map(Into::into).collect(),
+        resolution: resolution.as_str(),
+        metrics: items,
     })
 }
 

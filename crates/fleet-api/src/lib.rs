@@ -116,6 +116,7 @@ pub struct AppState {
     pub(crate) shutdown: CancellationToken,
     pub(crate) llm: Arc<web::LlmCache>,
     pub(crate) cluster: Option<Arc<ClusterView>>,
+    pub(crate) tiers: fleet_core::Tiers,
 }
 
 /// What the API shows of a fleet shared among instances.
@@ -201,6 +202,9 @@ pub struct ApiParts {
     /// The instances sharing the fleet, when it is shared (PostgreSQL); `None` for a store
     /// this process has alone, which then owns every bucket.
     pub cluster: Option<ClusterView>,
+    /// How long each history tier holds: the history routes read the finest source that
+    /// covers the range asked for.
+    pub tiers: fleet_core::Tiers,
 }
 
 impl std::fmt::Debug for AppState {
@@ -248,6 +252,7 @@ impl AppState {
             shutdown: parts.shutdown,
             cluster: parts.cluster.map(Arc::new),
             llm: Arc::default(),
+            tiers: parts.tiers,
         }
     }
 }

@@ -75,6 +75,7 @@ async fn api_with_limit(limit: u32) -> Api {
         &tokio_util::task::TaskTracker::new(),
     );
     let state = AppState::new(ApiParts {
+        tiers: fleet_core::Tiers::default(),
         store: memory.clone(),
         health: HealthWork::new(memory.clone(), probe.clone()),
         probe_timeout: Duration::from_secs(2),
@@ -958,6 +959,119 @@ async fn check_now_probes_records_publishes_and_returns_the_check() {
         StatusCode::NOT_FOUND,
     )
     .await;
+}
+
+#[tokio::test]
+async fn history_reads_rollups_by_resolution_and_says_which_it_read() {
+    let a = api().await;
+    let id = a.server("s1").await;
+    let sid = fleet_core::ServerId(id.parse().unwrap());
+    use fleet_core::HealthStatus;
+    let t0 = time::macros::datetime!(2026-03-31 22:00 UTC);
+    let base = format!("/api/v1/fleet/servers/{id}");
+    // Before any hour has closed, 1h answers an empty list.
+    a.memory
+        .record_health(&[check_at(sid, t0, HealthStatus::Healthy)])
+        .await
+        .unwrap();
+    let v = a
+        .check(
+            Method::GET,
+            &format!("{base}/health-checks?resolution=1h"),
+            Some(&a.viewer),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(v["resolution"], "1h");
+    assert_eq!(v["health_checks"], json!([]));
+
+    // Two hours of checks and samples, a counter reset in the first.
+    let mut checks = Vec::new();
+    let mut records = Vec::new();
+    for i in 1..240 {
+        let at = t0 + time::Duration::seconds(30 * i);
+        let status = if i % 10 == 0 {
+            HealthStatus::Critical
+        } else {
+            HealthStatus::Healthy
+        };
+        checks.push(check_at(sid, at, status));
+        let mut s = sample_at(sid, at, (i % 50) as f64);
+        s.values.llm_requests = Some(if i < 60 { i } else { i - 60 });
+        records.push(MetricsRecord::Sample(s));
+    }
+    a.memory.record_health(&checks).await.unwrap();
+    a.memory.record_metrics(&records).await.unwrap();
+    let v = a
+        .check(
+            Method::GET,
+            &format!("{base}/health-checks?resolution=1h"),
+            Some(&a.viewer),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(v["resolution"], "1h");
+    let hour = &v["health_checks"][0];
+    assert_eq!(hour["period_start"], "2026-03-31T22:00:00.000000Z", "{v}");
+    assert_eq!(hour["checks"]["healthy"], 109);
+    assert_eq!(hour["checks"]["critical"], 11);
+    assert_eq!(hour["response_time_ms"]["p95"], 12);
+    assert_eq!(hour["last_error"], "unhealthy: services (unhealthy)");
+    let v = a
+        .check(
+            Method::GET,
+            &format!("{base}/metrics?resolution=1h"),
+            Some(&a.viewer),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    let hour = &v["metrics"][0];
+    assert_eq!(hour["samples"], 119);
+    assert_eq!(hour["cpu_percent"]["max"], 49.0);
+    // 1 → 59, then a restart at 0 → 59 more: 58 + 0 + 59.
+    assert_eq!(hour["llm_requests"]["increase"], 117.0, "{hour}");
+    let v = a
+        .check(
+            Method::GET,
+            &format!("{base}/metrics?resolution=5m&limit=3"),
+            Some(&a.viewer),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(v["resolution"], "5m");
+    assert_eq!(v["metrics"].as_array().unwrap().len(), 3);
+    // Raw keeps today's shape.
+    let v = a
+        .check(
+            Method::GET,
+            &format!("{base}/health-checks?limit=1"),
+            Some(&a.viewer),
+            None,
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(v["resolution"], "raw");
+    assert!(v["health_checks"][0]["timestamp"].is_string());
+    let v = a
+        .check(
+            Method::GET,
+            &format!("{base}/health-checks?resolution=2h"),
+            Some(&a.viewer),
+            None,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("resolution"),
+        "{v}"
+    );
 }
 
 #[tokio::test]

@@ -222,12 +222,138 @@ impl From<&HealthCheck> for Check {
     }
 }
 
-/// A server's health checks, newest first.
+/// A server's health history, newest first: raw checks, or rollups per period.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthHistory {
     pub server_id: Uuid,
-    pub health_checks: Vec<Check>,
+    /// The source read: `raw` checks, `5m` or `1h` rollups (the finest that covers the range
+    /// asked for, unless `resolution` chose one).
+    #[schema(value_type = String, example = "raw")]
+    pub resolution: &'static str,
+    pub health_checks: HealthItems,
+}
+
+/// Raw checks or rollups.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum HealthItems {
+    Raw(Vec<Check>),
+    Rollups(Vec<HealthRollup>),
+}
+
+/// Checks by classification in a period.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusCounts {
+    pub healthy: u32,
+    pub degraded: u32,
+    pub critical: u32,
+    pub unreachable: u32,
+}
+
+/// Response times in a period; the p95 is read from a fixed histogram.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResponseTimes {
+    pub min: u32,
+    pub mean: f64,
+    pub p95: u32,
+    pub max: u32,
+}
+
+/// One server's health over one period.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthRollup {
+    #[schema(format = DateTime)]
+    pub period_start: String,
+    pub checks: StatusCounts,
+    pub response_time_ms: Option<ResponseTimes>,
+    pub last_error: Option<String>,
+}
+
+impl From<&fleet_core::HealthRollup> for HealthRollup {
+    fn from(r: &fleet_core::HealthRollup) -> Self {
+        let c = r.checks;
+        Self {
+            period_start: ts(r.period_start),
+            checks: StatusCounts {
+                healthy: c.healthy,
+                degraded: c.degraded,
+                critical: c.critical,
+                unreachable: c.unreachable,
+            },
+            response_time_ms: r.response_time_ms.map(|t| ResponseTimes {
+                min: t.min,
+                mean: t.mean,
+                p95: t.p95,
+                max: t.max,
+            }),
+            last_error: r.last_error.clone(),
+        }
+    }
+}
+
+/// A gauge over a period.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Gauge {
+    pub min: f64,
+    pub mean: f64,
+    pub max: f64,
+}
+
+/// A counter's increase over a period (a drop counts as a restart from zero).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Counter {
+    pub increase: f64,
+}
+
+/// One server's metrics over one period: each gauge's min, mean and max, each counter's
+/// increase; `null` when no sample in the period had the value.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MetricsRollup {
+    #[schema(format = DateTime)]
+    pub period_start: String,
+    pub samples: u32,
+    pub cpu_percent: Option<Gauge>,
+    pub memory_percent: Option<Gauge>,
+    pub disk_percent: Option<Gauge>,
+    pub active_services: Option<Gauge>,
+    pub failed_services: Option<Gauge>,
+    pub total_services: Option<Gauge>,
+    pub active_users: Option<Gauge>,
+    pub total_users: Option<Gauge>,
+    pub llm_requests: Option<Counter>,
+    pub llm_cost_usd: Option<Counter>,
+    pub network_rx_bytes: Option<Counter>,
+    pub network_tx_bytes: Option<Counter>,
+}
+
+impl From<&fleet_core::MetricsRollup> for MetricsRollup {
+    fn from(r: &fleet_core::MetricsRollup) -> Self {
+        let g = |n: &str| {
+            r.gauges.get(n).map(|g| Gauge {
+                min: g.min,
+                mean: g.mean,
+                max: g.max,
+            })
+        };
+        let c = |n: &str| r.counters.get(n).map(|v| Counter { increase: *v });
+        Self {
+            period_start: ts(r.period_start),
+            samples: r.samples,
+            cpu_percent: g("cpu_percent"),
+            memory_percent: g("memory_percent"),
+            disk_percent: g("disk_percent"),
+            active_services: g("active_services"),
+            failed_services: g("failed_services"),
+            total_services: g("total_services"),
+            active_users: g("active_users"),
+            total_users: g("total_users"),
+            llm_requests: c("llm_requests"),
+            llm_cost_usd: c("llm_cost_usd"),
+            network_rx_bytes: c("network_rx_bytes"),
+            network_tx_bytes: c("network_tx_bytes"),
+        }
+    }
 }
 
 /// One metrics sample.
@@ -281,7 +407,18 @@ impl From<&MetricsSample> for Sample {
 #[serde(deny_unknown_fields)]
 pub struct MetricsHistory {
     pub server_id: Uuid,
-    pub metrics: Vec<Sample>,
+    /// The source read: `raw` samples, `5m` or `1h` rollups.
+    #[schema(value_type = String, example = "raw")]
+    pub resolution: &'static str,
+    pub metrics: MetricsItems,
+}
+
+/// Raw samples or rollups.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum MetricsItems {
+    Raw(Vec<Sample>),
+    Rollups(Vec<MetricsRollup>),
 }
 
 /// One change of a server's health.

@@ -92,6 +92,7 @@ mod events;
 mod memory;
 mod model;
 mod probe;
+pub mod rollup;
 pub mod series;
 mod store;
 pub mod validate;
@@ -121,6 +122,7 @@ pub use model::{
 pub use probe::{
     CollectError, HealthProbe, MetricsCollector, NotChecked, ProbeFailure, ProbeOutcome,
 };
+pub use rollup::{HealthRollup, MetricsRollup, Resolution, Tiers};
 pub use series::{HealthBucket, MetricsBucket, SeriesWindow};
 pub use store::{
     AdminTokens, BoxError, ChangeLog, ChangeQuery, Counts, Findings, Groups, History, HistoryQuery,

@@ -13,6 +13,7 @@ use crate::model::{
     MetricsRecord, MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId,
     ServerStatus, ServerUpdate, StateChange, TokenRecord, counter_increase,
 };
+use crate::rollup::{HealthRollup, MetricsRollup, Resolution};
 use crate::series::{HealthBucket, MetricsBucket, SeriesWindow, health_buckets, metrics_buckets};
 use crate::store::{
     AdminTokens, ChangeLog, ChangeQuery, Counts, Groups, History, HistoryQuery, Ping, Registry,
@@ -796,6 +797,17 @@ fn window<V: Clone>(map: &BTreeMap<OffsetDateTime, V>, q: HistoryQuery) -> Vec<V
         .collect()
 }
 
+/// Rows (newest first) whose period starts in the query's window, at most its limit.
+fn in_window<R>(rows: Vec<R>, start: impl Fn(&R) -> OffsetDateTime, q: HistoryQuery) -> Vec<R> {
+    rows.into_iter()
+        .filter(|r| {
+            let t = start(r);
+            q.from.is_none_or(|f| t >= f) && q.to.is_none_or(|to| t < to)
+        })
+        .take(q.limit)
+        .collect()
+}
+
 #[async_trait]
 impl History for InMemoryStore {
     async fn health_history(
@@ -822,6 +834,46 @@ impl History for InMemoryStore {
             .get(&id)
             .map(|e| window(&e.metrics, query))
             .unwrap_or_default())
+    }
+
+    /// Rolled up on the fly from the rows kept; with no clock here, a period is closed once
+    /// a later period has a row.
+    async fn health_rollups(
+        &self,
+        id: ServerId,
+        res: Resolution,
+        query: HistoryQuery,
+    ) -> Result<Vec<HealthRollup>, StoreError> {
+        let state = self.state();
+        let Some(e) = state.servers.get(&id).filter(|_| res != Resolution::Raw) else {
+            return Ok(Vec::new());
+        };
+        let closed = e.health.keys().next_back().map(|t| res.floor(*t));
+        let all = crate::rollup::health_rollups(
+            res,
+            e.health.values(),
+            closed.unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        );
+        Ok(in_window(all, |r| r.period_start, query))
+    }
+
+    async fn metrics_rollups(
+        &self,
+        id: ServerId,
+        res: Resolution,
+        query: HistoryQuery,
+    ) -> Result<Vec<MetricsRollup>, StoreError> {
+        let state = self.state();
+        let Some(e) = state.servers.get(&id).filter(|_| res != Resolution::Raw) else {
+            return Ok(Vec::new());
+        };
+        let closed = e.metrics.keys().next_back().map(|t| res.floor(*t));
+        let all = crate::rollup::metrics_rollups(
+            res,
+            e.metrics.values(),
+            closed.unwrap_or(OffsetDateTime::UNIX_EPOCH),
+        );
+        Ok(in_window(all, |r| r.period_start, query))
     }
 
     async fn llm_usage(

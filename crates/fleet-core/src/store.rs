@@ -14,6 +14,7 @@ use crate::model::{
     MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate,
     StateChange, TokenRecord,
 };
+use crate::rollup::{HealthRollup, MetricsRollup, Resolution};
 use crate::series::{HealthBucket, MetricsBucket, SeriesWindow};
 
 /// A boxed error source.
@@ -329,6 +330,24 @@ pub trait History: Send + Sync {
         id: ServerId,
         query: HistoryQuery,
     ) -> Result<Vec<MetricsSample>, StoreError>;
+
+    /// A server's rollups at `res` (5 minutes or hours) whose periods start in the query's
+    /// window, newest first. Only closed periods are rolled up: before one has closed the
+    /// list is empty. Raw asks for nothing here (read [`health_history`](Self::health_history)).
+    async fn health_rollups(
+        &self,
+        id: ServerId,
+        res: Resolution,
+        query: HistoryQuery,
+    ) -> Result<Vec<HealthRollup>, StoreError>;
+
+    /// A server's metrics rollups at `res`, as [`health_rollups`](Self::health_rollups).
+    async fn metrics_rollups(
+        &self,
+        id: ServerId,
+        res: Resolution,
+        query: HistoryQuery,
+    ) -> Result<Vec<MetricsRollup>, StoreError>;
 
     /// Every server's LLM use in `[from, to)`: the increase of its counters, resets handled
     /// as Prometheus's `increase()` does. Servers without two samples in the window are left

@@ -1,9 +1,11 @@
 //! Groups, admin tokens, server updates and LLM usage on PostgreSQL.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use fleet_core::{
-    AdminTokens, GroupFields, GroupId, Groups, LlmUsage, ManagedServer, Role, ServerGroup,
-    ServerId, ServerUpdate, SessionRecord, Sessions, StoreError, TokenRecord,
+    AdminTokens, GroupFields, GroupId, Groups, LlmUsage, ManagedServer, Resolution, Role,
+    ServerGroup, ServerId, ServerUpdate, SessionRecord, Sessions, StoreError, TokenRecord,
 };
 use time::OffsetDateTime;
 use tokio_postgres::Row;
@@ -128,21 +130,123 @@ impl PgStore {
         row.as_ref().map(crate::store::server_from_row).transpose()
     }
 
+    /// LLM use per server in `[from, to)`. Within the raw window it is read from raw samples;
+    /// a range reaching further back is read from the finest rollups that cover each part:
+    /// hourly rows for the whole hours, 5-minute rows for the rest of what is rolled up, and
+    /// raw samples after that (with the step into the first one), so that no step counts
+    /// twice or is missed at a seam.
     pub(crate) async fn usage(
         &self,
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<LlmUsage>, StoreError> {
+        let raw_floor = self.policy().raw_window().map(|w| self.clock_now() - w);
+        let marks = self.rollup_marks().await?;
+        let (rolled_from, rolled_5m) = match (raw_floor, marks.from_5m, marks.until_5m) {
+            (Some(floor), Some(first), Some(r)) if from < floor && r > from.max(first) => {
+                (first, r)
+            }
+            _ => return self.raw_usage(from, to, false).await,
+        };
+        let ceil = |res: Resolution, t: OffsetDateTime| {
+            let f = res.floor(t);
+            if f == t {
+                t
+            } else {
+                f + res.period().unwrap_or_default()
+            }
+        };
+        // Before the first rollup, and up to the next 5-minute boundary: raw rows.
+        let head_5m = ceil(Resolution::FiveMinutes, from.max(rolled_from));
+        let hour_from = ceil(Resolution::Hour, head_5m);
+        let rolled_1h = marks.until_1h.unwrap_or(hour_from).max(hour_from).min(to);
+        let rolled_5m = rolled_5m.min(to);
+        let mut total: BTreeMap<ServerId, (i64, f64)> = BTreeMap::new();
+        let mut add = |rows: Vec<LlmUsage>| {
+            for u in rows {
+                let t = total.entry(u.server_id).or_default();
+                t.0 += u.requests;
+                t.1 += u.cost_usd;
+            }
+        };
+        add(self.raw_usage(from, head_5m.min(to), false).await?);
+        add(self
+            .tier_usage(
+                "server_metrics_rollups_5m",
+                head_5m,
+                hour_from.min(rolled_5m),
+            )
+            .await?);
+        add(self
+            .tier_usage("server_metrics_rollups_1h", hour_from, rolled_1h)
+            .await?);
+        add(self
+            .tier_usage("server_metrics_rollups_5m", rolled_1h, rolled_5m)
+            .await?);
+        add(self.raw_usage(rolled_5m.max(head_5m), to, true).await?);
+        Ok(total
+            .into_iter()
+            .map(|(server_id, (requests, cost_usd))| LlmUsage {
+                server_id,
+                requests,
+                cost_usd,
+            })
+            .collect())
+    }
+
+    /// The increases stored in a rollup tier for periods starting in `[from, to)`.
+    async fn tier_usage(
+        &self,
+        table: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> Result<Vec<LlmUsage>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT server_id, COALESCE(sum(llm_requests_increase), 0)::int8, \
+                            COALESCE(sum(llm_cost_usd_increase), 0)::float8 \
+                     FROM {table} WHERE period_start >= $1 AND period_start < $2 \
+                       AND (llm_requests_increase IS NOT NULL OR llm_cost_usd_increase IS NOT NULL) \
+                     GROUP BY server_id"
+                ),
+                &[&from, &to],
+            )
+            .await
+            .map_err(db_error)?;
+        Ok(rows.iter().map(usage_row).collect())
+    }
+
+    /// Raw samples' increases in `[from, to)`; with `seam`, the step from the last sample
+    /// before `from` (within 10 minutes) into the first one counts too.
+    async fn raw_usage(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+        seam: bool,
+    ) -> Result<Vec<LlmUsage>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
         // increase() per server: sum of positive steps, and after a drop (a restart) the new
         // value itself.
-        let sql = "
+        let lookback = if seam {
+            "interval '10 minutes'"
+        } else {
+            "interval '0'"
+        };
+        let sql = format!("
             WITH w AS (
                 SELECT server_id, timestamp, llm_requests, llm_cost_usd,
                        lag(llm_requests) OVER (PARTITION BY server_id ORDER BY timestamp) AS prev_req,
                        lag(llm_cost_usd) OVER (PARTITION BY server_id ORDER BY timestamp) AS prev_cost,
                        count(*) OVER (PARTITION BY server_id) AS n
                 FROM server_metrics_aggregated
-                WHERE timestamp >= $1 AND timestamp < $2
+                WHERE timestamp >= $1::timestamptz - {lookback} AND timestamp < $2
             )
             SELECT server_id,
                    COALESCE(sum(CASE WHEN prev_req IS NULL OR llm_requests IS NULL THEN 0
@@ -151,18 +255,20 @@ impl PgStore {
                    COALESCE(sum(CASE WHEN prev_cost IS NULL OR llm_cost_usd IS NULL THEN 0
                                      WHEN llm_cost_usd >= prev_cost THEN llm_cost_usd - prev_cost
                                      ELSE llm_cost_usd END), 0)::float8 AS cost
-            FROM w WHERE n >= 2
-            GROUP BY server_id ORDER BY server_id";
+            FROM w WHERE n >= 2 AND timestamp >= $1
+            GROUP BY server_id ORDER BY server_id");
         let client = self.client().await?;
-        let rows = client.query(sql, &[&from, &to]).await.map_err(db_error)?;
-        Ok(rows
-            .iter()
-            .map(|r| LlmUsage {
-                server_id: ServerId(r.get(0)),
-                requests: r.get(1),
-                cost_usd: r.get(2),
-            })
-            .collect())
+        let rows = client.query(&sql, &[&from, &to]).await.map_err(db_error)?;
+        Ok(rows.iter().map(usage_row).collect())
+    }
+}
+
+/// A row of (server, requests, cost).
+fn usage_row(r: &Row) -> LlmUsage {
+    LlmUsage {
+        server_id: ServerId(r.get(0)),
+        requests: r.get(1),
+        cost_usd: r.get(2),
     }
 }
 

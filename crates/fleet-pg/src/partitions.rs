@@ -1,6 +1,8 @@
-//! Monthly partitions: names, bounds (UTC), premaking, retention and the seed's health check.
+//! Partitions: names, bounds (UTC), premaking, retention and the seed's health check. Raw
+//! history is partitioned by month and each month by day; the rollup tiers by day (5 minutes)
+//! and by month (hours).
 
-use time::{Date, Month, OffsetDateTime, UtcOffset};
+use time::{Date, Duration, Month, OffsetDateTime, UtcOffset};
 
 /// The partitioned tables: health history, metrics history and the state-change log.
 pub const PARTITIONED: [&str; 3] = [
@@ -8,6 +10,63 @@ pub const PARTITIONED: [&str; 3] = [
     "server_metrics_aggregated",
     "server_state_changes",
 ];
+
+/// The raw tables whose months are split by day, so that rows past the raw window go a day
+/// at a time.
+pub const SPLIT_BY_DAY: [&str; 2] = [PARTITIONED[0], PARTITIONED[1]];
+
+/// The 5-minute rollup tier's tables, partitioned by day.
+pub const TIER_5M: [&str; 2] = ["server_health_rollups_5m", "server_metrics_rollups_5m"];
+
+/// The hourly rollup tier's tables, partitioned by month.
+pub const TIER_1H: [&str; 2] = ["server_health_rollups_1h", "server_metrics_rollups_1h"];
+
+/// A day's partition of `table`: `table_YYYY_MM_DD`.
+pub fn day_partition(table: &str, day: Date) -> String {
+    format!(
+        "{table}_{:04}_{:02}_{:02}",
+        day.year(),
+        day.month() as u8,
+        day.day()
+    )
+}
+
+/// Reads the day back from a day partition's name.
+pub fn day_from_partition(table: &str, name: &str) -> Option<Date> {
+    let rest = name.strip_prefix(table)?.strip_prefix('_')?;
+    let mut parts = rest.split('_');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let month = Month::try_from(m.parse::<u8>().ok()?).ok()?;
+    Date::from_calendar_date(y.parse().ok()?, month, d.parse().ok()?).ok()
+}
+
+/// The statement that makes `day`'s partition `name` of `parent`, if missing.
+pub fn day_create_sql(parent: &str, name: &str, day: Date) -> String {
+    let fmt = |d: Date| {
+        format!(
+            "{:04}-{:02}-{:02} 00:00:00+00",
+            d.year(),
+            d.month() as u8,
+            d.day()
+        )
+    };
+    let next = day.next_day().expect("a day after any stored one");
+    format!(
+        "CREATE TABLE IF NOT EXISTS {name} PARTITION OF {parent} FOR VALUES FROM ('{}') TO ('{}')",
+        fmt(day),
+        fmt(next)
+    )
+}
+
+/// Every day of a month.
+pub fn days_of(month: YearMonth) -> impl Iterator<Item = Date> {
+    let first = month.start().date();
+    let next = month.plus(1).start().date();
+    std::iter::successors(Some(first), |d| d.next_day()).take_while(move |d| *d < next)
+}
 
 /// What the partition lifecycle keeps. Plain data with the documented defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,18 +77,36 @@ pub struct PartitionPolicy {
     pub health_retention_months: u32,
     /// Months of metrics kept before the current one; 0 keeps forever. Default 13.
     pub metrics_retention_months: u32,
+    /// Hours of raw health checks and metrics samples kept, dropped a day partition at a
+    /// time once rolled up; 0 keeps raw rows for the monthly retentions above. Default 48.
+    pub raw_retention_hours: u32,
+    /// Days of 5-minute rollups kept. Default 7.
+    pub rollup_5m_retention_days: u32,
+    /// Months of hourly rollups (and of the state-change log) kept before the current one;
+    /// 0 keeps forever. Default 13.
+    pub rollup_1h_retention_months: u32,
 }
 
 impl PartitionPolicy {
-    /// Months of the state-change log kept: as long as the longest history tier, and forever
-    /// when either tier is kept forever.
+    /// Months of the state-change log kept: as long as the hourly tier, and never less than
+    /// the raw history (forever when either is kept forever).
     pub fn change_log_retention_months(&self) -> u32 {
-        if self.health_retention_months == 0 || self.metrics_retention_months == 0 {
+        let raw = if self.health_retention_months == 0 || self.metrics_retention_months == 0 {
             0
         } else {
             self.health_retention_months
                 .max(self.metrics_retention_months)
+        };
+        if raw == 0 || self.rollup_1h_retention_months == 0 {
+            0
+        } else {
+            raw.max(self.rollup_1h_retention_months)
         }
+    }
+
+    /// How long raw rows stay, `None` when they stay for the monthly retentions.
+    pub fn raw_window(&self) -> Option<Duration> {
+        (self.raw_retention_hours > 0).then(|| Duration::hours(i64::from(self.raw_retention_hours)))
     }
 }
 
@@ -39,6 +116,9 @@ impl Default for PartitionPolicy {
             premake_months: 3,
             health_retention_months: 3,
             metrics_retention_months: 13,
+            raw_retention_hours: 48,
+            rollup_5m_retention_days: 7,
+            rollup_1h_retention_months: 13,
         }
     }
 }
@@ -99,12 +179,18 @@ impl YearMonth {
         (1..=12).contains(&ym.month).then_some(ym)
     }
 
-    /// The statement that makes this month's partition of `table`, if missing.
+    /// The statement that makes this month's partition of `table`, if missing; split by day
+    /// for the raw tables of [`SPLIT_BY_DAY`].
     pub fn create_sql(self, table: &str) -> String {
         let fmt =
             |t: OffsetDateTime| format!("{:04}-{:02}-01 00:00:00+00", t.year(), t.month() as u8);
+        let split = if SPLIT_BY_DAY.contains(&table) {
+            " PARTITION BY RANGE (timestamp)"
+        } else {
+            ""
+        };
         format!(
-            "CREATE TABLE IF NOT EXISTS {} PARTITION OF {table} FOR VALUES FROM ('{}') TO ('{}')",
+            "CREATE TABLE IF NOT EXISTS {} PARTITION OF {table} FOR VALUES FROM ('{}') TO ('{}'){split}",
             self.partition(table),
             fmt(self.start()),
             fmt(self.plus(1).start()),
@@ -150,6 +236,35 @@ mod tests {
             }
         );
         assert_eq!(dec.plus(1).start(), datetime!(2027-01-01 00:00 UTC));
+    }
+
+    #[test]
+    fn day_partitions_are_named_bounded_and_read_back() {
+        let day = time::macros::date!(2026 - 02 - 28);
+        let name = day_partition("server_health_checks", day);
+        assert_eq!(name, "server_health_checks_2026_02_28");
+        assert_eq!(day_from_partition("server_health_checks", &name), Some(day));
+        assert_eq!(
+            day_from_partition("server_health_checks", "server_health_checks_2026_02"),
+            None
+        );
+        assert_eq!(
+            day_from_partition("server_health_checks", "server_health_checks_2026_02_30"),
+            None
+        );
+        assert_eq!(
+            day_create_sql("t_2026_02", "t_2026_02_28", day),
+            "CREATE TABLE IF NOT EXISTS t_2026_02_28 PARTITION OF t_2026_02 FOR VALUES FROM ('2026-02-28 00:00:00+00') TO ('2026-03-01 00:00:00+00')"
+        );
+        let feb = YearMonth {
+            year: 2028,
+            month: 2,
+        };
+        assert_eq!(days_of(feb).count(), 29, "a leap year");
+        assert!(
+            feb.create_sql("server_metrics_aggregated")
+                .ends_with("PARTITION BY RANGE (timestamp)")
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! [`PgStore`]: the core traits on a deadpool-postgres pool.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -8,10 +8,10 @@ use deadpool_postgres::{Object, Pool};
 use fleet_core::cluster::{ClusterStats, Fence};
 use fleet_core::{
     ApiToken, ChangeLog, ChangeQuery, Clock, Counts, Findings, HealthBucket, HealthCheck,
-    HealthStatus, History, HistoryQuery, LlmUsage, ManagedServer, MetricValues, MetricsBucket,
-    MetricsRecord, MetricsSample, NewServer, Period, ProbeTarget, Registry, SeriesWindow,
-    ServerFilter, ServerId, ServerStatus, ServerTally, ServerUpdate, SortKey, StateChange,
-    StorageCheck, Store, StoreError,
+    HealthRollup, HealthStatus, History, HistoryQuery, LlmUsage, ManagedServer, MetricValues,
+    MetricsBucket, MetricsRecord, MetricsRollup, MetricsSample, NewServer, Period, ProbeTarget,
+    Registry, Resolution, SeriesWindow, ServerFilter, ServerId, ServerStatus, ServerTally,
+    ServerUpdate, SortKey, StateChange, StorageCheck, Store, StoreError,
 };
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
@@ -20,10 +20,13 @@ use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
 use crate::crypto::{CryptoError, TokenVault};
-use crate::partitions::{PARTITIONED, PartitionPolicy, YearMonth};
+use crate::partitions::{
+    PARTITIONED, PartitionPolicy, SPLIT_BY_DAY, TIER_1H, TIER_5M, YearMonth, day_create_sql,
+    day_from_partition, day_partition, days_of,
+};
 
 /// The advisory lock that serializes partition maintenance across processes.
-const PARTITION_LOCK: i64 = 0x666c_6565_7470_6172; // "fleetpar"
+pub(crate) const PARTITION_LOCK: i64 = 0x666c_6565_7470_6172; // "fleetpar"
 
 /// Fleet's PostgreSQL store.
 #[derive(Clone)]
@@ -113,7 +116,8 @@ fn crypto_error(e: CryptoError) -> StoreError {
     StoreError::Invalid(e.to_string())
 }
 
-/// Creates the partitions of `months` for every partitioned table, under the advisory lock, on
+/// Creates the partitions of `months` for every partitioned table (the raw tables' split by
+/// day, with every day made) and the hourly rollup tier's, under the advisory lock, on
 /// `client`.
 async fn create_partitions_on(
     client: &mut Object,
@@ -123,20 +127,30 @@ async fn create_partitions_on(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PARTITION_LOCK])
         .await
         .map_err(db_error)?;
+    let mut kinds = relation_kinds(&tx).await?;
     let mut created = Vec::new();
     for month in months {
-        for table in PARTITIONED {
+        for table in PARTITIONED.iter().chain(&TIER_1H) {
             let name = month.partition(table);
-            let exists: bool = tx
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-                .await
-                .map_err(db_error)?
-                .get(0);
-            if !exists {
+            if !kinds.contains_key(&name) {
                 tx.batch_execute(&month.create_sql(table))
                     .await
                     .map_err(db_error)?;
-                created.push(name);
+                let split = SPLIT_BY_DAY.contains(table);
+                kinds.insert(name.clone(), if split { 'p' } else { 'r' });
+                created.push(name.clone());
+            }
+            // A month made before V13 holds its rows whole: it has no days.
+            if kinds.get(&name) == Some(&'p') {
+                for day in days_of(*month) {
+                    let leaf = day_partition(table, day);
+                    if let std::collections::hash_map::Entry::Vacant(e) = kinds.entry(leaf) {
+                        tx.batch_execute(&day_create_sql(&name, e.key(), day))
+                            .await
+                            .map_err(db_error)?;
+                        e.insert('r');
+                    }
+                }
             }
         }
     }
@@ -145,6 +159,51 @@ async fn create_partitions_on(
         tracing::info!(target: "fleet::pg", "created partitions {}", created.join(", "));
     }
     Ok(created)
+}
+
+/// The partitions of `parent` (with `nested`, those of its partitions).
+async fn children(
+    tx: &tokio_postgres::Transaction<'_>,
+    parent: &str,
+    nested: bool,
+) -> Result<Vec<String>, StoreError> {
+    let sql = if nested {
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         JOIN pg_inherits i2 ON i2.inhrelid = i.inhparent JOIN pg_class p ON p.oid = i2.inhparent \
+         WHERE p.relname = $1"
+    } else {
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1"
+    };
+    Ok(tx
+        .query(sql, &[&parent])
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Every visible relation of the history tables by name, with its kind (`r` a table, `p`
+/// partitioned).
+pub(crate) async fn relation_kinds(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<HashMap<String, char>, StoreError> {
+    Ok(tx
+        .query(
+            "SELECT relname::text, relkind::text FROM pg_class \
+             WHERE relname LIKE ANY ('{server_health_%,server_metrics_%,server_state_changes%}') \
+               AND relkind IN ('r', 'p') AND pg_table_is_visible(oid)",
+            &[],
+        )
+        .await
+        .map_err(db_error)?
+        .iter()
+        .map(|r| {
+            let kind: String = r.get(1);
+            (r.get(0), kind.chars().next().unwrap_or('r'))
+        })
+        .collect())
 }
 
 fn is_missing_partition(e: &tokio_postgres::Error) -> bool {
@@ -512,6 +571,43 @@ impl PgStore {
         self.create_partitions(&months).await
     }
 
+    /// Whether this store may run a fleet-wide job in `tx`: always when the fleet is not
+    /// shared; otherwise only while this instance leads at the epoch it knows, with the
+    /// leader row share-locked until `tx` ends (a write under a superseded fence is counted).
+    pub(crate) async fn leader_fence(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<bool, StoreError> {
+        let Some(m) = &self.member else {
+            return Ok(true);
+        };
+        let Some(epoch) = m.stats.snapshot().leader_epoch else {
+            return Ok(false);
+        };
+        let fenced = tx
+            .query_opt(
+                "SELECT 1 FROM fleet_leader WHERE owner = $1 AND epoch = $2 FOR SHARE",
+                &[&&*m.id, &epoch],
+            )
+            .await
+            .map_err(db_error)?;
+        if fenced.is_none() {
+            m.stats.add_rejected(1);
+            tracing::info!(target: "fleet::pg", "a leader's job skipped: this instance no longer leads");
+        }
+        Ok(fenced.is_some())
+    }
+
+    /// Wall-clock now, from the store's clock.
+    pub(crate) fn clock_now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    /// What the partition lifecycle keeps.
+    pub(crate) fn policy(&self) -> &PartitionPolicy {
+        &self.policy
+    }
+
     /// Drops whole partitions older than the retention ages; never the current month.
     /// Returns what it dropped.
     pub async fn drop_expired_partitions(&self) -> Result<Vec<String>, StoreError> {
@@ -523,22 +619,8 @@ impl PgStore {
             .map_err(db_error)?;
         // A shared store drops history only as the leader, under the leader's fence: a paused
         // former leader waking up cannot run retention over its successor.
-        if let Some(m) = &self.member {
-            let Some(epoch) = m.stats.snapshot().leader_epoch else {
-                return Ok(Vec::new());
-            };
-            let fenced = tx
-                .query_opt(
-                    "SELECT 1 FROM fleet_leader WHERE owner = $1 AND epoch = $2 FOR SHARE",
-                    &[&&*m.id, &epoch],
-                )
-                .await
-                .map_err(db_error)?;
-            if fenced.is_none() {
-                m.stats.add_rejected(1);
-                tracing::info!(target: "fleet::pg", "partition retention skipped: this instance no longer leads");
-                return Ok(Vec::new());
-            }
+        if !self.leader_fence(&tx).await? {
+            return Ok(Vec::new());
         }
         let mut dropped = Vec::new();
         for (table, keep) in [
@@ -550,17 +632,7 @@ impl PgStore {
                 continue;
             }
             let oldest_kept = now.plus(-(keep as i32));
-            let rows = tx
-                .query(
-                    "SELECT c.relname::text FROM pg_inherits i \
-                     JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent \
-                     WHERE p.relname = $1",
-                    &[&table],
-                )
-                .await
-                .map_err(db_error)?;
-            for row in rows {
-                let name: String = row.get(0);
+            for name in children(&tx, table, false).await? {
                 if let Some(month) = YearMonth::from_partition(table, &name)
                     && month < oldest_kept
                 {
@@ -568,6 +640,62 @@ impl PgStore {
                         .await
                         .map_err(db_error)?;
                     dropped.push(name);
+                }
+            }
+        }
+        // The tiers: each goes only once the next has been made from it (raw rows once rolled
+        // into 5-minute rows, those once rolled into hours), whatever its age.
+        let at = self.clock.now();
+        let rolled = |tier: &'static str| {
+            let tx = &tx;
+            async move {
+                tx.query_one(
+                    "SELECT rolled_until FROM rollup_progress WHERE tier = $1",
+                    &[&tier],
+                )
+                .await
+                .map_err(db_error)
+                .map(|r| r.get::<_, Option<OffsetDateTime>>(0))
+            }
+        };
+        let (rolled_5m, rolled_1h) = (rolled("5m").await?, rolled("1h").await?);
+        let mut days: Vec<(&str, bool, Option<OffsetDateTime>)> = Vec::new();
+        if let (Some(window), Some(r)) = (self.policy.raw_window(), rolled_5m) {
+            for table in SPLIT_BY_DAY {
+                days.push((table, true, Some((at - window).min(r))));
+            }
+        }
+        if let Some(r) = rolled_1h {
+            let window = time::Duration::days(i64::from(self.policy.rollup_5m_retention_days));
+            for table in TIER_5M {
+                days.push((table, false, Some((at - window).min(r))));
+            }
+        }
+        for (table, nested, cutoff) in days {
+            let Some(cutoff) = cutoff else { continue };
+            for name in children(&tx, table, nested).await? {
+                if let Some(day) = day_from_partition(table, &name)
+                    && day
+                        .next_day()
+                        .is_some_and(|d| d.midnight().assume_utc() <= cutoff)
+                {
+                    tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                        .await
+                        .map_err(db_error)?;
+                    dropped.push(name);
+                }
+            }
+        }
+        if self.policy.rollup_1h_retention_months > 0 {
+            let oldest_kept = now.plus(-(self.policy.rollup_1h_retention_months as i32));
+            for table in TIER_1H {
+                for name in children(&tx, table, false).await? {
+                    if YearMonth::from_partition(table, &name).is_some_and(|m| m < oldest_kept) {
+                        tx.batch_execute(&format!("DROP TABLE IF EXISTS {name}"))
+                            .await
+                            .map_err(db_error)?;
+                        dropped.push(name);
+                    }
                 }
             }
         }
@@ -1235,6 +1363,24 @@ impl History for PgStore {
             .collect()
     }
 
+    async fn health_rollups(
+        &self,
+        id: ServerId,
+        res: Resolution,
+        query: HistoryQuery,
+    ) -> Result<Vec<HealthRollup>, StoreError> {
+        self.read_health_rollups(id, res, query).await
+    }
+
+    async fn metrics_rollups(
+        &self,
+        id: ServerId,
+        res: Resolution,
+        query: HistoryQuery,
+    ) -> Result<Vec<MetricsRollup>, StoreError> {
+        self.read_metrics_rollups(id, res, query).await
+    }
+
     async fn llm_usage(
         &self,
         from: OffsetDateTime,
@@ -1282,6 +1428,9 @@ impl History for PgStore {
         id: ServerId,
         window: SeriesWindow,
     ) -> Result<Vec<HealthBucket>, StoreError> {
+        if let Some(span) = self.tier_span(&window).await? {
+            return self.tiered_health_series(id, &window, span).await;
+        }
         let rows = self
             .series_rows(
                 &format!(
@@ -1295,24 +1444,7 @@ impl History for PgStore {
                 &window,
             )
             .await?;
-        rows.iter()
-            .map(|r| {
-                let worst = match r.get::<_, i32>(3) {
-                    0 => HealthStatus::Healthy,
-                    1 => HealthStatus::Degraded,
-                    2 => HealthStatus::Critical,
-                    _ => HealthStatus::Unreachable,
-                };
-                Ok(HealthBucket {
-                    start: window.start_of(bucket(r)),
-                    checks: r.get::<_, i64>(1) as u32,
-                    failures: r.get::<_, i64>(2) as u32,
-                    worst,
-                    avg_response_ms: r.get(4),
-                    max_response_ms: r.get::<_, Option<i32>>(5).map(|v| v.max(0) as u32),
-                })
-            })
-            .collect()
+        Ok(rows.iter().map(|r| health_bucket(&window, r)).collect())
     }
 
     async fn metrics_series(
@@ -1320,6 +1452,9 @@ impl History for PgStore {
         id: ServerId,
         window: SeriesWindow,
     ) -> Result<Vec<MetricsBucket>, StoreError> {
+        if let Some(span) = self.tier_span(&window).await? {
+            return self.tiered_metrics_series(id, &window, span).await;
+        }
         let rows = self
             .series_rows(
                 &format!(
@@ -1346,7 +1481,166 @@ impl History for PgStore {
     }
 }
 
+/// Where a chart reads rollups: the tier, and the part of the window it covers; raw rows
+/// fill the rest.
+#[derive(Clone, Copy, Debug)]
+struct TierSpan {
+    res: Resolution,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+}
+
 impl PgStore {
+    /// The rollups a chart over `window` reads: none while the raw window covers it;
+    /// otherwise the finest tier still kept from its start, over what that tier has rolled up.
+    async fn tier_span(&self, window: &SeriesWindow) -> Result<Option<TierSpan>, StoreError> {
+        let Some(raw) = self.policy.raw_window() else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        if window.from >= now - raw {
+            return Ok(None);
+        }
+        let marks = self.rollup_marks().await?;
+        let five = time::Duration::days(i64::from(self.policy.rollup_5m_retention_days));
+        let (res, until) = if window.from >= now - five {
+            (Resolution::FiveMinutes, marks.until_5m)
+        } else {
+            (Resolution::Hour, marks.until_1h)
+        };
+        let (Some(first), Some(until)) = (marks.from_5m, until) else {
+            return Ok(None);
+        };
+        let from = window.from.max(first);
+        let to = until.min(window.to);
+        Ok((from < to).then_some(TierSpan { res, from, to }))
+    }
+
+    async fn tiered_health_series(
+        &self,
+        id: ServerId,
+        window: &SeriesWindow,
+        span: TierSpan,
+    ) -> Result<Vec<HealthBucket>, StoreError> {
+        let table = match span.res {
+            Resolution::FiveMinutes => "server_health_rollups_5m",
+            _ => "server_health_rollups_1h",
+        };
+        let by_period = BUCKET.replace("timestamp", "period_start");
+        let sql = format!(
+            "SELECT b, sum(n)::int8, sum(fail)::int8, max(worst), \
+                    (sum(rt_sum)::float8 / nullif(sum(rt_n), 0)), max(rt_max) FROM ( \
+               SELECT {by_period} AS b, (healthy + degraded + critical + unreachable)::int8 AS n, \
+                      unreachable::int8 AS fail, \
+                      CASE WHEN unreachable > 0 THEN 3 WHEN critical > 0 THEN 2 \
+                           WHEN degraded > 0 THEN 1 ELSE 0 END AS worst, \
+                      rt_sum::int8 AS rt_sum, rt_count::int8 AS rt_n, rt_max \
+               FROM {table} WHERE server_id = $1 AND period_start >= $6 AND period_start < $7 \
+               UNION ALL \
+               SELECT {BUCKET}, 1, CASE WHEN successful THEN 0 ELSE 1 END, \
+                      CASE status WHEN 'healthy' THEN 0 WHEN 'degraded' THEN 1 \
+                           WHEN 'critical' THEN 2 ELSE 3 END, \
+                      response_time_ms::int8, (response_time_ms IS NOT NULL)::int::int8, response_time_ms \
+               FROM server_health_checks WHERE server_id = $1 AND timestamp >= $2 AND timestamp < $3 \
+                 AND (timestamp < $6 OR timestamp >= $7)) x \
+             GROUP BY b ORDER BY b"
+        );
+        let rows = self.tiered_rows(&sql, id, window, span).await?;
+        Ok(rows.iter().map(|r| health_bucket(window, r)).collect())
+    }
+
+    /// Metrics from rollups and raw rows. The LLM counters are given as the increase
+    /// accumulated from the window's start (rollups keep increases, not values): a chart
+    /// taking each bucket's difference from the last shows the same increases as from raw.
+    async fn tiered_metrics_series(
+        &self,
+        id: ServerId,
+        window: &SeriesWindow,
+        span: TierSpan,
+    ) -> Result<Vec<MetricsBucket>, StoreError> {
+        let table = match span.res {
+            Resolution::FiveMinutes => "server_metrics_rollups_5m",
+            _ => "server_metrics_rollups_1h",
+        };
+        let by_period = BUCKET.replace("timestamp", "period_start");
+        let mean = |g: &str| format!("sum({g}_w) / nullif(sum({g}_n), 0)");
+        let tier_gauge = |short: &str| {
+            format!(
+                "{short}_mean::float8 / 100 * samples AS {short}_w, \
+                 CASE WHEN {short}_mean IS NULL THEN 0 ELSE samples END AS {short}_n"
+            )
+        };
+        let raw_gauge = |raw: &str, short: &str| {
+            format!("{raw} AS {short}_w, ({raw} IS NOT NULL)::int AS {short}_n")
+        };
+        let step = |c: &str| {
+            format!(
+                "CASE WHEN {c} IS NULL OR p_{c} IS NULL THEN NULL \
+                      WHEN {c} >= p_{c} THEN {c} - p_{c} ELSE {c} END"
+            )
+        };
+        let sql = format!(
+            "SELECT b, sum(n)::int8, {cpu}, {mem}, {disk}, sum(req)::float8, sum(cost)::float8 FROM ( \
+               SELECT {by_period} AS b, samples::int8 AS n, {tc}, {tm}, {td}, \
+                      llm_requests_increase::float8 AS req, llm_cost_usd_increase AS cost \
+               FROM {table} WHERE server_id = $1 AND period_start >= $6 AND period_start < $7 \
+               UNION ALL \
+               SELECT {BUCKET}, 1, {rc}, {rm}, {rd}, {sreq}::float8, {scost} FROM ( \
+                 SELECT *, lag(llm_requests) OVER w AS p_llm_requests, lag(llm_cost_usd) OVER w AS p_llm_cost_usd \
+                 FROM server_metrics_aggregated \
+                 WHERE server_id = $1 AND timestamp >= $2 AND timestamp < $3 AND (timestamp < $6 OR timestamp >= $7) \
+                 WINDOW w AS (PARTITION BY timestamp >= $7 ORDER BY timestamp)) r) x \
+             GROUP BY b ORDER BY b",
+            cpu = mean("cpu"),
+            mem = mean("memory"),
+            disk = mean("disk"),
+            tc = tier_gauge("cpu"),
+            tm = tier_gauge("memory"),
+            td = tier_gauge("disk"),
+            rc = raw_gauge("cpu_percent", "cpu"),
+            rm = raw_gauge("memory_percent", "memory"),
+            rd = raw_gauge("disk_percent", "disk"),
+            sreq = step("llm_requests"),
+            scost = step("llm_cost_usd"),
+        );
+        let rows = self.tiered_rows(&sql, id, window, span).await?;
+        let (mut req, mut cost) = (0.0f64, 0.0f64);
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let step_req: Option<f64> = r.get(5);
+                let step_cost: Option<f64> = r.get(6);
+                req += step_req.unwrap_or(0.0);
+                cost += step_cost.unwrap_or(0.0);
+                MetricsBucket {
+                    start: window.start_of(bucket(r)),
+                    samples: r.get::<_, i64>(1) as u32,
+                    cpu_percent: r.get(2),
+                    memory_percent: r.get(3),
+                    disk_percent: r.get(4),
+                    llm_requests: step_req.map(|_| req.round() as i64),
+                    llm_cost_usd: step_cost.map(|_| cost),
+                }
+            })
+            .collect())
+    }
+
+    async fn tiered_rows(
+        &self,
+        sql: &str,
+        id: ServerId,
+        window: &SeriesWindow,
+        span: TierSpan,
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self.client().await?;
+        let args = SeriesArgs::new(id, window);
+        let [a, b, c, d, e] = args.params();
+        client
+            .query(sql, &[a, b, c, d, e, &span.from, &span.to])
+            .await
+            .map_err(db_error)
+    }
+
     /// The rows of a series query: `select` (columns and table) over one server's window,
     /// grouped by bucket.
     async fn series_rows(
@@ -1390,6 +1684,24 @@ impl SeriesArgs {
 
     fn params(&self) -> [&(dyn ToSql + Sync); 5] {
         [&self.0, &self.1, &self.2, &self.3, &self.4]
+    }
+}
+
+/// A health series row: bucket, checks, failures, worst rank, mean and longest response.
+fn health_bucket(window: &SeriesWindow, r: &Row) -> HealthBucket {
+    let worst = match r.get::<_, i32>(3) {
+        0 => HealthStatus::Healthy,
+        1 => HealthStatus::Degraded,
+        2 => HealthStatus::Critical,
+        _ => HealthStatus::Unreachable,
+    };
+    HealthBucket {
+        start: window.start_of(bucket(r)),
+        checks: r.get::<_, i64>(1) as u32,
+        failures: r.get::<_, i64>(2) as u32,
+        worst,
+        avg_response_ms: r.get(4),
+        max_response_ms: r.get::<_, Option<i32>>(5).map(|v| v.max(0) as u32),
     }
 }
 

@@ -88,3 +88,30 @@ pub async fn maintain_every(
         }
     }
 }
+
+/// Runs the rollup job every minute while `leads` says this instance leads (a shared store
+/// also checks the leader's fence itself), as many runs in a row as it takes to catch up (at
+/// most 120 in a row, each bounded). Failures are logged and retried at the next minute.
+pub async fn roll_up_every(store: &PgStore, cancel: &CancellationToken, leads: impl Fn() -> bool) {
+    loop {
+        if leads() {
+            for _ in 0..120 {
+                if cancel.is_cancelled() {
+                    return;
+                }
+                match store.roll_up().await {
+                    Ok(r) if r.five_minute_periods > 0 || r.hours > 0 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(target: "fleet::pg", error = %e, "history rollup failed; retrying in a minute");
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+    }
+}

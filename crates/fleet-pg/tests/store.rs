@@ -72,7 +72,8 @@ async fn migrations_apply_once() {
             "V9__scale_out",
             "V10__metrics_state",
             "V11__bucket_tallies",
-            "V12__alert_change_log"
+            "V12__alert_change_log",
+            "V13__history_tiers"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
@@ -160,7 +161,11 @@ async fn partitions_are_premade_and_expire_by_retention() {
     let clock = clock_at(datetime!(2026-11-15 12:00 UTC));
     let store = db.store(clock.clone()).await;
     let made = store.ensure_partitions().await.unwrap();
-    assert_eq!(made.len(), 12, "4 months of 3 tables");
+    assert_eq!(
+        made.len(),
+        20,
+        "4 months of 3 history tables and 2 hourly rollup tables"
+    );
     assert!(
         store.ensure_partitions().await.unwrap().is_empty(),
         "premaking is idempotent"
@@ -207,6 +212,7 @@ async fn partitions_are_premade_and_expire_by_retention() {
             premake_months: 0,
             health_retention_months: 0,
             metrics_retention_months: 1,
+            ..PartitionPolicy::default()
         },
     );
     let dropped = keep.drop_expired_partitions().await.unwrap();
