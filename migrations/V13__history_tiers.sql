@@ -33,22 +33,24 @@ CREATE INDEX server_metrics_aggregated_time ON server_metrics_aggregated USING b
 -- Health rollups per server per 5 minutes (res 'm') and per hour (res 'h'): checks by status,
 -- response times (min, max, sum and count for the mean, and a histogram for the p95 with the
 -- upper bounds 25, 50, 100, 200, 400, 800, 1600, 3200, 6400 ms and beyond), the last error.
--- Written once per closed period by the rollup job; never updated.
+-- Written once per closed period by the rollup job; never updated. Columns are ordered
+-- widest first and counts are smallint (an hour holds at most 32,767 checks), so that a row
+-- carries no padding: the hourly tier is what a fleet keeps for 13 months.
 CREATE TABLE server_health_rollups (
-    server_id    uuid NOT NULL,
-    res          "char" NOT NULL,
     period_start timestamptz NOT NULL,
-    healthy      integer NOT NULL,
-    degraded     integer NOT NULL,
-    critical     integer NOT NULL,
-    unreachable  integer NOT NULL,
-    rt_count     integer NOT NULL,
+    rt_sum       bigint NOT NULL,
+    server_id    uuid NOT NULL,
     rt_min       integer,
     rt_max       integer,
-    rt_sum       bigint NOT NULL,
-    h0 integer NOT NULL, h1 integer NOT NULL, h2 integer NOT NULL, h3 integer NOT NULL,
-    h4 integer NOT NULL, h5 integer NOT NULL, h6 integer NOT NULL, h7 integer NOT NULL,
-    h8 integer NOT NULL, h9 integer NOT NULL,
+    healthy      smallint NOT NULL,
+    degraded     smallint NOT NULL,
+    critical     smallint NOT NULL,
+    unreachable  smallint NOT NULL,
+    rt_count     smallint NOT NULL,
+    h0 smallint NOT NULL, h1 smallint NOT NULL, h2 smallint NOT NULL, h3 smallint NOT NULL,
+    h4 smallint NOT NULL, h5 smallint NOT NULL, h6 smallint NOT NULL, h7 smallint NOT NULL,
+    h8 smallint NOT NULL, h9 smallint NOT NULL,
+    res          "char" NOT NULL,
     last_error   text
 ) PARTITION BY LIST (res);
 
@@ -61,26 +63,27 @@ CREATE TABLE server_health_rollups_1h PARTITION OF server_health_rollups FOR VAL
     PARTITION BY RANGE (period_start);
 ALTER TABLE server_health_rollups_1h ADD PRIMARY KEY (server_id, period_start);
 
--- Metrics rollups: min, mean and max of every gauge (percentages in hundredths of a percent,
--- as smallint), and the increase of every counter over the period, resets counted as
+-- Metrics rollups: min, mean and max of every gauge (percentages in hundredths of a percent and
+-- service counts as smallint), and the increase of every counter over the period, resets counted as
 -- Prometheus's increase() does (a drop starts again from zero).
 CREATE TABLE server_metrics_rollups (
-    server_id    uuid NOT NULL,
-    res          "char" NOT NULL,
     period_start timestamptz NOT NULL,
-    samples      integer NOT NULL,
-    cpu_min smallint, cpu_mean smallint, cpu_max smallint,
-    memory_min smallint, memory_mean smallint, memory_max smallint,
-    disk_min smallint, disk_mean smallint, disk_max smallint,
-    active_services_min integer, active_services_mean real, active_services_max integer,
-    failed_services_min integer, failed_services_mean real, failed_services_max integer,
-    total_services_min integer, total_services_mean real, total_services_max integer,
-    active_users_min integer, active_users_mean real, active_users_max integer,
-    total_users_min integer, total_users_mean real, total_users_max integer,
     llm_requests_increase bigint,
     llm_cost_usd_increase double precision,
     network_rx_bytes_increase bigint,
-    network_tx_bytes_increase bigint
+    network_tx_bytes_increase bigint,
+    server_id    uuid NOT NULL,
+    samples      integer NOT NULL,
+    active_users_min integer, active_users_mean real, active_users_max integer,
+    total_users_min integer, total_users_mean real, total_users_max integer,
+    active_services_mean real, failed_services_mean real, total_services_mean real,
+    active_services_min smallint, active_services_max smallint,
+    failed_services_min smallint, failed_services_max smallint,
+    total_services_min smallint, total_services_max smallint,
+    cpu_min smallint, cpu_mean smallint, cpu_max smallint,
+    memory_min smallint, memory_mean smallint, memory_max smallint,
+    disk_min smallint, disk_mean smallint, disk_max smallint,
+    res          "char" NOT NULL
 ) PARTITION BY LIST (res);
 
 CREATE TABLE server_metrics_rollups_5m PARTITION OF server_metrics_rollups FOR VALUES IN ('m')

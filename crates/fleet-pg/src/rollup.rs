@@ -100,13 +100,16 @@ fn health_5m_sql() -> String {
 }
 
 fn health_1h_sql() -> String {
-    let hist: Vec<String> = (0..10).map(|i| format!("sum(h{i})")).collect();
+    let hist: Vec<String> = (0..10)
+        .map(|i| format!("least(sum(h{i}), 32767)"))
+        .collect();
     format!(
         "INSERT INTO server_health_rollups_1h (server_id, res, period_start, healthy, degraded, critical, \
              unreachable, rt_count, rt_min, rt_max, rt_sum, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, last_error) \
          SELECT server_id, 'h', date_bin('1 hour', period_start, {ORIGIN}), \
-             sum(healthy), sum(degraded), sum(critical), sum(unreachable), \
-             sum(rt_count), min(rt_min), max(rt_max), sum(rt_sum), {}, \
+             least(sum(healthy), 32767), least(sum(degraded), 32767), \
+             least(sum(critical), 32767), least(sum(unreachable), 32767), \
+             least(sum(rt_count), 32767), min(rt_min), max(rt_max), sum(rt_sum), {}, \
              (array_agg(last_error ORDER BY period_start DESC) FILTER (WHERE last_error IS NOT NULL))[1] \
          FROM server_health_rollups_5m WHERE period_start >= $1 AND period_start < $2 \
          GROUP BY server_id, 3 \
@@ -151,9 +154,16 @@ fn metrics_5m_sql() -> String {
         select.push(pct(format!("max({raw})")));
     }
     for g in COUNT_GAUGES {
-        select.push(format!("min({g})"));
+        let narrow = |e: String| {
+            if g.ends_with("_services") {
+                format!("least(greatest({e}, -32768), 32767)")
+            } else {
+                e
+            }
+        };
+        select.push(narrow(format!("min({g})")));
         select.push(format!("avg({g})"));
-        select.push(format!("max({g})"));
+        select.push(narrow(format!("max({g})")));
     }
     for c in COUNTERS {
         select.push(increase_sql(c));
@@ -436,7 +446,17 @@ impl PgStore {
         let Some(table) = tier_table("server_health_rollups", res) else {
             return Ok(Vec::new());
         };
-        let rows = self.read_tier(table, "period_start, healthy, degraded, critical, unreachable, rt_count, rt_min, rt_max, rt_sum, h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, last_error", id, query).await?;
+        let counts: Vec<String> = ["healthy", "degraded", "critical", "unreachable", "rt_count"]
+            .iter()
+            .map(|c| format!("{c}::int4"))
+            .collect();
+        let hist: Vec<String> = (0..10).map(|i| format!("h{i}::int4")).collect();
+        let columns = format!(
+            "period_start, {}, rt_min, rt_max, rt_sum, {}, last_error",
+            counts.join(", "),
+            hist.join(", ")
+        );
+        let rows = self.read_tier(table, &columns, id, query).await?;
         Ok(rows.iter().map(health_rollup).collect())
     }
 
@@ -449,7 +469,15 @@ impl PgStore {
         let Some(table) = tier_table("server_metrics_rollups", res) else {
             return Ok(Vec::new());
         };
-        let columns = format!("period_start, {}", metrics_columns().join(", "));
+        // Service counts are stored narrow; read back as integers like the users'.
+        let read: Vec<String> = metrics_columns()
+            .into_iter()
+            .map(|c| {
+                let narrow = c.contains("_services_") && !c.ends_with("_mean");
+                if narrow { format!("{c}::int4") } else { c }
+            })
+            .collect();
+        let columns = format!("period_start, {}", read.join(", "));
         let rows = self.read_tier(table, &columns, id, query).await?;
         Ok(rows.iter().map(metrics_rollup).collect())
     }
