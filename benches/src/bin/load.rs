@@ -48,6 +48,114 @@ struct Scenario {
     settings: Vec<(&'static str, &'static str)>,
     health_cycles: u64,
     metrics_cycles: u64,
+    /// Right after Fleet's run, Prometheus scrapes the same simulated servers at the same
+    /// interval for the same time.
+    peer: bool,
+}
+
+/// What Prometheus cost over its run.
+struct Peer {
+    window: f64,
+    scrapes: f64,
+    cpu_seconds: f64,
+    peak_rss_mb: f64,
+}
+
+/// Debian's Prometheus.
+const PROMETHEUS: &str = "/usr/bin/prometheus";
+
+/// Scrapes Prometheus has timed so far (one per scrape after each target's first).
+async fn scrapes(http: &reqwest::Client, base: &str) -> Option<f64> {
+    let text = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with("prometheus_target_interval_length_seconds_count"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// Runs Prometheus over the manifest's servers, scraping `/metrics` every `interval` seconds,
+/// for `seconds` after one interval of warm-up; `None` when it is not installed.
+async fn prometheus_peer(manifest: &Path, dir: &Path, interval: f64, seconds: f64) -> Option<Peer> {
+    if !Path::new(PROMETHEUS).exists() {
+        eprintln!(
+            "{PROMETHEUS} not found: no peer row (scripts/bench-load installs Debian's prometheus)"
+        );
+        return None;
+    }
+    let text = std::fs::read_to_string(manifest).ok()?;
+    let manifest: Value = serde_json::from_str(&text).ok()?;
+    let targets: Vec<String> = manifest["servers"]
+        .as_array()?
+        .iter()
+        .filter_map(|s| s["api_url"].as_str())
+        .map(|u| {
+            u.trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned()
+        })
+        .collect();
+    // JSON is YAML: the configuration is written as JSON.
+    let config = serde_json::json!({
+        "global": {"scrape_interval": format!("{interval}s"), "scrape_timeout": "10s"},
+        "scrape_configs": [{"job_name": "fleet-sim", "metrics_path": "/metrics",
+                            "static_configs": [{"targets": targets}]}]
+    });
+    let config_path = dir.join("prometheus.yml");
+    std::fs::write(&config_path, config.to_string()).ok()?;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut prom = Command::new(PROMETHEUS)
+        .arg(format!("--config.file={}", config_path.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let pid = prom.id();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .ok()?;
+    let ready = Instant::now() + Duration::from_secs(60);
+    while scrapes(&http, &base).await.is_none() {
+        if Instant::now() > ready {
+            let _ = terminate(&mut prom, Duration::from_secs(10));
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every target's first scrape falls somewhere in the first interval.
+    tokio::time::sleep(Duration::from_secs_f64(interval)).await;
+    let (s0, c0, t0) = (
+        scrapes(&http, &base).await?,
+        cpu_seconds(pid),
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let (s1, c1) = (scrapes(&http, &base).await?, cpu_seconds(pid));
+    let peer = Peer {
+        window: t0.elapsed().as_secs_f64(),
+        scrapes: s1 - s0,
+        cpu_seconds: c1 - c0,
+        peak_rss_mb: peak_rss_mib(pid),
+    };
+    let _ = terminate(&mut prom, Duration::from_secs(20));
+    Some(peer)
 }
 
 #[derive(Default)]
@@ -71,6 +179,8 @@ struct Outcome {
     longest_gap: f64,
     /// Deadlocks PostgreSQL detected in the run's database.
     deadlocks: i64,
+    /// Prometheus on the same servers right after, when the scenario asks for it.
+    peer: Option<Peer>,
 }
 
 fn binary(target: &Path, name: &str) -> PathBuf {
@@ -264,6 +374,13 @@ async fn run(scenario: &Scenario, target: &Path, db_url: &str) -> Outcome {
     }
     o.peak_rss_mb = peak_rss_mib(pid);
     o.exit_code = terminate(&mut server, Duration::from_secs(20));
+    if scenario.peer {
+        eprintln!(
+            "running: Prometheus on the same {} servers",
+            scenario.servers
+        );
+        o.peer = prometheus_peer(&manifest, &dir, 30.0, o.window).await;
+    }
     let _ = terminate(&mut sim, Duration::from_secs(10));
     // Once per interval, never early: the gaps between each server's stored checks.
     let interval: f64 = scenario
@@ -296,6 +413,19 @@ async fn run(scenario: &Scenario, target: &Path, db_url: &str) -> Outcome {
         .get(0);
     let _ = std::fs::remove_dir_all(&dir);
     o
+}
+
+/// Prometheus's version line, e.g. `2.42.0`.
+fn prometheus_version() -> String {
+    Command::new(PROMETHEUS)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.split_whitespace().nth(2).map(str::to_owned)
+        })
+        .unwrap_or_default()
 }
 
 fn machine() -> String {
@@ -350,6 +480,7 @@ async fn main() {
         settings: FLEET_SETTINGS.to_vec(),
         health_cycles,
         metrics_cycles: 1,
+        peer: false,
     };
     let mut scenarios = vec![Scenario {
         label: "seed settings, 1,000".into(),
@@ -358,9 +489,12 @@ async fn main() {
         settings: SEED_SETTINGS.to_vec(),
         health_cycles: 1,
         metrics_cycles: 0,
+        peer: false,
     }];
     for &n in &sizes {
-        scenarios.push(fleet(n, MIX, &format!("Fleet, {n}"), 3));
+        let mut s = fleet(n, MIX, &format!("Fleet, {n}"), 3);
+        s.peer = n == 10_000;
+        scenarios.push(s);
     }
     if sizes.contains(&10_000) {
         scenarios.push(fleet(10_000, MIX_HANG, "Fleet, 10,000, 1% hanging", 3));
@@ -438,6 +572,26 @@ async fn main() {
         "{ratio} Deadlocks PostgreSQL detected: {}.",
         deadlocks.join(", ")
     );
+    let mut peers = String::new();
+    for (s, o) in &rows {
+        let Some(p) = &o.peer else { continue };
+        let fleet_us = o.cpu_seconds * 1e6 / o.checks.max(1) as f64;
+        peers.push_str(&format!(
+            "\n| {} servers, 30 s interval | window (s) | requests | CPU µs per request | peak RSS (MB) |\n|---|---:|---:|---:|---:|\n\
+             | Fleet (checks and collections, every setting but the batches at its default) | {:.0} | {} | {fleet_us:.0} | {:.0} |\n\
+             | Prometheus {} (`/metrics` scrapes of the same servers, right after) | {:.0} | {:.0} | {:.0} | {:.0} |\n",
+            s.servers,
+            o.window,
+            o.checks,
+            o.peak_rss_mb,
+            prometheus_version(),
+            p.window,
+            p.scrapes,
+            p.cpu_seconds * 1e6 / p.scrapes.max(1.0),
+            p.peak_rss_mb,
+        ));
+    }
+    let ratio = format!("{ratio}\n{peers}");
     println!("{table}\n{ratio}");
 
     let commit = Command::new("git")
