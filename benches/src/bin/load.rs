@@ -491,9 +491,15 @@ async fn main() {
         metrics_cycles: 0,
         peer: false,
     }];
+    // `--defaults`: every setting at its default, the batches too (the engine paces itself).
+    let defaults = args.iter().any(|a| a == "--defaults");
     for &n in &sizes {
         let mut s = fleet(n, MIX, &format!("Fleet, {n}"), 3);
         s.peer = n == 10_000;
+        if defaults {
+            s.label = format!("Fleet defaults, {n}");
+            s.settings = Vec::new();
+        }
         scenarios.push(s);
     }
     if sizes.contains(&10_000) {

@@ -151,10 +151,18 @@ struct Running {
 /// the listener, the runtime.
 const FILE_RESERVE: u64 = 128;
 
-/// Raises the soft open-file limit to the hard one, logs both, and returns the cap on API
-/// connections that leaves the probes their budget (both workers' `max_in_flight`, and the
-/// reserve) under that limit.
-fn file_budget(api: &ApiArgs, (health, metrics): &(WorkerConfig, WorkerConfig)) -> usize {
+/// The most files one process holds, whatever its limit allows.
+const MAX_FILES: u64 = 20_000;
+
+/// Raises the soft open-file limit to the hard one (Fleet holds at most [`MAX_FILES`]), logs
+/// both, and shares the files out: the cap on API connections that leaves the probes at least
+/// both workers' `max_in_flight` and the reserve; then what is left goes to the workers'
+/// file budgets (two thirds health, a third metrics), into which their `max_in_flight` grows
+/// with the fleet.
+fn file_budget(
+    api: &ApiArgs,
+    (health, metrics): &(WorkerConfig, WorkerConfig),
+) -> (usize, (usize, usize)) {
     let before = rlimit::getrlimit(rlimit::Resource::NOFILE).ok();
     let soft = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(soft) => soft,
@@ -166,17 +174,24 @@ fn file_budget(api: &ApiArgs, (health, metrics): &(WorkerConfig, WorkerConfig)) 
     if let Some((old, hard)) = before {
         tracing::info!(target: "fleet::server", soft = soft, hard, "open-file limit: soft {old} raised to {soft} (hard {hard})");
     }
+    let limit = soft.min(MAX_FILES);
     let probes = (health.max_in_flight + metrics.max_in_flight) as u64;
-    let room = soft.saturating_sub(probes + FILE_RESERVE).max(16);
+    let room = limit.saturating_sub(probes + FILE_RESERVE).max(16);
     let cap = (api.api_max_connections as u64).min(room) as usize;
     if cap < api.api_max_connections {
         tracing::warn!(
             target: "fleet::server",
-            "API connections capped at {cap} (FLEET_API_MAX_CONNECTIONS is {}): the open-file limit {soft} must also hold {probes} probes in flight and {FILE_RESERVE} more",
+            "API connections capped at {cap} (FLEET_API_MAX_CONNECTIONS is {}): the open-file limit {limit} must also hold {probes} probes in flight and {FILE_RESERVE} more",
             api.api_max_connections
         );
     }
-    cap
+    let for_probes = limit.saturating_sub(cap as u64 + FILE_RESERVE) as usize;
+    let budgets = (
+        (for_probes * 2 / 3).max(health.max_in_flight),
+        (for_probes / 3).max(metrics.max_in_flight),
+    );
+    tracing::info!(target: "fleet::server", health = budgets.0, metrics = budgets.1, "files for checks in flight: the workers' max_in_flight grows into these with the fleet");
+    (cap, budgets)
 }
 
 /// The one composition path of serve and demo: the API at once, then (once the store is
@@ -194,11 +209,13 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
     if api.sse_max_streams == 0 {
         anyhow::bail!("invalid FLEET_SSE_MAX_STREAMS (--sse-max-streams) = 0: must be at least 1");
     }
-    let max_connections = file_budget(api, &parts.configs);
+    let (max_connections, (health_files, metrics_files)) = file_budget(api, &parts.configs);
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     let events = Events::new();
-    let (health_cfg, metrics_cfg) = parts.configs.clone();
+    let (mut health_cfg, mut metrics_cfg) = parts.configs.clone();
+    health_cfg.file_budget = health_cfg.file_budget.or(Some(health_files));
+    metrics_cfg.file_budget = metrics_cfg.file_budget.or(Some(metrics_files));
     let workers = Arc::new(RwLock::new(Workers {
         intervals: (
             health_cfg.interval.as_secs_f64(),

@@ -230,7 +230,7 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
             w.metrics.as_ref().map(|h| h.snapshot()),
         )
     };
-    let families: [(&str, &str, &str); 8] = [
+    let families: [(&str, &str, &str); 9] = [
         (
             "fleet_worker_checks_total",
             "counter",
@@ -259,6 +259,11 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
             "Duration of the last completed cycle.",
         ),
         ("fleet_worker_running", "gauge", "1 while the worker runs."),
+        (
+            "fleet_worker_starts_delayed_total",
+            "counter",
+            "Checks whose start waited for a free slot: more of the fleet hung than max_in_flight holds.",
+        ),
     ];
     for (name, kind, help) in families {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -284,6 +289,9 @@ pub(crate) async fn prometheus(State(app): State<AppState>) -> ApiResult {
                 }
                 "fleet_worker_results_dropped_total" => {
                     writeln!(out, "{name}{{worker=\"{w}\"}} {}", s.dropped)
+                }
+                "fleet_worker_starts_delayed_total" => {
+                    writeln!(out, "{name}{{worker=\"{w}\"}} {}", s.starts_delayed)
                 }
                 "fleet_worker_last_cycle_seconds" => writeln!(
                     out,

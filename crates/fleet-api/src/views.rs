@@ -523,6 +523,14 @@ pub struct WorkerCommon {
     pub last_cycle_targets: u64,
     #[schema(value_type = f64)]
     pub batch_delay_seconds: Seconds,
+    /// Checks started together in the last cycle (grown for a large fleet).
+    pub batch_size: u64,
+    /// Checks allowed at once in the last cycle (grown to hold a hung tenth of the fleet,
+    /// within the worker's file budget).
+    pub max_in_flight: u64,
+    /// Checks since start whose start waited for a free slot: more of the fleet hung than
+    /// `max_in_flight` holds.
+    pub starts_delayed: u64,
     /// Checks since start by resulting label (the seed's name; see `checks_by_status`).
     pub by_status: BTreeMap<String, u64>,
     /// The same counts as `by_status`, named for what they are: checks since start, not
@@ -555,6 +563,9 @@ impl WorkerCommon {
             results_dropped: s.dropped,
             last_cycle_targets: s.last_cycle_targets,
             batch_delay_seconds: Seconds(s.batch_delay_seconds),
+            batch_size: s.batch_size,
+            max_in_flight: s.max_in_flight,
+            starts_delayed: s.starts_delayed,
             by_status: owned(&s.by_status),
             checks_by_status: owned(&s.by_status),
             not_checked: owned(&s.not_checked),

@@ -317,6 +317,42 @@ async fn batch_delay_is_shortened_for_large_fleets_unless_fixed() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_hung_tenth_of_a_large_fleet_holds_no_start_back_within_the_file_budget() {
+    let hang = |rig: &Rig| {
+        for i in (0..5_000).step_by(10) {
+            rig.probe.set(&name(i), Script::Never);
+        }
+    };
+    // With a file budget, max_in_flight grows to hold the 500 hung checks (10 s each, started
+    // over 10 s) and four batches more: no start waits, the cycle ends within its interval.
+    let mut rig = Rig::new(5_000).await;
+    hang(&rig);
+    let h = rig.health(health().file_budget(Some(2_000)));
+    wait_until(40 * SEC, || h.stats().snapshot().cycles == 1).await;
+    let s = h.stats().snapshot();
+    assert_eq!(s.starts_delayed, 0, "{s:?}");
+    assert!(
+        (540..=600).contains(&s.max_in_flight),
+        "{}",
+        s.max_in_flight
+    );
+    assert!(s.last_duration_seconds.unwrap() < 22.0, "{s:?}");
+    assert_eq!(s.overruns, 0);
+    rig.stop(h).await;
+
+    // Without one, the 256 configured slots fill with hung checks: starts wait for the
+    // timeouts, and each wait is counted.
+    let mut rig = Rig::new(5_000).await;
+    hang(&rig);
+    let h = rig.health(health());
+    wait_until(60 * SEC, || h.stats().snapshot().cycles == 1).await;
+    let s = h.stats().snapshot();
+    assert!(s.starts_delayed > 0, "{s:?}");
+    assert_eq!(s.max_in_flight, 256);
+    rig.stop(h).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn health_targets_go_stalest_first() {
     let mut rig = Rig::new(3).await;
     let h = rig.health(

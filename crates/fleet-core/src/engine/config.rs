@@ -34,8 +34,13 @@ pub struct WorkerConfig {
     /// Hold `batch_delay` as given even when the batches then take longer than a third of
     /// the interval to start, as the seed design did. Default false.
     pub fixed_batch_delay: bool,
-    /// Checks running at once, across batches. Default 256 (health), 64 (metrics).
+    /// Checks running at once, across batches, at least. Default 256 (health), 64
+    /// (metrics). With a `file_budget` it rises with the fleet, so that a hung tenth of it
+    /// holds no start back.
     pub max_in_flight: usize,
+    /// Open files this worker's checks may hold at once (each check holds a connection): the
+    /// most `max_in_flight` may rise to. `None` (the default): `max_in_flight` as given.
+    pub file_budget: Option<usize>,
     /// Hard deadline of one check; shorter than the interval. Default 10 s.
     pub timeout: Duration,
     /// Time given at shutdown to in-flight checks and the final flush. Default 10 s.
@@ -65,6 +70,7 @@ impl WorkerConfig {
             batch_delay: Duration::from_secs_f64(batch_delay),
             fixed_batch_delay: false,
             max_in_flight,
+            file_budget: None,
             timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             result_buffer: 100_000,
@@ -114,6 +120,7 @@ impl WorkerConfigBuilder {
     setter!(batch_delay: Duration);
     setter!(fixed_batch_delay: bool);
     setter!(max_in_flight: usize);
+    setter!(file_budget: Option<usize>);
     setter!(timeout: Duration);
     setter!(shutdown_grace: Duration);
     setter!(result_buffer: usize);

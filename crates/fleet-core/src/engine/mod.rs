@@ -325,21 +325,9 @@ where
         }
     }
 
-    /// The delay between batch starts for `targets` targets: the configured one, shortened
-    /// so that all batches start within a third of the interval unless it is held fixed.
-    fn batch_delay(&self, targets: usize) -> Duration {
-        let c = &self.config;
-        let batches = targets.div_ceil(c.batch_size);
-        if c.fixed_batch_delay || batches <= 1 {
-            return c.batch_delay;
-        }
-        let budget = c.interval / 3;
-        let gaps = (batches - 1) as u32;
-        if c.batch_delay * gaps <= budget {
-            c.batch_delay
-        } else {
-            budget / gaps
-        }
+    /// How a cycle of `targets` targets is paced: see [`pace`].
+    fn pace_for(&self, targets: usize) -> Pace {
+        pace(&self.config, targets)
     }
 
     /// Runs one cycle in four steps: select, dispatch, drain, finish. Returns
@@ -366,14 +354,14 @@ where
             }
             tracing::info!(target: "fleet::engine", worker = self.work.kind().as_str(), due = targets.len(), "{} catch-up: {} targets due now", capitalized(self.work.kind().as_str()), targets.len());
         }
-        let delay = if catch_up {
-            self.batch_delay(targets.len())
+        let pace = if catch_up {
+            self.pace_for(targets.len())
         } else {
             self.begin(targets.len(), announced_delay)
         };
         let mut running = JoinSet::new();
         let stop_at = match self
-            .dispatch(targets, started, delay, cancel, &mut running, !catch_up)
+            .dispatch(targets, started, pace, cancel, &mut running, !catch_up)
             .await
         {
             Some(stop_at) => Some(stop_at),
@@ -464,20 +452,28 @@ where
     }
 
     /// Resets the cycle's figures and picks the batch delay for `total` targets.
-    fn begin(&self, total: usize, announced_delay: &mut Option<Duration>) -> Duration {
+    fn begin(&self, total: usize, announced_delay: &mut Option<Duration>) -> Pace {
         let kind = self.work.kind().as_str();
-        let delay = self.batch_delay(total);
-        if delay != self.config.batch_delay && *announced_delay != Some(delay) {
+        let pace = self.pace_for(total);
+        let delay = pace.delay;
+        let c = &self.config;
+        let changed = delay != c.batch_delay
+            || pace.batch_size != c.batch_size
+            || pace.max_in_flight != c.max_in_flight;
+        if changed && *announced_delay != Some(delay) {
             tracing::info!(
                 target: "fleet::engine",
                 worker = kind,
-                "{} batch delay shortened from {:?} to {:?} so that {} batches of {} start within a third of the {:?} interval",
+                "{} pace for {total} targets: {} batches of {} (configured {}), {:?} apart (configured {:?}), so that all start within a third of the {:?} interval; at most {} checks at once (configured {}), enough for a tenth of the fleet to hang",
                 capitalized(kind),
-                self.config.batch_delay,
+                total.div_ceil(pace.batch_size),
+                pace.batch_size,
+                c.batch_size,
                 delay,
-                total.div_ceil(self.config.batch_size),
-                self.config.batch_size,
-                self.config.interval,
+                c.batch_delay,
+                c.interval,
+                pace.max_in_flight,
+                c.max_in_flight,
             );
             *announced_delay = Some(delay);
         }
@@ -489,24 +485,29 @@ where
             };
             g.stats.last_cycle_targets = total as u64;
             g.stats.batch_delay_seconds = delay.as_secs_f64();
+            g.stats.batch_size = pace.batch_size as u64;
+            g.stats.max_in_flight = pace.max_in_flight as u64;
         }
         self.work.log_start(total);
-        delay
+        pace
     }
 
-    /// Step 2: starts the targets in batches, `delay` apart, at most `max_in_flight` at once,
-    /// none before its hold ends; keeps their offsets for a repeat when `keep_starts`.
-    /// Returns when cancelled before every target started.
+    /// Step 2: starts the targets in batches as `pace` says, none before its hold ends;
+    /// keeps their offsets for a repeat when `keep_starts`. A start that waits for a free
+    /// slot is counted, and the cycle says so once. Returns when cancelled before every
+    /// target started.
     async fn dispatch(
         &self,
         targets: Vec<(W::Target, Duration)>,
         started: Instant,
-        delay: Duration,
+        pace: Pace,
         cancel: &CancellationToken,
         running: &mut JoinSet<()>,
         keep_starts: bool,
     ) -> Option<Instant> {
-        let slots = Arc::new(Semaphore::new(self.config.max_in_flight));
+        let delay = pace.delay;
+        let slots = Arc::new(Semaphore::new(pace.max_in_flight));
+        let mut delayed = 0u64;
         let mut starts = Vec::with_capacity(targets.len());
         let mut targets = targets.into_iter();
         let mut batch = 0u32;
@@ -518,7 +519,7 @@ where
                     () = sleep_until(started + delay * batch) => {}
                 }
             }
-            for (target, hold) in targets.by_ref().take(self.config.batch_size) {
+            for (target, hold) in targets.by_ref().take(pace.batch_size) {
                 if !hold.is_zero() {
                     tokio::select! {
                         biased;
@@ -526,10 +527,20 @@ where
                         () = sleep_until(started + hold) => {}
                     }
                 }
-                let permit = tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => return Some(Instant::now()),
-                    permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        if delayed == 0 {
+                            tracing::warn!(target: "fleet::engine", worker = self.work.kind().as_str(), max_in_flight = pace.max_in_flight, "{} checks wait for a free slot: all {} are taken (hung or slow servers); this cycle's starts stretch", capitalized(self.work.kind().as_str()), pace.max_in_flight);
+                        }
+                        delayed += 1;
+                        self.stats.lock().stats.starts_delayed += 1;
+                        tokio::select! {
+                            biased;
+                            () = cancel.cancelled() => return Some(Instant::now()),
+                            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                        }
+                    }
                 };
                 // The check's timestamp and its start as the hold rule counts it are taken
                 // together, here, not when its task first runs (which can be later).
@@ -918,5 +929,121 @@ fn capitalized(s: &str) -> String {
     match c.next() {
         Some(first) => first.to_uppercase().chain(c).collect(),
         None => String::new(),
+    }
+}
+
+/// How one cycle starts its checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pace {
+    /// Checks started together.
+    pub batch_size: usize,
+    /// Time between batch starts.
+    pub delay: Duration,
+    /// Checks running at once.
+    pub max_in_flight: usize,
+}
+
+/// The least time between batch starts: a fleet too large to start within a third of the
+/// interval at this pace gets larger batches instead of shorter gaps.
+pub(crate) const MIN_BATCH_DELAY: Duration = Duration::from_millis(10);
+
+/// The share of a fleet whose checks may hang for their whole timeout without holding back
+/// any other start, when the worker has a file budget to grow into.
+pub(crate) const HUNG_SHARE: f64 = 0.1;
+
+/// The pace of a cycle of `targets` targets. The configured batches and delay when they start
+/// every target within a third of the interval; otherwise the delay shortens, down to
+/// [`MIN_BATCH_DELAY`], and then the batches grow. Unless the delay is held fixed (the seed's
+/// settings), which keeps both. With a file budget, `max_in_flight` rises to hold a tenth of
+/// the fleet hanging for the whole timeout, plus four batches, within the budget.
+pub(crate) fn pace(c: &WorkerConfig, targets: usize) -> Pace {
+    let mut p = Pace {
+        batch_size: c.batch_size,
+        delay: c.batch_delay,
+        max_in_flight: c.max_in_flight,
+    };
+    if c.fixed_batch_delay {
+        return p;
+    }
+    let budget = c.interval / 3;
+    let batches = targets.div_ceil(p.batch_size);
+    if batches > 1 && c.batch_delay * (batches - 1) as u32 > budget {
+        let gaps = (batches - 1) as u32;
+        p.delay = budget / gaps;
+        if p.delay < MIN_BATCH_DELAY {
+            let most_gaps = (budget.as_nanos() / MIN_BATCH_DELAY.as_nanos()).max(1) as usize;
+            p.batch_size = targets.div_ceil(most_gaps + 1);
+            let gaps = targets.div_ceil(p.batch_size).saturating_sub(1).max(1) as u32;
+            p.delay = budget / gaps;
+        }
+    }
+    if let Some(files) = c.file_budget {
+        // Hung checks hold a slot for the timeout; starts spread over the batches' span.
+        let span = p.delay * targets.div_ceil(p.batch_size).saturating_sub(1) as u32;
+        let hung = targets as f64 * HUNG_SHARE;
+        let held = if span.is_zero() || c.timeout >= span {
+            hung
+        } else {
+            hung * c.timeout.as_secs_f64() / span.as_secs_f64()
+        };
+        let wanted = held.ceil() as usize + 4 * p.batch_size;
+        p.max_in_flight = c.max_in_flight.max(wanted.min(files));
+    }
+    p
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::*;
+    use crate::WorkerKind;
+
+    #[test]
+    fn small_fleets_keep_the_configured_pace() {
+        let c = WorkerConfig::defaults(WorkerKind::Health);
+        let p = pace(&c, 20);
+        assert_eq!(
+            (p.batch_size, p.delay, p.max_in_flight),
+            (10, c.batch_delay, 256)
+        );
+    }
+
+    #[test]
+    fn large_fleets_get_larger_batches_not_gaps_under_ten_milliseconds() {
+        let mut c = WorkerConfig::defaults(WorkerKind::Health);
+        let p = pace(&c, 1_000);
+        assert_eq!(p.batch_size, 10, "100 batches fit at 101 ms");
+        let p = pace(&c, 100_000);
+        assert!(p.delay >= MIN_BATCH_DELAY, "{p:?}");
+        assert!(p.batch_size >= 100, "{p:?}");
+        let span = p.delay * (100_000usize.div_ceil(p.batch_size) - 1) as u32;
+        assert!(span <= c.interval / 3, "{span:?}");
+        c.fixed_batch_delay = true;
+        assert_eq!(pace(&c, 100_000).batch_size, 10, "the seed's settings stay");
+    }
+
+    #[test]
+    fn in_flight_grows_to_hold_a_hung_tenth_within_the_file_budget() {
+        let mut c = WorkerConfig::defaults(WorkerKind::Health);
+        assert_eq!(
+            pace(&c, 100_000).max_in_flight,
+            256,
+            "no budget: as configured"
+        );
+        c.file_budget = Some(14_000);
+        let p = pace(&c, 100_000);
+        // 10,000 hung, each held 10 s, started over about 10 s: about all at once.
+        assert!((10_000..=14_000).contains(&p.max_in_flight), "{p:?}");
+        c.file_budget = Some(2_000);
+        assert_eq!(
+            pace(&c, 100_000).max_in_flight,
+            2_000,
+            "never past the budget"
+        );
+        c.file_budget = Some(100);
+        assert_eq!(
+            pace(&c, 100_000).max_in_flight,
+            256,
+            "never below the configured"
+        );
     }
 }

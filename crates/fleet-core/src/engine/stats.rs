@@ -51,6 +51,13 @@ pub struct WorkerStats {
     pub last_cycle_targets: u64,
     /// The delay between batch starts in use, after any shortening.
     pub batch_delay_seconds: f64,
+    /// Checks started together in the last cycle, after any growth for a large fleet.
+    pub batch_size: u64,
+    /// Checks allowed to run at once in the last cycle, after any growth for a large fleet.
+    pub max_in_flight: u64,
+    /// Checks whose start waited for a free slot, since start: more of the fleet hung (or
+    /// answered slowly) than `max_in_flight` holds. The cycle stretches instead of failing.
+    pub starts_delayed: u64,
     /// What the store's self-check found wrong after the last cycle (a missing partition).
     pub storage_findings: Vec<String>,
     /// Targets not checked through Fleet's own fault, since start, by
