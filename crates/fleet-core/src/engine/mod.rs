@@ -506,7 +506,16 @@ where
         keep_starts: bool,
     ) -> Option<Instant> {
         let delay = pace.delay;
+        // Two limits: every check holds one of `max_in_flight` slots (files) while it runs,
+        // and one of the configured fresh slots (the work competing for CPU) until it has run
+        // `SLOW_AFTER`. So a healthy fleet is paced by how fast checks complete, and hung
+        // servers, which soon leave their fresh slot, hold back no start until the budget is
+        // spent.
         let slots = Arc::new(Semaphore::new(pace.max_in_flight));
+        let fresh = Arc::new(Semaphore::new(
+            self.config.max_in_flight.min(pace.max_in_flight),
+        ));
+        let slow_after = SLOW_AFTER.min(self.config.timeout / 2);
         let mut delayed = 0u64;
         let mut starts = Vec::with_capacity(targets.len());
         let mut targets = targets.into_iter();
@@ -527,11 +536,16 @@ where
                         () = sleep_until(started + hold) => {}
                     }
                 }
+                let fresh_permit = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return Some(Instant::now()),
+                    permit = fresh.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                };
                 let permit = match slots.clone().try_acquire_owned() {
                     Ok(permit) => permit,
                     Err(_) => {
                         if delayed == 0 {
-                            tracing::warn!(target: "fleet::engine", worker = self.work.kind().as_str(), max_in_flight = pace.max_in_flight, "{} checks wait for a free slot: all {} are taken (hung or slow servers); this cycle's starts stretch", capitalized(self.work.kind().as_str()), pace.max_in_flight);
+                            tracing::warn!(target: "fleet::engine", worker = self.work.kind().as_str(), max_in_flight = pace.max_in_flight, "{} checks wait for a free slot: all {} are taken by hung or slow servers; this cycle's starts stretch", capitalized(self.work.kind().as_str()), pace.max_in_flight);
                         }
                         delayed += 1;
                         self.stats.lock().stats.starts_delayed += 1;
@@ -550,7 +564,15 @@ where
                 self.work.started(&target, now);
                 let check = self.check();
                 running.spawn(async move {
-                    check.run(target, started_at).await;
+                    let run = check.run(target, started_at);
+                    tokio::pin!(run);
+                    tokio::select! {
+                        () = &mut run => {}
+                        () = sleep_until(now + slow_after) => {
+                            drop(fresh_permit);
+                            run.await;
+                        }
+                    }
                     drop(permit);
                 });
                 // Reap finished checks as we go so the set stays small.
@@ -946,6 +968,11 @@ pub(crate) struct Pace {
 /// The least time between batch starts: a fleet too large to start within a third of the
 /// interval at this pace gets larger batches instead of shorter gaps.
 pub(crate) const MIN_BATCH_DELAY: Duration = Duration::from_millis(10);
+
+/// How long a check runs before it stops counting against the configured `max_in_flight`
+/// (it is hung or slow, not competing for CPU) and only holds its file slot; at most half
+/// the timeout.
+pub(crate) const SLOW_AFTER: Duration = Duration::from_secs(2);
 
 /// The share of a fleet whose checks may hang for their whole timeout without holding back
 /// any other start, when the worker has a file budget to grow into.
