@@ -607,10 +607,14 @@ async fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     let date = time::OffsetDateTime::now_utc().date();
-    let settings: Vec<String> = FLEET_SETTINGS
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let settings: Vec<String> = if defaults {
+        vec!["every one at its default, the batches too".to_owned()]
+    } else {
+        FLEET_SETTINGS
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect()
+    };
     let section = format!(
         "\n### Load run {date}, commit {commit}\n\nMachine: {}. Command: `scripts/bench-load` (sizes {}).\n\
          Fleet's settings: {} (intervals, timeouts and the rest at their defaults, \
