@@ -779,7 +779,8 @@ WITH raw AS (
 ), old AS (
     SELECT m.id, m.health_status, m.last_health_check_at FROM managed_servers m
     WHERE m.id IN (SELECT server_id FROM input)
-    FOR UPDATE
+    ORDER BY m.id
+    FOR NO KEY UPDATE
 ), fresh AS (
     SELECT i.server_id, i.ts, i.status, i.error_message,
            CASE WHEN row_number() OVER w = 1 THEN o.health_status ELSE lag(i.status) OVER w END AS before
@@ -860,10 +861,15 @@ WITH s_raw AS (
     ON CONFLICT DO NOTHING
 ), failures AS (
     SELECT DISTINCT ON (server_id) server_id, ts, error FROM failed ORDER BY server_id, ts DESC
+), locked AS (
+    SELECT m.id FROM managed_servers m WHERE m.id IN (SELECT server_id FROM failures)
+    ORDER BY m.id
+    FOR NO KEY UPDATE
 ), errors AS (
     UPDATE managed_servers m SET last_metrics_error = f.error, last_metrics_error_at = f.ts
     FROM failures f
-    WHERE m.id = f.server_id AND (m.last_metrics_error_at IS NULL OR m.last_metrics_error_at <= f.ts)
+    WHERE m.id = f.server_id AND m.id IN (SELECT id FROM locked)
+      AND (m.last_metrics_error_at IS NULL OR m.last_metrics_error_at <= f.ts)
 ), collected AS (
     INSERT INTO server_metrics_state (server_id, last_metrics_at)
     SELECT c.server_id, max(c.ts) FROM (SELECT server_id, ts FROM samples UNION ALL SELECT server_id, ts FROM failed) c

@@ -891,3 +891,74 @@ async fn tls_to_postgresql_in_every_mode() {
         .unwrap_err();
     assert!(err.contains("/nonexistent/ca.pem"), "{err}");
 }
+
+#[tokio::test]
+async fn concurrent_health_and_metrics_writes_over_the_same_servers_never_deadlock() {
+    let db = TestDb::create().await;
+    let store = db.store(Arc::new(SystemClock)).await;
+    store.ensure_partitions().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        ids.push(
+            store
+                .create_server(NewServer::new(format!("s{i}"), "http://127.0.0.1:9"))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    // The health writer and the metrics writer lock the same servers' rows, each batch in
+    // its own (shuffled, reversed) order: both take them in id order, so neither waits on
+    // the other in a cycle.
+    let t0 = time::OffsetDateTime::now_utc();
+    let health = {
+        let (store, ids) = (store.clone(), ids.clone());
+        tokio::spawn(async move {
+            for round in 0..40i64 {
+                let at = t0 + time::Duration::seconds(round);
+                let mut batch: Vec<_> = ids
+                    .iter()
+                    .map(|id| check_at(*id, at, HealthStatus::Healthy))
+                    .collect();
+                let n = batch.len();
+                batch.rotate_left((round as usize * 37) % n);
+                store.record_health(&batch).await?;
+            }
+            Ok::<(), StoreError>(())
+        })
+    };
+    let metrics = {
+        let (store, ids) = (store.clone(), ids.clone());
+        tokio::spawn(async move {
+            for round in 0..40i64 {
+                let at = t0 + time::Duration::seconds(round);
+                let batch: Vec<_> = ids
+                    .iter()
+                    .rev()
+                    .map(|id| {
+                        MetricsRecord::Failure(fleet_core::MetricsFailure {
+                            server_id: *id,
+                            timestamp: at,
+                            error: "refused".into(),
+                            fence: None,
+                        })
+                    })
+                    .collect();
+                store.record_metrics(&batch).await?;
+            }
+            Ok::<(), StoreError>(())
+        })
+    };
+    health.await.unwrap().unwrap();
+    metrics.await.unwrap().unwrap();
+    let client = store.pool().get().await.unwrap();
+    let deadlocks: i64 = client
+        .query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(deadlocks, 0);
+}
