@@ -480,7 +480,7 @@ impl AlertStore for PgStore {
             for r in tx
                 .query(
                     "SELECT bucket, epoch FROM fleet_bucket_leases \
-                     WHERE owner = $1 AND bucket = ANY($2) FOR SHARE",
+                     WHERE owner = $1 AND bucket = ANY($2) ORDER BY bucket FOR SHARE",
                     &[&me, &fenced],
                 )
                 .await

@@ -1,5 +1,7 @@
 //! [`Leases`] in PostgreSQL: `fleet_instances`, `fleet_bucket_leases` and `fleet_leader`.
-//! Every expiry is computed with the database's `now()`, never an instance's clock.
+//! Every expiry is computed with the database's `now()`, never an instance's clock. Every
+//! statement that locks several lease rows takes them in bucket order (the fenced writers'
+//! shares too), so a heartbeat and a write never wait on each other in a cycle.
 
 use std::time::Duration;
 
@@ -38,9 +40,12 @@ impl Leases for PgStore {
                      INSERT INTO fleet_instances (id, version) VALUES ($1, $2)
                      ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), version = EXCLUDED.version
                      RETURNING id
+                 ), locked AS (
+                     SELECT bucket FROM fleet_bucket_leases WHERE owner = $1
+                     ORDER BY bucket FOR NO KEY UPDATE
                  ), renewed AS (
                      UPDATE fleet_bucket_leases SET expires_at = now() + make_interval(secs => $3)
-                     WHERE owner = $1
+                     WHERE owner = $1 AND bucket IN (SELECT bucket FROM locked)
                      RETURNING bucket, epoch
                  ), stale AS (
                      DELETE FROM fleet_instances
@@ -79,8 +84,11 @@ impl Leases for PgStore {
         let buckets: Vec<i16> = buckets.iter().map(|&b| b as i16).collect();
         client
             .execute(
-                "UPDATE fleet_bucket_leases SET owner = NULL, expires_at = '-infinity'
-                 WHERE owner = $1 AND bucket = ANY($2)",
+                "WITH locked AS (
+                     SELECT bucket FROM fleet_bucket_leases WHERE owner = $1 AND bucket = ANY($2)
+                     ORDER BY bucket FOR NO KEY UPDATE)
+                 UPDATE fleet_bucket_leases SET owner = NULL, expires_at = '-infinity'
+                 WHERE owner = $1 AND bucket IN (SELECT bucket FROM locked)",
                 &[&me, &buckets],
             )
             .await
@@ -98,9 +106,12 @@ impl Leases for PgStore {
         let buckets: Vec<i16> = buckets.iter().map(|&b| b as i16).collect();
         let rows = client
             .query(
-                "UPDATE fleet_bucket_leases
+                "WITH locked AS (
+                     SELECT bucket FROM fleet_bucket_leases WHERE bucket = ANY($2)
+                     ORDER BY bucket FOR NO KEY UPDATE)
+                 UPDATE fleet_bucket_leases
                  SET owner = $1, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3)
-                 WHERE bucket = ANY($2)
+                 WHERE bucket IN (SELECT bucket FROM locked)
                    AND (owner IS NULL OR ($4 AND owner <> $1 AND expires_at < now()))
                  RETURNING bucket, epoch",
                 &[&me, &buckets, &seconds(ttl), &take_expired],
@@ -136,7 +147,11 @@ impl Leases for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
         tx.execute(
-            "UPDATE fleet_bucket_leases SET owner = NULL, expires_at = '-infinity' WHERE owner = $1",
+            "WITH locked AS (
+                 SELECT bucket FROM fleet_bucket_leases WHERE owner = $1
+                 ORDER BY bucket FOR NO KEY UPDATE)
+             UPDATE fleet_bucket_leases SET owner = NULL, expires_at = '-infinity'
+             WHERE owner = $1 AND bucket IN (SELECT bucket FROM locked)",
             &[&me],
         )
         .await

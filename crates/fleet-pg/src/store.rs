@@ -772,6 +772,7 @@ WITH raw AS (
 ), fence AS (
     SELECT bucket, epoch FROM fleet_bucket_leases
     WHERE owner = $13::text AND bucket IN (SELECT bucket FROM raw WHERE epoch IS NOT NULL)
+    ORDER BY bucket
     FOR SHARE
 ), input AS (
     SELECT r.* FROM raw r
@@ -843,6 +844,7 @@ WITH s_raw AS (
     WHERE owner = $23::text
       AND bucket IN (SELECT bucket FROM s_raw WHERE epoch IS NOT NULL
                      UNION SELECT bucket FROM f_raw WHERE epoch IS NOT NULL)
+    ORDER BY bucket
     FOR SHARE
 ), samples AS (
     SELECT r.* FROM s_raw r
