@@ -250,6 +250,12 @@ impl Api {
         value
     }
 
+    /// A viewer's GET of `path` that must answer `expected`.
+    async fn view(&self, path: &str, expected: StatusCode) -> Value {
+        self.check(Method::GET, path, Some(&self.viewer), None, expected)
+            .await
+    }
+
     /// A GET with a raw `Authorization` header and `X-Forwarded-For`, from `ip`.
     async fn raw(
         &self,
@@ -975,11 +981,8 @@ async fn history_reads_rollups_by_resolution_and_says_which_it_read() {
         .await
         .unwrap();
     let v = a
-        .check(
-            Method::GET,
+        .view(
             &format!("{base}/health-checks?resolution=1h"),
-            Some(&a.viewer),
-            None,
             StatusCode::OK,
         )
         .await;
@@ -1004,11 +1007,8 @@ async fn history_reads_rollups_by_resolution_and_says_which_it_read() {
     a.memory.record_health(&checks).await.unwrap();
     a.memory.record_metrics(&records).await.unwrap();
     let v = a
-        .check(
-            Method::GET,
+        .view(
             &format!("{base}/health-checks?resolution=1h"),
-            Some(&a.viewer),
-            None,
             StatusCode::OK,
         )
         .await;
@@ -1020,13 +1020,7 @@ async fn history_reads_rollups_by_resolution_and_says_which_it_read() {
     assert_eq!(hour["response_time_ms"]["p95"], 12);
     assert_eq!(hour["last_error"], "unhealthy: services (unhealthy)");
     let v = a
-        .check(
-            Method::GET,
-            &format!("{base}/metrics?resolution=1h"),
-            Some(&a.viewer),
-            None,
-            StatusCode::OK,
-        )
+        .view(&format!("{base}/metrics?resolution=1h"), StatusCode::OK)
         .await;
     let hour = &v["metrics"][0];
     assert_eq!(hour["samples"], 119);
@@ -1034,11 +1028,8 @@ async fn history_reads_rollups_by_resolution_and_says_which_it_read() {
     // 1 → 59, then a restart at 0 → 59 more: 58 + 0 + 59.
     assert_eq!(hour["llm_requests"]["increase"], 117.0, "{hour}");
     let v = a
-        .check(
-            Method::GET,
+        .view(
             &format!("{base}/metrics?resolution=5m&limit=3"),
-            Some(&a.viewer),
-            None,
             StatusCode::OK,
         )
         .await;
@@ -1046,22 +1037,13 @@ async fn history_reads_rollups_by_resolution_and_says_which_it_read() {
     assert_eq!(v["metrics"].as_array().unwrap().len(), 3);
     // Raw keeps today's shape.
     let v = a
-        .check(
-            Method::GET,
-            &format!("{base}/health-checks?limit=1"),
-            Some(&a.viewer),
-            None,
-            StatusCode::OK,
-        )
+        .view(&format!("{base}/health-checks?limit=1"), StatusCode::OK)
         .await;
     assert_eq!(v["resolution"], "raw");
     assert!(v["health_checks"][0]["timestamp"].is_string());
     let v = a
-        .check(
-            Method::GET,
+        .view(
             &format!("{base}/health-checks?resolution=2h"),
-            Some(&a.viewer),
-            None,
             StatusCode::BAD_REQUEST,
         )
         .await;
