@@ -1562,17 +1562,22 @@ mod tests {
         }
 
         fn kinds(&self) -> Vec<String> {
-            self.notifier
-                .received()
-                .iter()
-                .map(|r| {
-                    r.notice["incident"]["notice"]
-                        .as_str()
-                        .unwrap_or("")
-                        .to_owned()
-                })
-                .collect()
+            notice_kinds(&self.notifier)
         }
+    }
+
+    /// The kind of each notice sent so far (`firing`, `resolved`, …), in order.
+    fn notice_kinds(notifier: &RecordingNotifier) -> Vec<String> {
+        notifier
+            .received()
+            .iter()
+            .map(|r| {
+                r.notice["incident"]["notice"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect()
     }
 
     use HealthStatus::*;
@@ -1654,18 +1659,7 @@ mod tests {
         let (store, notifier, clock) = hooked().await;
         let a = member("a:1", &store, &registry, &notifier, &clock);
         let b = member("b:1", &store, &registry, &notifier, &clock);
-        let kinds = || -> Vec<String> {
-            notifier
-                .received()
-                .iter()
-                .map(|r| {
-                    r.notice["incident"]["notice"]
-                        .as_str()
-                        .unwrap_or("")
-                        .to_owned()
-                })
-                .collect()
-        };
+        let kinds = || notice_kinds(&notifier);
         a.share.set_leader(Some(1));
         tokio::time::sleep(Duration::from_secs(2)).await;
 

@@ -241,6 +241,14 @@ impl PgStore {
         let to_5m = (from_5m + Duration::hours(1)).min(Resolution::FiveMinutes.floor(now - SETTLE));
         let from_1h = marked_1h.unwrap_or(first);
         let to_1h = (from_1h + Duration::days(1)).min(Resolution::Hour.floor(to_5m.max(from_5m)));
+        if to_5m <= from_5m && to_1h <= from_1h {
+            // No period has closed since the last run (four runs in five): no transaction.
+            return Ok(RollupReport {
+                rolled_5m: marked_5m,
+                rolled_1h: marked_1h,
+                ..RollupReport::default()
+            });
+        }
         // The tiers' partitions are made first, in a short transaction of their own: making
         // one locks its parent, which must not wait for (or hold up) the rollup itself.
         let days: Vec<time::Date> = std::iter::successors(Some(from_5m.date()), |d| d.next_day())
