@@ -443,6 +443,11 @@ pub struct WorkerArgs {
     /// Seconds between metrics batch starts (shortened as for health).
     #[arg(long, env = "FLEET_METRICS_BATCH_DELAY", default_value = "1.0", value_parser = seconds, value_name = "SECONDS")]
     pub metrics_batch_delay: Duration,
+    /// Threads that run both workers, their writers and the jobs (the API answers on one of
+    /// its own). One is the cheapest per check: a check's tasks wake each other on the same
+    /// thread instead of across threads (docs/benchmarks.md, "Profile").
+    #[arg(long, env = "FLEET_WORKER_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub worker_threads: u16,
     /// Hold the batch delays as given, as the seed design did, even for large fleets.
     #[arg(long, env = "FLEET_FIXED_BATCH_DELAY", default_value_t = false)]
     pub fixed_batch_delay: bool,

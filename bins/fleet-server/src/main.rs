@@ -88,7 +88,13 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    let threads = match &cli.command {
+        Command::Serve(args) => args.workers.worker_threads,
+        Command::Demo(args) => args.workers.worker_threads,
+        _ => 1,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(threads))
         .enable_all()
         .build()
     {
