@@ -409,6 +409,110 @@ async fn a_large_batch_is_one_statement_and_lands_exactly_once() {
     assert_eq!(stale, 0);
 }
 
+/// A check rewrites its server's row. With no index over a column it writes, PostgreSQL
+/// updates the row in place (a heap-only tuple) instead of adding a version to each of the
+/// registry's indexes, which at 100,000 servers was most of the writer's cost.
+#[tokio::test]
+async fn a_checks_state_update_touches_no_index() {
+    let db = TestDb::create().await;
+    // One connection, so that the statistics this test reads are that connection's own.
+    let pool = PgSettings {
+        pool_size: 1,
+        ..db.settings.clone()
+    }
+    .pool()
+    .unwrap();
+    migrate(&pool).await.unwrap();
+    let store = PgStore::new(
+        pool,
+        TokenVault::new(None),
+        Arc::new(SystemClock),
+        PartitionPolicy::default(),
+    );
+    store.ensure_partitions().await.unwrap();
+    let indexed: Vec<String> = store
+        .pool()
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT indexname || ': ' || indexdef FROM pg_indexes WHERE tablename = 'managed_servers'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for column in [
+        "last_seen_at",
+        "last_health_check_at",
+        "last_response_time_ms",
+        "last_error",
+    ] {
+        let covering: Vec<_> = indexed.iter().filter(|d| d.contains(column)).collect();
+        assert!(covering.is_empty(), "{column} is indexed: {covering:?}");
+    }
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let server = NewServer::new(format!("s{i}"), "http://127.0.0.1:9");
+        ids.push(store.create_server(server).await.unwrap().id);
+    }
+    // The connection's counts so far, flushed to the statistics views first.
+    let updates = || async {
+        let client = store.pool().get().await.unwrap();
+        client
+            .execute("SELECT pg_stat_force_next_flush()", &[])
+            .await
+            .unwrap();
+        let row = client
+            .query_one(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables \
+                 WHERE relname = 'managed_servers'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    let t0 = base_time();
+    let round = |k: i64| -> Vec<_> {
+        ids.iter()
+            .map(|id| {
+                check_at(
+                    *id,
+                    t0 + time::Duration::seconds(30 * k),
+                    HealthStatus::Healthy,
+                )
+            })
+            .collect()
+    };
+    // The first check sets the health status, which is indexed; the next ones leave it.
+    // The first check sets the health status, which is indexed; the next ones leave it.
+    store.record_health(&round(0)).await.unwrap();
+    let before = updates().await;
+    for k in 1..=5 {
+        store.record_health(&round(k)).await.unwrap();
+    }
+    // The counts reach the view a little behind the statements.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (all, hot) = loop {
+        let now = updates().await;
+        let (all, hot) = (now.0 - before.0, now.1 - before.1);
+        if all >= 500 {
+            break (all, hot);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 30s for the statistics of 500 updates: {all}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // A page still holding the versions before may send a few elsewhere until it is pruned;
+    // an indexed column sends them all.
+    assert!(hot * 10 >= all * 8, "{hot} of {all} updates in place");
+}
+
 /// The plan PostgreSQL would use for `sql`, as text.
 async fn explain(client: &tokio_postgres::Client, sql: &str) -> String {
     let rows = client.query(&format!("EXPLAIN {sql}"), &[]).await.unwrap();
@@ -419,7 +523,7 @@ async fn explain(client: &tokio_postgres::Client, sql: &str) -> String {
 }
 
 #[tokio::test]
-async fn selections_use_their_indexes() {
+async fn the_dashboards_reads_use_their_indexes() {
     let db = TestDb::create().await;
     let store = db.store(Arc::new(SystemClock)).await;
     let client = store.pool().get().await.unwrap();
@@ -436,25 +540,6 @@ async fn selections_use_their_indexes() {
         )
         .await
         .unwrap();
-    for (sql, index) in [
-        (
-            "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers \
-             WHERE status = 'active' ORDER BY last_health_check_at ASC NULLS FIRST, id",
-            "managed_servers_health_due",
-        ),
-        (
-            "SELECT id, name, api_url, api_token_sealed, api_token_key_id FROM managed_servers \
-             WHERE status = 'active' AND health_status IN ('healthy', 'degraded') \
-             ORDER BY last_seen_at DESC NULLS LAST, id",
-            "managed_servers_metrics_due",
-        ),
-    ] {
-        let plan = explain(&client, sql).await;
-        assert!(
-            plan.contains(index),
-            "selection does not use {index}:\n{plan}"
-        );
-    }
     // The dashboard's search can be served by its trigram index (pg_trgm is in Debian's
     // server package); on 20,000 rows the planner may still prefer a scan, so it is asked to
     // show that it could do without one.
