@@ -73,7 +73,8 @@ async fn migrations_apply_once() {
             "V10__metrics_state",
             "V11__bucket_tallies",
             "V12__alert_change_log",
-            "V13__history_tiers"
+            "V13__history_tiers",
+            "V14__hot_state_updates"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
@@ -508,9 +509,10 @@ async fn a_checks_state_update_touches_no_index() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    // A page still holding the versions before may send a few elsewhere until it is pruned;
+    // A page still holding versions that another transaction may see sends some updates
+    // elsewhere until it is pruned (about a quarter while other tests run beside this one);
     // an indexed column sends them all.
-    assert!(hot * 10 >= all * 8, "{hot} of {all} updates in place");
+    assert!(hot * 2 >= all, "{hot} of {all} updates in place");
 }
 
 /// The plan PostgreSQL would use for `sql`, as text.
