@@ -5,7 +5,7 @@
 //! recovering → resolved and returns the [`Step`]: the phase transitions to persist (never
 //! per-check counters) and the alert changes the incident engine should see.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use fleet_core::{HealthStatus, MetricValues, ServerId};
 use time::OffsetDateTime;
@@ -79,12 +79,59 @@ impl Threshold {
     }
 }
 
+type RuleId = (Rule, &'static str);
+
+/// One server's rule states, sorted by rule: a handful at most, and none for most servers. A
+/// vector sized to its entries, not a map, whose first node costs 0.6 KB however few it
+/// holds (38 MB of the heap at 100,000 servers, by heaptrack).
+#[derive(Clone, Debug, Default)]
+struct RuleStates(Vec<(RuleId, AlertState)>);
+
+impl RuleStates {
+    fn position(&self, id: &RuleId) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.cmp(id))
+    }
+
+    fn get(&self, id: &RuleId) -> Option<&AlertState> {
+        self.position(id).ok().map(|i| &self.0[i].1)
+    }
+
+    fn get_mut(&mut self, id: &RuleId) -> Option<&mut AlertState> {
+        self.position(id).ok().map(|i| &mut self.0[i].1)
+    }
+
+    fn insert(&mut self, id: RuleId, state: AlertState) {
+        match self.position(&id) {
+            Ok(i) => self.0[i].1 = state,
+            Err(i) => {
+                self.0.reserve_exact(1);
+                self.0.insert(i, (id, state));
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &RuleId) {
+        if let Ok(i) = self.position(id) {
+            self.0.remove(i);
+            self.0.shrink_to_fit();
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&RuleId, &AlertState)> {
+        self.0.iter().map(|(id, s)| (id, s))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&RuleId, &mut AlertState)> {
+        self.0.iter_mut().map(|(id, s)| (&*id, s))
+    }
+}
+
 /// One server's rule state.
 #[derive(Clone, Debug)]
 pub struct ServerRules {
     server: ServerId,
     health: Option<HealthStatus>,
-    alerts: BTreeMap<(Rule, &'static str), AlertState>,
+    alerts: RuleStates,
     changes: VecDeque<OffsetDateTime>,
 }
 
@@ -103,7 +150,7 @@ impl ServerRules {
         Self {
             server,
             health: None,
-            alerts: BTreeMap::new(),
+            alerts: RuleStates::default(),
             changes: VecDeque::new(),
         }
     }
