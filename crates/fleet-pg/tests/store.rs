@@ -367,16 +367,7 @@ async fn a_batch_straddling_a_month_boundary_lands_in_both_months() {
 async fn a_large_batch_is_one_statement_and_lands_exactly_once() {
     let db = TestDb::create().await;
     let store = db.store(Arc::new(SystemClock)).await;
-    let mut ids = Vec::new();
-    for i in 0..300 {
-        ids.push(
-            store
-                .create_server(NewServer::new(format!("s{i}"), "http://127.0.0.1:9"))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let ids = register(&store, 300).await;
     let t0 = base_time();
     let batch: Vec<_> = ids
         .iter()
@@ -454,11 +445,7 @@ async fn a_checks_state_update_touches_no_index() {
         let covering: Vec<_> = indexed.iter().filter(|d| d.contains(column)).collect();
         assert!(covering.is_empty(), "{column} is indexed: {covering:?}");
     }
-    let mut ids = Vec::new();
-    for i in 0..100 {
-        let server = NewServer::new(format!("s{i}"), "http://127.0.0.1:9");
-        ids.push(store.create_server(server).await.unwrap().id);
-    }
+    let ids = register(&store, 100).await;
     // The connection's counts so far, flushed to the statistics views first.
     let updates = || async {
         let client = store.pool().get().await.unwrap();
@@ -513,6 +500,16 @@ async fn a_checks_state_update_touches_no_index() {
     // elsewhere until it is pruned (about a quarter while other tests run beside this one);
     // an indexed column sends them all.
     assert!(hot * 2 >= all, "{hot} of {all} updates in place");
+}
+
+/// Registers `n` servers, `s0` to `s{n-1}`, and returns their ids.
+async fn register(store: &PgStore, n: usize) -> Vec<fleet_core::ServerId> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let server = NewServer::new(format!("s{i}"), "http://127.0.0.1:9");
+        ids.push(store.create_server(server).await.unwrap().id);
+    }
+    ids
 }
 
 /// The plan PostgreSQL would use for `sql`, as text.
@@ -984,16 +981,7 @@ async fn concurrent_health_and_metrics_writes_over_the_same_servers_never_deadlo
     let db = TestDb::create().await;
     let store = db.store(Arc::new(SystemClock)).await;
     store.ensure_partitions().await.unwrap();
-    let mut ids = Vec::new();
-    for i in 0..200 {
-        ids.push(
-            store
-                .create_server(NewServer::new(format!("s{i}"), "http://127.0.0.1:9"))
-                .await
-                .unwrap()
-                .id,
-        );
-    }
+    let ids = register(&store, 200).await;
     // The health writer and the metrics writer lock the same servers' rows, each batch in
     // its own (shuffled, reversed) order: both take them in id order, so neither waits on
     // the other in a cycle.
