@@ -113,7 +113,10 @@ impl RuleStates {
     fn remove(&mut self, id: &RuleId) {
         if let Ok(i) = self.position(id) {
             self.0.remove(i);
-            self.0.shrink_to_fit();
+            if self.0.is_empty() {
+                // Most servers go back to no state at all: hold nothing for them.
+                self.0 = Vec::new();
+            }
         }
     }
 

@@ -73,7 +73,20 @@ impl TestDb {
 
     /// A migrated store on this database with a fresh key.
     pub async fn store(&self, clock: Arc<dyn fleet_core::Clock>) -> PgStore {
-        let pool = self.settings.pool().expect("pool");
+        self.store_with_pool(clock, self.settings.pool_size).await
+    }
+
+    /// As [`store`](Self::store), on a pool of `pool_size` connections.
+    pub async fn store_with_pool(
+        &self,
+        clock: Arc<dyn fleet_core::Clock>,
+        pool_size: usize,
+    ) -> PgStore {
+        let settings = PgSettings {
+            pool_size,
+            ..self.settings.clone()
+        };
+        let pool = settings.pool().expect("pool");
         migrate(&pool).await.expect("migrate");
         PgStore::new(
             pool,

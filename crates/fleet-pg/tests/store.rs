@@ -408,19 +408,7 @@ async fn a_large_batch_is_one_statement_and_lands_exactly_once() {
 async fn a_checks_state_update_touches_no_index() {
     let db = TestDb::create().await;
     // One connection, so that the statistics this test reads are that connection's own.
-    let pool = PgSettings {
-        pool_size: 1,
-        ..db.settings.clone()
-    }
-    .pool()
-    .unwrap();
-    migrate(&pool).await.unwrap();
-    let store = PgStore::new(
-        pool,
-        TokenVault::new(None),
-        Arc::new(SystemClock),
-        PartitionPolicy::default(),
-    );
+    let store = db.store_with_pool(Arc::new(SystemClock), 1).await;
     store.ensure_partitions().await.unwrap();
     let indexed: Vec<String> = store
         .pool()
@@ -475,7 +463,6 @@ async fn a_checks_state_update_touches_no_index() {
             })
             .collect()
     };
-    // The first check sets the health status, which is indexed; the next ones leave it.
     // The first check sets the health status, which is indexed; the next ones leave it.
     store.record_health(&round(0)).await.unwrap();
     let before = updates().await;
@@ -566,19 +553,7 @@ async fn the_dashboards_reads_use_their_indexes() {
 async fn the_engine_buffers_through_a_database_restart_then_writes_everything() {
     let cluster = PrivateCluster::start();
     let db = TestDb::create_on(&cluster.url()).await;
-    let pool = PgSettings {
-        pool_size: 4,
-        ..db.settings.clone()
-    }
-    .pool()
-    .unwrap();
-    migrate(&pool).await.unwrap();
-    let store = Arc::new(PgStore::new(
-        pool,
-        TokenVault::new(None),
-        Arc::new(SystemClock),
-        PartitionPolicy::default(),
-    ));
+    let store = Arc::new(db.store_with_pool(Arc::new(SystemClock), 4).await);
     store.ensure_partitions().await.unwrap();
     for i in 0..20 {
         store
