@@ -1030,6 +1030,7 @@ pub(crate) struct SummaryQuery {
     to: Option<String>,
     hours: Option<u32>,
     limit: Option<usize>,
+    resolution: Option<String>,
 }
 
 /// The longest window a summary covers.
@@ -1065,6 +1066,16 @@ pub(crate) async fn summary(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1 to 100"));
     }
+    let resolution = match q.resolution.as_deref() {
+        None => None,
+        Some("raw") => Some(Resolution::Raw),
+        Some("1h") => Some(Resolution::Hour),
+        Some(r) => {
+            return Err(ApiError::bad_request(format!(
+                "resolution must be raw or 1h, got `{r}`"
+            )));
+        }
+    };
     let tallies = app.tallies.get(&*app.store).await?;
     let mut by_status: BTreeMap<String, u64> = ServerStatus::ALL
         .iter()
@@ -1081,15 +1092,11 @@ pub(crate) async fn summary(
             .entry(t.environment.clone().unwrap_or_else(|| "unknown".into()))
             .or_default() += t.count;
     }
-    // The LLM figures still read the window's samples of every server (one aggregate in the
-    // store); only the top `limit` servers by cost are named and returned.
-    let mut usage = app.store.llm_usage(from, to).await?;
-    let total_requests: i64 = usage.iter().map(|u| u.requests).sum();
-    let total_cost: f64 = usage.iter().map(|u| u.cost_usd).sum();
-    usage.sort_by(|a, b| b.cost_usd.total_cmp(&a.cost_usd));
-    usage.truncate(limit);
-    let mut per_server = Vec::with_capacity(usage.len());
-    for u in &usage {
+    // Only the top `limit` servers by cost are named and returned; the store chooses how to
+    // total the rest (from two running totals at whole hours, when it keeps them).
+    let llm = app.store.llm_summary((from, to), resolution, limit).await?;
+    let mut per_server = Vec::with_capacity(llm.top.len());
+    for u in &llm.top {
         per_server.push(views::ServerLlm {
             server_id: u.server_id.0,
             name: app.store.get_server(u.server_id).await?.map(|s| s.name),
@@ -1108,10 +1115,11 @@ pub(crate) async fn summary(
             by_environment: environments,
         },
         llm: views::Llm {
-            from: views::ts(from),
-            to: views::ts(to),
-            total_requests,
-            total_cost_usd: (total_cost * 1e6).round() / 1e6,
+            from: views::ts(llm.from),
+            to: views::ts(llm.to),
+            resolution: llm.resolution.as_str(),
+            total_requests: llm.total_requests,
+            total_cost_usd: (llm.total_cost_usd * 1e6).round() / 1e6,
             per_server,
         },
         timestamp: views::ts(now),

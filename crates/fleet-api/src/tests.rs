@@ -1222,7 +1222,10 @@ async fn the_summary_counts_servers_and_llm_spend_over_a_window() {
     assert_eq!(v["llm"]["total_requests"], 20 + 5);
     assert_eq!(v["llm"]["total_cost_usd"], 1.5);
     assert_eq!(v["llm"]["per_server"][0]["name"], "a");
+    assert_eq!(v["llm"]["resolution"], "raw");
     for bad in [
+        "resolution=5m",
+        "resolution=hourly",
         "hours=0",
         "hours=2&from=2026-03-31T00:00:00Z",
         "from=2026-04-01T00:00:00Z&to=2026-03-31T00:00:00Z",

@@ -862,10 +862,15 @@ pub struct ServerLlm {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Llm {
+    /// The window counted: the asked one, or at `1h` the asked one on whole hours, ending at
+    /// the last hour rolled up.
     #[schema(format = DateTime)]
     pub from: String,
     #[schema(format = DateTime)]
     pub to: String,
+    /// `raw`: every sample in the window counts; `1h`: the window is on whole hours.
+    #[schema(value_type = String, example = "1h")]
+    pub resolution: &'static str,
     pub total_requests: i64,
     pub total_cost_usd: f64,
     pub per_server: Vec<ServerLlm>,

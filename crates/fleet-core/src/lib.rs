@@ -114,7 +114,7 @@ pub use events::{Event, EventStats, Events, Problem, Received, SubscriberStats, 
 pub use fleet_wire::{ComponentHealth, Declared, HealthReport, MetricsError, NotAnObject};
 pub use memory::InMemoryStore;
 pub use model::{
-    ApiToken, GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer,
+    ApiToken, GroupFields, GroupId, HealthCheck, HealthStatus, LlmSummary, LlmUsage, ManagedServer,
     MetricValues, MetricsFailure, MetricsRecord, MetricsSample, NewServer, ParseEnumError, Period,
     ProbeTarget, Role, ServerGroup, ServerId, ServerKind, ServerStatus, ServerUpdate, StateChange,
     TokenRecord, counter_increase,

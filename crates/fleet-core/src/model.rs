@@ -562,6 +562,56 @@ pub struct LlmUsage {
     pub cost_usd: f64,
 }
 
+/// The fleet's LLM use over a window, as the summary shows it: the totals of every server
+/// and the top spenders by cost.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlmSummary {
+    /// The window the figures cover, which at [`Resolution::Hour`](crate::Resolution) is the
+    /// asked one on whole hours, ending at the last hour rolled up.
+    pub from: OffsetDateTime,
+    /// The end of that window (exclusive).
+    pub to: OffsetDateTime,
+    /// Raw: every sample in the window counts. Hour: the window is on whole hours.
+    pub resolution: crate::Resolution,
+    /// Requests made by every server in the window.
+    pub total_requests: i64,
+    /// Dollars spent by every server in the window.
+    pub total_cost_usd: f64,
+    /// The servers that spent the most, most first, at most the asked number; servers that
+    /// used nothing in the window are left out.
+    pub top: Vec<LlmUsage>,
+}
+
+impl LlmSummary {
+    /// The summary of every server's use in `[from, to)` at `resolution`, keeping the `limit`
+    /// largest spenders.
+    pub fn of(
+        (from, to): (OffsetDateTime, OffsetDateTime),
+        resolution: crate::Resolution,
+        mut usage: Vec<LlmUsage>,
+        limit: usize,
+    ) -> Self {
+        let total_requests = usage.iter().map(|u| u.requests).sum();
+        let total_cost_usd = usage.iter().map(|u| u.cost_usd).sum();
+        usage.retain(|u| u.requests != 0 || u.cost_usd != 0.0);
+        usage.sort_by(|a, b| {
+            b.cost_usd
+                .total_cmp(&a.cost_usd)
+                .then(b.requests.cmp(&a.requests))
+                .then(a.server_id.cmp(&b.server_id))
+        });
+        usage.truncate(limit);
+        Self {
+            from,
+            to,
+            resolution,
+            total_requests,
+            total_cost_usd,
+            top: usage,
+        }
+    }
+}
+
 /// The increase of a counter over `samples` (in time order), as Prometheus's `increase()`
 /// counts it: a drop means the counter restarted from zero, so the new value is all increase.
 pub fn counter_increase<T>(samples: impl IntoIterator<Item = T>) -> T

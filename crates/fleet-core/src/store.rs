@@ -10,9 +10,9 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::model::{
-    GroupFields, GroupId, HealthCheck, HealthStatus, LlmUsage, ManagedServer, MetricsRecord,
-    MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId, ServerStatus, ServerUpdate,
-    StateChange, TokenRecord,
+    GroupFields, GroupId, HealthCheck, HealthStatus, LlmSummary, LlmUsage, ManagedServer,
+    MetricsRecord, MetricsSample, NewServer, ProbeTarget, Role, ServerGroup, ServerId,
+    ServerStatus, ServerUpdate, StateChange, TokenRecord,
 };
 use crate::rollup::{HealthRollup, MetricsRollup, Resolution};
 use crate::series::{HealthBucket, MetricsBucket, SeriesWindow};
@@ -357,6 +357,33 @@ pub trait History: Send + Sync {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> Result<Vec<LlmUsage>, StoreError>;
+
+    /// The fleet's LLM use in `[from, to)` and its `limit` top spenders. `resolution` asks
+    /// for every sample ([`Resolution::Raw`]) or for whole hours ([`Resolution::Hour`]: the
+    /// window's ends move back to the hour, and `to` to the last hour the store has rolled
+    /// up); `None` lets the store choose. This default reads [`llm_usage`](Self::llm_usage)
+    /// over the window; a store that keeps running totals answers whole hours from two of
+    /// them, whatever the fleet's history.
+    async fn llm_summary(
+        &self,
+        (from, to): (OffsetDateTime, OffsetDateTime),
+        resolution: Option<Resolution>,
+        limit: usize,
+    ) -> Result<LlmSummary, StoreError> {
+        let (res, window) = match resolution {
+            Some(Resolution::Hour) => {
+                let to = Resolution::Hour.floor(to);
+                (Resolution::Hour, (Resolution::Hour.floor(from).min(to), to))
+            }
+            _ => (Resolution::Raw, (from, to)),
+        };
+        let usage = if window.0 < window.1 {
+            self.llm_usage(window.0, window.1).await?
+        } else {
+            Vec::new()
+        };
+        Ok(LlmSummary::of(window, res, usage, limit))
+    }
 
     /// Each server's last `per_server` health checks, newest first, for a page of servers:
     /// one round trip however many servers the page shows.

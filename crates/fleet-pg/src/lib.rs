@@ -24,6 +24,7 @@ mod alerts;
 mod cluster;
 mod crypto;
 mod keys;
+mod llm;
 mod migrate;
 mod partitions;
 mod rollup;

@@ -18,8 +18,13 @@ pub const SPLIT_BY_DAY: [&str; 2] = [PARTITIONED[0], PARTITIONED[1]];
 /// The 5-minute rollup tier's tables, partitioned by day.
 pub const TIER_5M: [&str; 2] = ["server_health_rollups_5m", "server_metrics_rollups_5m"];
 
-/// The hourly rollup tier's tables, partitioned by month.
-pub const TIER_1H: [&str; 2] = ["server_health_rollups_1h", "server_metrics_rollups_1h"];
+/// The hourly rollup tier's tables, partitioned by month, and the running LLM totals kept
+/// as long.
+pub const TIER_1H: [&str; 3] = [
+    "server_health_rollups_1h",
+    "server_metrics_rollups_1h",
+    "server_llm_marks",
+];
 
 /// A day's partition of `table`: `table_YYYY_MM_DD`.
 pub fn day_partition(table: &str, day: Date) -> String {

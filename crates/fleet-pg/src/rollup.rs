@@ -323,6 +323,7 @@ impl PgStore {
             tx.execute(&metrics_1h_sql(), &[&from_1h, &to_1h])
                 .await
                 .map_err(db_error)?;
+            crate::llm::mark_hours(&tx, from_1h, to_1h).await?;
             tx.execute(
                 "UPDATE rollup_progress SET rolled_until = $1, rolled_from = coalesce(rolled_from, $2) \
                  WHERE tier = '1h'",

@@ -8,10 +8,10 @@ use deadpool_postgres::{Object, Pool};
 use fleet_core::cluster::{ClusterStats, Fence};
 use fleet_core::{
     ApiToken, ChangeLog, ChangeQuery, Clock, Counts, Findings, HealthBucket, HealthCheck,
-    HealthRollup, HealthStatus, History, HistoryQuery, LlmUsage, ManagedServer, MetricValues,
-    MetricsBucket, MetricsRecord, MetricsRollup, MetricsSample, NewServer, Period, ProbeTarget,
-    Registry, Resolution, SeriesWindow, ServerFilter, ServerId, ServerStatus, ServerTally,
-    ServerUpdate, SortKey, StateChange, StorageCheck, Store, StoreError,
+    HealthRollup, HealthStatus, History, HistoryQuery, LlmSummary, LlmUsage, ManagedServer,
+    MetricValues, MetricsBucket, MetricsRecord, MetricsRollup, MetricsSample, NewServer, Period,
+    ProbeTarget, Registry, Resolution, SeriesWindow, ServerFilter, ServerId, ServerStatus,
+    ServerTally, ServerUpdate, SortKey, StateChange, StorageCheck, Store, StoreError,
 };
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
@@ -192,7 +192,7 @@ pub(crate) async fn relation_kinds(
     Ok(tx
         .query(
             "SELECT relname::text, relkind::text FROM pg_class \
-             WHERE relname LIKE ANY ('{server_health_%,server_metrics_%,server_state_changes%}') \
+             WHERE relname LIKE ANY ('{server_health_%,server_metrics_%,server_state_changes%,server_llm_marks%}') \
                AND relkind IN ('r', 'p') AND pg_table_is_visible(oid)",
             &[],
         )
@@ -1260,6 +1260,15 @@ impl Registry for PgStore {
         )
         .await
         .map_err(db_error)?;
+        // Its rollups go too (the running LLM totals drop it with its number).
+        for table in ["server_health_rollups", "server_metrics_rollups"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE server_id = $1"),
+                &[&id.0],
+            )
+            .await
+            .map_err(db_error)?;
+        }
         tx.execute(
             "DELETE FROM server_metrics_state WHERE server_id = $1",
             &[&id.0],
@@ -1395,6 +1404,15 @@ impl History for PgStore {
         to: OffsetDateTime,
     ) -> Result<Vec<LlmUsage>, StoreError> {
         self.usage(from, to).await
+    }
+
+    async fn llm_summary(
+        &self,
+        window: (OffsetDateTime, OffsetDateTime),
+        resolution: Option<Resolution>,
+        limit: usize,
+    ) -> Result<LlmSummary, StoreError> {
+        self.summarise_llm(window, resolution, limit).await
     }
 
     async fn recent_checks(

@@ -331,3 +331,141 @@ async fn llm_use_over_a_range_spanning_rollups_and_raw_rows_matches_the_raw_rows
         assert!((t.cost_usd - r.cost_usd).abs() < 1e-6, "{t:?} {r:?}");
     }
 }
+
+/// The summary's LLM use over whole hours, read from two rows of running totals, against
+/// every raw sample of the same window: across a month boundary, a counter reset, a server
+/// that stops reporting (its totals carried), one that starts late, one deleted, one that
+/// never reports LLM counters.
+#[tokio::test]
+async fn the_summary_over_whole_hours_reads_two_running_totals_and_matches_every_sample() {
+    let t0 = datetime!(2026-07-31 18:00 UTC);
+    let (_db, store, clock) = rig(t0).await;
+    let ids = [
+        server(&store, "resets").await,
+        server(&store, "stops").await,
+        server(&store, "starts-late").await,
+        server(&store, "deleted").await,
+        server(&store, "no-llm").await,
+    ];
+    let mut records = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        let mut value = 0;
+        for i in 0..(3 * 24 * 60 / 2) {
+            let minute = 2 * i;
+            match n {
+                1 if minute > 20 * 60 => break,
+                2 if minute < 30 * 60 => continue,
+                _ => {}
+            }
+            value = if n == 0 && i == 1_000 {
+                4
+            } else {
+                value + 1 + n as i64
+            };
+            let mut s = counters(t0 + Duration::minutes(minute), *id, value);
+            if n == 4 {
+                s.values.llm_requests = None;
+                s.values.llm_cost_usd = None;
+            }
+            records.push(MetricsRecord::Sample(s));
+        }
+    }
+    store.record_metrics(&records).await.unwrap();
+    let now = t0 + Duration::days(3) + Duration::minutes(20);
+    clock.set(now);
+    roll_all(&store).await;
+    assert!(store.delete_server(ids[3]).await.unwrap());
+    let (_, rolled_1h) = store.rolled_until().await.unwrap();
+    let rolled_1h = rolled_1h.unwrap();
+
+    let client = store.pool().get().await.unwrap();
+    let marks: i64 = client
+        .query_one("SELECT count(*) FROM server_llm_marks", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let first_day = t0.date().midnight().assume_utc();
+    assert_eq!(
+        marks,
+        (rolled_1h - first_day).whole_hours(),
+        "one row of totals per hour rolled up, from the first raw day"
+    );
+
+    // Asked from mid-hour to now: the window moves back to whole hours, ending at the last
+    // hour rolled up.
+    let asked = (t0 + Duration::minutes(150), now);
+    let by_marks = store
+        .llm_summary(asked, Some(Resolution::Hour), 3)
+        .await
+        .unwrap();
+    assert_eq!(by_marks.resolution, Resolution::Hour);
+    assert_eq!(
+        (by_marks.from, by_marks.to),
+        (t0 + Duration::hours(2), rolled_1h)
+    );
+    let raw_only = keeping_raw(&store, &clock);
+    // The tiers count the step into a period's first sample, so the exact window starts at
+    // the sample before (samples are 2 minutes apart).
+    let exact = raw_only
+        .llm_summary(
+            (by_marks.from - Duration::minutes(2), by_marks.to),
+            Some(Resolution::Raw),
+            3,
+        )
+        .await
+        .unwrap();
+    assert_eq!(exact.resolution, Resolution::Raw);
+    assert_eq!(by_marks.total_requests, exact.total_requests);
+    assert!((by_marks.total_cost_usd - exact.total_cost_usd).abs() < 1e-6);
+    let top = |s: &fleet_core::LlmSummary| -> Vec<_> {
+        s.top.iter().map(|u| (u.server_id, u.requests)).collect()
+    };
+    assert_eq!(top(&by_marks), top(&exact));
+    assert_eq!(
+        by_marks.top.len(),
+        3,
+        "three servers used an LLM in the window"
+    );
+    assert!(!by_marks.top.iter().any(|u| u.server_id == ids[3]));
+
+    // The totals alone answer it: with every rollup and raw row gone, the same figures.
+    client
+        .batch_execute(
+            "TRUNCATE server_metrics_rollups_1h, server_metrics_rollups_5m, server_metrics_aggregated",
+        )
+        .await
+        .unwrap();
+    let again = store
+        .llm_summary(asked, Some(Resolution::Hour), 3)
+        .await
+        .unwrap();
+    assert_eq!(again, by_marks);
+    // A window of a day or more is on whole hours unless every sample is asked for.
+    let chosen = store.llm_summary(asked, None, 3).await.unwrap();
+    assert_eq!(chosen, by_marks);
+    let short = store
+        .llm_summary((now - Duration::hours(2), now), None, 3)
+        .await
+        .unwrap();
+    assert_eq!(short.resolution, Resolution::Raw);
+
+    // A chain that starts after the tier (totals added to a store with history) does not
+    // cover a window reaching back before it: that window is read from the tiers.
+    client
+        .execute(
+            "DELETE FROM server_llm_marks WHERE period_start < $1",
+            &[&(t0 + Duration::hours(12))],
+        )
+        .await
+        .unwrap();
+    let before_chain = store
+        .llm_summary(asked, Some(Resolution::Hour), 3)
+        .await
+        .unwrap();
+    assert_eq!(before_chain.total_requests, 0, "the tiers are empty now");
+    let within_chain = store
+        .llm_summary((t0 + Duration::hours(12), now), Some(Resolution::Hour), 3)
+        .await
+        .unwrap();
+    assert!(within_chain.total_requests > 0);
+}

@@ -74,7 +74,8 @@ async fn migrations_apply_once() {
             "V11__bucket_tallies",
             "V12__alert_change_log",
             "V13__history_tiers",
-            "V14__hot_state_updates"
+            "V14__hot_state_updates",
+            "V15__llm_marks"
         ]
     );
     assert!(migrate(&pool).await.unwrap().is_empty());
@@ -164,8 +165,8 @@ async fn partitions_are_premade_and_expire_by_retention() {
     let made = store.ensure_partitions().await.unwrap();
     assert_eq!(
         made.len(),
-        20,
-        "4 months of 3 history tables and 2 hourly rollup tables"
+        24,
+        "4 months of 3 history tables, 2 hourly rollup tables and the LLM totals"
     );
     assert!(
         store.ensure_partitions().await.unwrap().is_empty(),

@@ -115,14 +115,11 @@ impl LlmCache {
             return Ok(*v);
         }
         let now = app.clock.now();
-        let usage = app
+        let llm = app
             .store
-            .llm_usage(now - time::Duration::hours(24), now)
+            .llm_summary((now - time::Duration::hours(24), now), None, 1)
             .await?;
-        let v = (
-            usage.iter().map(|u| u.requests).sum(),
-            usage.iter().map(|u| u.cost_usd).sum(),
-        );
+        let v = (llm.total_requests, llm.total_cost_usd);
         *last = Some((tokio::time::Instant::now(), v));
         Ok(v)
     }
