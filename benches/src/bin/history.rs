@@ -6,12 +6,9 @@
 //! fleet needs over 13 months, the job's pace, and the reads: one server's 30 days of hourly
 //! rollups, and the whole fleet's LLM use over the range.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use fleet_core::testing::ManualClock;
 use fleet_core::{History, HistoryQuery, Resolution, ServerId};
-use fleet_pg::testing::TestDb;
 use time::Duration;
 use time::macros::datetime;
 
@@ -27,21 +24,9 @@ async fn main() {
     let servers = env("FLEET_BENCH_SERVERS", 2_000);
     let days = env("FLEET_BENCH_DAYS", 2);
     let t0 = datetime!(2026-11-01 00:00 UTC);
-    let db = TestDb::create().await;
-    let clock = Arc::new(ManualClock::new(t0));
-    let store = db.store(clock.clone()).await;
-    store.ensure_partitions().await.expect("partitions");
-    let client = store.pool().get().await.expect("connection");
     let started = Instant::now();
-    client
-        .execute(
-            "INSERT INTO managed_servers (id, name, api_url, status)
-             SELECT gen_random_uuid(), 'bench-' || i, 'http://127.0.0.1:9/' || i, 'active'
-             FROM generate_series(1, $1::int8) i",
-            &[&servers],
-        )
-        .await
-        .expect("servers");
+    let (_db, store, clock) = fleet_benches::fleet_db(servers, t0).await;
+    let client = store.pool().get().await.expect("connection");
     for day in 0..days {
         let from = t0 + Duration::days(day);
         // A check every 30 s: mostly healthy, 2 % degraded, 1 % critical with an error;
@@ -144,14 +129,16 @@ async fn main() {
     let h1 = per(bytes("server_health_rollups_1h_%".into()).await);
     let m1 = per(bytes("server_metrics_rollups_1h_%".into()).await);
     let log = per(bytes("server_state_changes_%".into()).await);
+    let totals = per(bytes("server_llm_marks_%".into()).await);
     println!("bytes per server-day (heap + indexes):");
     println!("  raw: health {raw_health:.0}, metrics {raw_metrics:.0}");
     println!("  5-minute tier: health {h5:.0}, metrics {m5:.0}");
     println!("  hourly tier: health {h1:.0}, metrics {m1:.0}");
     println!("  state-change log (3 changes a day): {log:.0}");
-    let steady = h1 + m1 + log;
+    println!("  running LLM totals (the summary's): {totals:.0}");
+    let steady = h1 + m1 + log + totals;
     println!(
-        "steady state over 13 months (hourly tiers + change log): {steady:.0} bytes = {:.1} KB per server-day",
+        "steady state over 13 months (hourly tiers + change log + LLM totals): {steady:.0} bytes = {:.1} KB per server-day",
         steady / 1024.0
     );
     // 13 months of hourly tiers and log, 7 days of 5-minute rows, 2 days of raw rows.
