@@ -97,8 +97,9 @@ async fn asset(Path((version, name)): Path<(String, String)>, headers: HeaderMap
     response
 }
 
-/// The fleet's LLM figures over the last 24 hours, read at most once a minute: they sum
-/// every server's samples, so the overview does not pay for that on each load.
+/// The fleet's LLM figures over the last 24 hours, read at most once a minute: a store
+/// without running totals sums every server's samples for them, and the overview should not
+/// pay for that on each load.
 #[derive(Debug, Default)]
 pub(crate) struct LlmCache {
     last: tokio::sync::Mutex<Option<(tokio::time::Instant, (i64, f64))>>,
