@@ -1066,15 +1066,16 @@ pub(crate) async fn summary(
     if !(1..=100).contains(&limit) {
         return Err(ApiError::bad_request("limit must be 1 to 100"));
     }
+    // The summary counts samples or whole hours: no 5-minute totals are kept.
     let resolution = match q.resolution.as_deref() {
         None => None,
-        Some("raw") => Some(Resolution::Raw),
-        Some("1h") => Some(Resolution::Hour),
-        Some(r) => {
-            return Err(ApiError::bad_request(format!(
-                "resolution must be raw or 1h, got `{r}`"
-            )));
-        }
+        Some(r) => Some(
+            Resolution::parse(r)
+                .filter(|res| *res != Resolution::FiveMinutes)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!("resolution must be raw or 1h, got `{r}`"))
+                })?,
+        ),
     };
     let tallies = app.tallies.get(&*app.store).await?;
     let mut by_status: BTreeMap<String, u64> = ServerStatus::ALL
