@@ -437,7 +437,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "FLEET_METRICS_BATCH_SIZE", default_value_t = 5)]
     pub metrics_batch_size: usize,
     /// Seconds between health batch starts; shortened when the batches would not all start
-    /// within a third of the interval, unless --fixed-batch-delay.
+    /// within a quarter of the interval, unless --fixed-batch-delay.
     #[arg(long, env = "FLEET_HEALTH_BATCH_DELAY", default_value = "0.5", value_parser = seconds, value_name = "SECONDS")]
     pub health_batch_delay: Duration,
     /// Seconds between metrics batch starts (shortened as for health).

@@ -31,7 +31,7 @@ pub struct WorkerConfig {
     /// Time between batch starts; an upper bound unless `fixed_batch_delay`. Default 0.5 s
     /// (health), 1 s (metrics).
     pub batch_delay: Duration,
-    /// Hold `batch_delay` as given even when the batches then take longer than a third of
+    /// Hold `batch_delay` as given even when the batches then take longer than a quarter of
     /// the interval to start, as the seed design did. Default false.
     pub fixed_batch_delay: bool,
     /// Checks running at once, across batches, at least. Default 256 (health), 64

@@ -408,16 +408,21 @@ where
                 // 0.9 x interval, and 0.2 % more for the drift between the monotonic clock
                 // the hold counts on and the wall clock the stored timestamps come from.
                 let due = self.config.interval.mul_f64(0.902);
-                let mut held: Vec<(Arc<W::Target>, Duration)> = targets
-                    .into_iter()
-                    .map(|t| {
-                        let hold = match self.work.checked_ago(&t) {
-                            Some(ago) if ago < due => selected_after + (due - ago),
-                            _ => Duration::ZERO,
-                        };
-                        (Arc::new(t), hold)
-                    })
-                    .collect();
+                // Taken from the end, the selection's buffer shrinking as it empties, so that
+                // a large fleet's targets are never held twice (as selected and as shared).
+                let mut targets = targets;
+                let mut held: Vec<(Arc<W::Target>, Duration)> = Vec::with_capacity(targets.len());
+                while let Some(t) = targets.pop() {
+                    let hold = match self.work.checked_ago(&t) {
+                        Some(ago) if ago < due => selected_after + (due - ago),
+                        _ => Duration::ZERO,
+                    };
+                    held.push((Arc::new(t), hold));
+                    if targets.len() % SHRINK_EVERY == 0 {
+                        targets.shrink_to_fit();
+                    }
+                }
+                held.reverse();
                 if held.iter().any(|(_, hold)| !hold.is_zero()) {
                     held.sort_by_key(|(_, hold)| *hold);
                 }
@@ -465,7 +470,7 @@ where
             tracing::info!(
                 target: "fleet::engine",
                 worker = kind,
-                "{} pace for {total} targets: {} batches of {} (configured {}), {:?} apart (configured {:?}), so that all start within a third of the {:?} interval; at most {} checks at once (configured {}), enough for a tenth of the fleet to hang",
+                "{} pace for {total} targets: {} batches of {} (configured {}), {:?} apart (configured {:?}), so that all start within a quarter of the {:?} interval; at most {} checks at once (configured {}), enough for a tenth of the fleet to hang",
                 capitalized(kind),
                 total.div_ceil(pace.batch_size),
                 pace.batch_size,
@@ -513,9 +518,7 @@ where
         // servers, which soon leave their fresh slot, hold back no start until the budget is
         // spent.
         let slots = Arc::new(Semaphore::new(pace.max_in_flight));
-        let fresh = Arc::new(Semaphore::new(
-            self.config.max_in_flight.min(pace.max_in_flight),
-        ));
+        let fresh = Arc::new(Semaphore::new(pace.fresh));
         let slow_after = SLOW_AFTER.min(self.config.timeout / 2);
         let mut delayed = 0u64;
         let mut starts = Vec::with_capacity(targets.len());
@@ -967,11 +970,17 @@ pub(crate) struct Pace {
     pub delay: Duration,
     /// Checks running at once.
     pub max_in_flight: usize,
+    /// Checks in their first [`SLOW_AFTER`] at once: the configured `max_in_flight`, or four
+    /// batches when the batches grow past it, within `max_in_flight`.
+    pub fresh: usize,
 }
 
-/// The least time between batch starts: a fleet too large to start within a third of the
+/// The least time between batch starts: a fleet too large to start within a quarter of the
 /// interval at this pace gets larger batches instead of shorter gaps.
 pub(crate) const MIN_BATCH_DELAY: Duration = Duration::from_millis(10);
+
+/// How many targets are taken from a selection between two shrinks of its buffer.
+const SHRINK_EVERY: usize = 4_096;
 
 /// How long a check runs before it stops counting against the configured `max_in_flight`
 /// (it is hung or slow, not competing for CPU) and only holds its file slot; at most half
@@ -982,8 +991,13 @@ pub(crate) const SLOW_AFTER: Duration = Duration::from_secs(2);
 /// any other start, when the worker has a file budget to grow into.
 pub(crate) const HUNG_SHARE: f64 = 0.1;
 
+/// The share of the interval a cycle's starts are spread over: a quarter, so that the
+/// selection before them and the slowest answers after them still end the cycle within a
+/// third of the interval.
+pub(crate) const START_SPAN: u32 = 4;
+
 /// The pace of a cycle of `targets` targets. The configured batches and delay when they start
-/// every target within a third of the interval; otherwise the delay shortens, down to
+/// every target within a quarter of the interval ([`START_SPAN`]); otherwise the delay shortens, down to
 /// [`MIN_BATCH_DELAY`], and then the batches grow. Unless the delay is held fixed (the seed's
 /// settings), which keeps both. With a file budget, `max_in_flight` rises to hold a tenth of
 /// the fleet hanging for the whole timeout, plus four batches, within the budget.
@@ -992,11 +1006,12 @@ pub(crate) fn pace(c: &WorkerConfig, targets: usize) -> Pace {
         batch_size: c.batch_size,
         delay: c.batch_delay,
         max_in_flight: c.max_in_flight,
+        fresh: c.max_in_flight,
     };
     if c.fixed_batch_delay {
         return p;
     }
-    let budget = c.interval / 3;
+    let budget = c.interval / START_SPAN;
     let batches = targets.div_ceil(p.batch_size);
     if batches > 1 && c.batch_delay * (batches - 1) as u32 > budget {
         let gaps = (batches - 1) as u32;
@@ -1020,6 +1035,10 @@ pub(crate) fn pace(c: &WorkerConfig, targets: usize) -> Pace {
         let wanted = held.ceil() as usize + 4 * p.batch_size;
         p.max_in_flight = c.max_in_flight.max(wanted.min(files));
     }
+    // A batch starts every few milliseconds at the largest sizes, and a check on a busy box
+    // takes a few of those: four batches may be fresh at once, or the batches could not start
+    // on time however few servers hang.
+    p.fresh = c.max_in_flight.max(4 * p.batch_size).min(p.max_in_flight);
     p
 }
 
@@ -1047,7 +1066,7 @@ mod pace_tests {
         assert!(p.delay >= MIN_BATCH_DELAY, "{p:?}");
         assert!(p.batch_size >= 100, "{p:?}");
         let span = p.delay * (100_000usize.div_ceil(p.batch_size) - 1) as u32;
-        assert!(span <= c.interval / 3, "{span:?}");
+        assert!(span <= c.interval / START_SPAN, "{span:?}");
         c.fixed_batch_delay = true;
         assert_eq!(pace(&c, 100_000).batch_size, 10, "the seed's settings stay");
     }
@@ -1060,10 +1079,12 @@ mod pace_tests {
             256,
             "no budget: as configured"
         );
+        assert_eq!(pace(&c, 100_000).fresh, 256, "no budget: none past the configured");
         c.file_budget = Some(14_000);
         let p = pace(&c, 100_000);
-        // 10,000 hung, each held 10 s, started over about 10 s: about all at once.
+        // 10,000 hung, each held 10 s, started over 7.5 s: all at once.
         assert!((10_000..=14_000).contains(&p.max_in_flight), "{p:?}");
+        assert_eq!(p.fresh, 4 * p.batch_size, "four of the grown batches fresh at once");
         c.file_budget = Some(2_000);
         assert_eq!(
             pace(&c, 100_000).max_in_flight,
