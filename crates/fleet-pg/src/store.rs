@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
+use futures_util::TryStreamExt;
 use fleet_core::cluster::{ClusterStats, Fence};
 use fleet_core::{
     ApiToken, ChangeLog, ChangeQuery, Clock, Counts, Findings, HealthBucket, HealthCheck,
@@ -505,21 +506,28 @@ impl PgStore {
         }
     }
 
-    /// Runs a selection: `sql` alone, or `shared` for this store's instance.
+    /// Runs a selection: `sql` alone, or `shared` for this store's instance. Rows are read
+    /// one at a time as they arrive, each made a target and dropped, so a selection of the
+    /// whole fleet never holds the fleet's rows and its targets at once.
     async fn targets(&self, sql: &str, shared: &str) -> Result<Vec<ProbeTarget>, StoreError> {
         let client = self.client().await?;
-        let rows = match self.member_id() {
-            None => {
-                let stmt = client.prepare_cached(sql).await.map_err(db_error)?;
-                client.query(&stmt, &[]).await
-            }
-            Some(me) => {
-                let stmt = client.prepare_cached(shared).await.map_err(db_error)?;
-                client.query(&stmt, &[&me]).await
-            }
+        let me = self.member_id();
+        let stmt = client
+            .prepare_cached(if me.is_some() { shared } else { sql })
+            .await
+            .map_err(db_error)?;
+        let params: Vec<&(dyn ToSql + Sync)> = match &me {
+            None => Vec::new(),
+            Some(me) => vec![me],
+        };
+        let rows = client.query_raw(&stmt, params).await.map_err(db_error)?;
+        let mut rows = std::pin::pin!(rows);
+        let mut targets = Vec::new();
+        while let Some(row) = rows.try_next().await.map_err(db_error)? {
+            targets.push(self.target(&row));
         }
-        .map_err(db_error)?;
-        Ok(rows.iter().map(|r| self.target(r)).collect())
+        targets.shrink_to_fit();
+        Ok(targets)
     }
 
     /// Runs a batch write; when a row has no partition, makes the partitions of the batch's
