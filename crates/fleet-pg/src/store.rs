@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
-use futures_util::TryStreamExt;
 use fleet_core::cluster::{ClusterStats, Fence};
 use fleet_core::{
     ApiToken, ChangeLog, ChangeQuery, Clock, Counts, Findings, HealthBucket, HealthCheck,
@@ -14,6 +13,7 @@ use fleet_core::{
     ProbeTarget, Registry, Resolution, SeriesWindow, ServerFilter, ServerId, ServerStatus,
     ServerTally, ServerUpdate, SortKey, StateChange, StorageCheck, Store, StoreError,
 };
+use futures_util::TryStreamExt;
 use time::OffsetDateTime;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;

@@ -1079,12 +1079,20 @@ mod pace_tests {
             256,
             "no budget: as configured"
         );
-        assert_eq!(pace(&c, 100_000).fresh, 256, "no budget: none past the configured");
+        assert_eq!(
+            pace(&c, 100_000).fresh,
+            256,
+            "no budget: none past the configured"
+        );
         c.file_budget = Some(14_000);
         let p = pace(&c, 100_000);
         // 10,000 hung, each held 10 s, started over 7.5 s: all at once.
         assert!((10_000..=14_000).contains(&p.max_in_flight), "{p:?}");
-        assert_eq!(p.fresh, 4 * p.batch_size, "four of the grown batches fresh at once");
+        assert_eq!(
+            p.fresh,
+            4 * p.batch_size,
+            "four of the grown batches fresh at once"
+        );
         c.file_budget = Some(2_000);
         assert_eq!(
             pace(&c, 100_000).max_in_flight,
