@@ -675,3 +675,67 @@ fn a_database_that_does_not_answer_is_named_once_with_host_and_port_never_the_pa
     let cause = "Connection refused";
     assert_eq!(err.matches(cause).count(), 1, "said more than once: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_cycles_run_a_third_of_the_health_interval_behind_health_cycles() {
+    let db = TestDb::create().await;
+    let url = db.settings.url.clone().unwrap();
+    let fleet = SimFleet::start(SimConfig {
+        count: 3,
+        seed: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let manifest = std::env::temp_dir().join(format!("fleet-phase-{}.json", free_port()));
+    std::fs::write(&manifest, serde_json::to_string(&fleet.manifest()).unwrap()).unwrap();
+    assert_eq!(run(&url, &["migrate"]).0, 0);
+    assert_eq!(
+        run(&url, &["servers", "import", manifest.to_str().unwrap()]).0,
+        0
+    );
+    let mut cmd = server_cmd(&url, &["serve"]);
+    cmd.env("FLEET_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("FLEET_HEALTH_INTERVAL", "3")
+        .env("FLEET_HEALTH_TIMEOUT", "1")
+        .env("FLEET_METRICS_INTERVAL", "6")
+        .env("FLEET_METRICS_TIMEOUT", "1");
+    let mut server = Proc::start(cmd);
+    let first_sample = "SELECT count(*) FROM server_metrics_aggregated";
+    let sampled = tokio::time::timeout(Duration::from_secs(20), async {
+        while rows(&db, first_sample).await == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        sampled.is_ok(),
+        "no metrics sample in 20 s: {}",
+        server.stderr()
+    );
+    server.terminate();
+    assert_eq!(
+        server.wait(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        server.stderr()
+    );
+    // Both timestamps are the starts of their cycles' first checks, so the gap between them,
+    // on the health worker's 3 s grid, is the phase: 1 s, not 0 (the two grids aligned).
+    let pool = db.settings.pool().unwrap();
+    let client = pool.get().await.unwrap();
+    let gap: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM (SELECT min(timestamp) FROM server_metrics_aggregated)
+                                    - (SELECT min(timestamp) FROM server_health_checks))::float8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let phase = gap.rem_euclid(3.0);
+    assert!(
+        (0.7..1.6).contains(&phase),
+        "metrics started {gap:.3} s after health: {phase:.3} s into a health interval"
+    );
+}

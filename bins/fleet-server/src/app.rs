@@ -354,6 +354,7 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                     Some(tokio::spawn(membership.run(leave)));
             }
             let h = health.spawn(cancel.clone());
+            let health_started = tokio::time::Instant::now();
             workers.write().unwrap_or_else(|p| p.into_inner()).health = Some(h.stats().clone());
             if parts.metrics_after_health {
                 let stats = h.stats().clone();
@@ -363,6 +364,14 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                     }
                 };
                 let _ = tokio::time::timeout(interval, first_cycle).await;
+            }
+            // The metrics cycles run a third of the health interval behind the health cycles:
+            // by then a health cycle has started all its checks (a quarter of its interval),
+            // so the two workers' bursts of checks do not share the box, and never do while
+            // the metrics interval is a multiple of the health interval.
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = tokio::time::sleep_until(health_started + interval / 3) => {}
             }
             let m = metrics.spawn(cancel.clone());
             {
