@@ -216,6 +216,14 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
     let (mut health_cfg, mut metrics_cfg) = parts.configs.clone();
     health_cfg.file_budget = health_cfg.file_budget.or(Some(health_files));
     metrics_cfg.file_budget = metrics_cfg.file_budget.or(Some(metrics_files));
+    // The metrics cycles run a third of the health interval behind the health cycles: by then
+    // a health cycle has started all its checks (a quarter of its interval), so the two
+    // workers' bursts of checks do not share the box, and never do while the metrics interval
+    // is a multiple of the health interval.
+    let third = health_cfg.interval / 3;
+    if third < metrics_cfg.interval {
+        metrics_cfg.phase = third;
+    }
     let workers = Arc::new(RwLock::new(Workers {
         intervals: (
             health_cfg.interval.as_secs_f64(),
@@ -354,7 +362,6 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                     Some(tokio::spawn(membership.run(leave)));
             }
             let h = health.spawn(cancel.clone());
-            let health_started = tokio::time::Instant::now();
             workers.write().unwrap_or_else(|p| p.into_inner()).health = Some(h.stats().clone());
             if parts.metrics_after_health {
                 let stats = h.stats().clone();
@@ -364,14 +371,6 @@ async fn start(parts: Parts, api: &ApiArgs, grace: Duration) -> anyhow::Result<R
                     }
                 };
                 let _ = tokio::time::timeout(interval, first_cycle).await;
-            }
-            // The metrics cycles run a third of the health interval behind the health cycles:
-            // by then a health cycle has started all its checks (a quarter of its interval),
-            // so the two workers' bursts of checks do not share the box, and never do while
-            // the metrics interval is a multiple of the health interval.
-            tokio::select! {
-                () = cancel.cancelled() => {}
-                () = tokio::time::sleep_until(health_started + interval / 3) => {}
             }
             let m = metrics.spawn(cancel.clone());
             {

@@ -242,6 +242,22 @@ async fn cycles_keep_a_start_to_start_cadence() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_phase_delays_the_first_cycle_and_the_grid_keeps_it() {
+    let mut rig = Rig::new(1).await;
+    let h = rig.health(health().interval(10 * SEC).timeout(5 * SEC).phase(3 * SEC));
+    wait_until(SEC, || h.stats().snapshot().running).await;
+    assert!(
+        rig.probe_starts().is_empty(),
+        "running before its first cycle"
+    );
+    wait_until(35 * SEC, || h.stats().snapshot().cycles == 3).await;
+    assert_eq!(rig.probe_starts(), [3_000, 13_000, 23_000]);
+    rig.stop(h).await;
+    let refused = health().interval(10 * SEC).phase(10 * SEC).build();
+    assert_eq!(refused.unwrap_err().setting, "phase");
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_overrunning_cycle_counts_missed_ticks_and_never_overlaps() {
     let mut rig = Rig::new(25).await;
     // 25 batches of one, 1 s apart and held fixed: a cycle takes 24 s plus the last check

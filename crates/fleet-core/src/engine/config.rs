@@ -26,6 +26,10 @@ impl WorkerKind {
 pub struct WorkerConfig {
     /// Start-to-start time between cycles. Default 30 s (health), 60 s (metrics).
     pub interval: Duration,
+    /// Time from the worker's start to its first cycle; the grid of cycle starts counts from
+    /// there. Shorter than the interval. Default 0 (fleet-server sets the metrics worker's to
+    /// a third of the health interval, so that the two workers' starts never meet).
+    pub phase: Duration,
     /// Checks started together. Default 10 (health), 5 (metrics).
     pub batch_size: usize,
     /// Time between batch starts; an upper bound unless `fixed_batch_delay`. Default 0.5 s
@@ -66,6 +70,7 @@ impl WorkerConfig {
         };
         Self {
             interval: Duration::from_secs_f64(interval),
+            phase: Duration::ZERO,
             batch_size,
             batch_delay: Duration::from_secs_f64(batch_delay),
             fixed_batch_delay: false,
@@ -116,6 +121,7 @@ macro_rules! setter {
 
 impl WorkerConfigBuilder {
     setter!(interval: Duration);
+    setter!(phase: Duration);
     setter!(batch_size: usize);
     setter!(batch_delay: Duration);
     setter!(fixed_batch_delay: bool);
@@ -134,6 +140,15 @@ impl WorkerConfigBuilder {
         let fail = |setting, message: String| Err(ConfigError { setting, message });
         if c.interval.is_zero() {
             return fail("interval", "must be greater than 0".into());
+        }
+        if c.phase >= c.interval {
+            return fail(
+                "phase",
+                format!(
+                    "{:?} must be shorter than the interval ({:?})",
+                    c.phase, c.interval
+                ),
+            );
         }
         for (setting, value) in [
             ("batch_size", c.batch_size),

@@ -246,7 +246,7 @@ where
         ));
 
         let interval = self.config.interval;
-        let anchor = Instant::now();
+        let anchor = Instant::now() + self.config.phase;
         let mut tick: u64 = 0;
         let mut next = anchor;
         let mut cancelled_checks = 0;
