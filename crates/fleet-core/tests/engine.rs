@@ -253,7 +253,11 @@ async fn a_phase_delays_the_first_cycle_and_the_grid_keeps_it() {
     wait_until(35 * SEC, || h.stats().snapshot().cycles == 3).await;
     assert_eq!(rig.probe_starts(), [3_000, 13_000, 23_000]);
     rig.stop(h).await;
-    let refused = health().interval(10 * SEC).phase(10 * SEC).build();
+    let refused = health()
+        .interval(10 * SEC)
+        .timeout(5 * SEC)
+        .phase(10 * SEC)
+        .build();
     assert_eq!(refused.unwrap_err().setting, "phase");
 }
 

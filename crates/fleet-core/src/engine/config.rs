@@ -141,15 +141,6 @@ impl WorkerConfigBuilder {
         if c.interval.is_zero() {
             return fail("interval", "must be greater than 0".into());
         }
-        if c.phase >= c.interval {
-            return fail(
-                "phase",
-                format!(
-                    "{:?} must be shorter than the interval ({:?})",
-                    c.phase, c.interval
-                ),
-            );
-        }
         for (setting, value) in [
             ("batch_size", c.batch_size),
             ("max_in_flight", c.max_in_flight),
@@ -164,14 +155,16 @@ impl WorkerConfigBuilder {
         if c.timeout.is_zero() {
             return fail("timeout", "must be greater than 0".into());
         }
-        if c.timeout >= c.interval {
-            return fail(
-                "timeout",
-                format!(
-                    "{:?} must be shorter than the interval ({:?})",
-                    c.timeout, c.interval
-                ),
-            );
+        for (setting, value) in [("timeout", c.timeout), ("phase", c.phase)] {
+            if value >= c.interval {
+                return fail(
+                    setting,
+                    format!(
+                        "{value:?} must be shorter than the interval ({:?})",
+                        c.interval
+                    ),
+                );
+            }
         }
         if c.shutdown_grace.is_zero() {
             return fail("shutdown_grace", "must be greater than 0".into());
