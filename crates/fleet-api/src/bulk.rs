@@ -145,6 +145,7 @@ impl BulkQueue {
                 tokio::spawn(async move {
                     let _slot = slot;
                     if let Ok(Some(target)) = app.store.probe_target(id).await {
+                        let target = fleet_core::TargetRef::single(target);
                         // Recorded and published as check-now is: the results reach the
                         // history and the event stream.
                         if let Err(e) = fleet_core::check_now(
@@ -156,7 +157,7 @@ impl BulkQueue {
                         )
                         .await
                         {
-                            tracing::warn!(target: "fleet::api", server = %target.name, error = %e, "queued check failed");
+                            tracing::warn!(target: "fleet::api", server = %target.name(), error = %e, "queued check failed");
                         }
                     }
                     queued.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);

@@ -805,7 +805,7 @@ pub(crate) async fn check_now(
     // The same check, deadline, recording and event as the health worker's.
     let check = fleet_core::check_now(
         &app.health,
-        &target,
+        &fleet_core::TargetRef::single(target),
         app.probe_timeout,
         &*app.clock,
         &app.events,

@@ -532,7 +532,7 @@ pub async fn tokens_reach_the_probe(store: &impl ConformingStore) {
     let secret = targets.iter().find(|t| t.name == "secret").unwrap();
     assert_eq!(
         store.probe_target(secret.id).await.unwrap().as_ref(),
-        Some(secret)
+        Some(&secret)
     );
     assert_eq!(store.probe_target(ServerId::new()).await.unwrap(), None);
 }

@@ -95,6 +95,7 @@ mod probe;
 pub mod rollup;
 pub mod series;
 mod store;
+mod targets;
 pub mod validate;
 mod workers;
 
@@ -129,6 +130,7 @@ pub use store::{
     Ping, Registry, ServerFilter, ServerSort, ServerTally, SessionRecord, Sessions, SortKey,
     StorageCheck, Store, StoreError, health_rank,
 };
+pub use targets::{TargetRef, Targets};
 pub use workers::{HealthWork, MetricsWork, health_check};
 
 /// The cancellation token the engine stops on, re-exported so hosts need not name tokio-util.

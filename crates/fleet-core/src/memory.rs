@@ -19,6 +19,7 @@ use crate::store::{
     AdminTokens, ChangeLog, ChangeQuery, Counts, Groups, History, HistoryQuery, Ping, Registry,
     ServerFilter, ServerTally, SessionRecord, Sessions, SortKey, Store, StoreError, health_rank,
 };
+use crate::targets::Targets;
 
 /// Keeps the registry and a bounded history in memory.
 ///
@@ -135,7 +136,7 @@ fn trim<V>(map: &mut BTreeMap<OffsetDateTime, V>, limit: usize) {
 
 #[async_trait]
 impl Store for InMemoryStore {
-    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn health_targets(&self) -> Result<Targets, StoreError> {
         let state = self.state();
         let mut due: Vec<&Entry> = state
             .servers
@@ -147,7 +148,7 @@ impl Store for InMemoryStore {
         Ok(due.into_iter().map(target).collect())
     }
 
-    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn metrics_targets(&self) -> Result<Targets, StoreError> {
         let state = self.state();
         let mut due: Vec<&Entry> = state
             .servers

@@ -16,6 +16,7 @@ use crate::model::{
 };
 use crate::rollup::{HealthRollup, MetricsRollup, Resolution};
 use crate::series::{HealthBucket, MetricsBucket, SeriesWindow};
+use crate::targets::Targets;
 
 /// A boxed error source.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -80,12 +81,14 @@ impl StoreError {
 /// late batch does not overwrite a newer state).
 #[async_trait]
 pub trait Store: Send + Sync {
-    /// Every `active` server, stalest `last_health_check_at` first, never-checked first.
-    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError>;
+    /// Every `active` server, stalest `last_health_check_at` first, never-checked first,
+    /// packed ([`Targets`]): a store that reads rows one at a time pushes each as it comes, so
+    /// that a large fleet's selection is never held twice.
+    async fn health_targets(&self) -> Result<Targets, StoreError>;
 
     /// `active` servers whose health is `healthy` or `degraded`, most recent `last_seen_at`
     /// first.
-    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError>;
+    async fn metrics_targets(&self) -> Result<Targets, StoreError>;
 
     /// Records a batch of health checks: history rows, each server's current state, and a
     /// state-change row for each check that changed a server's health (see [`ChangeLog`]).
@@ -538,10 +541,10 @@ pub trait StorageCheck: Send + Sync {
 
 #[async_trait]
 impl<T: Store + ?Sized> Store for Arc<T> {
-    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn health_targets(&self) -> Result<Targets, StoreError> {
         (**self).health_targets().await
     }
-    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn metrics_targets(&self) -> Result<Targets, StoreError> {
         (**self).metrics_targets().await
     }
     async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError> {
@@ -554,10 +557,10 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 
 #[async_trait]
 impl<T: Store + ?Sized> Store for &T {
-    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn health_targets(&self) -> Result<Targets, StoreError> {
         (**self).health_targets().await
     }
-    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn metrics_targets(&self) -> Result<Targets, StoreError> {
         (**self).metrics_targets().await
     }
     async fn record_health(&self, checks: &[HealthCheck]) -> Result<(), StoreError> {

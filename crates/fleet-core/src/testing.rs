@@ -19,6 +19,7 @@ use crate::probe::{
     CollectError, HealthProbe, MetricsCollector, NotChecked, ProbeFailure, ProbeOutcome,
 };
 use crate::store::{Store, StoreError};
+use crate::targets::Targets;
 use fleet_wire::{ComponentHealth, HealthReport};
 
 /// How a fake answers.
@@ -353,12 +354,12 @@ impl FailingStore {
 
 #[async_trait]
 impl Store for FailingStore {
-    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn health_targets(&self) -> Result<Targets, StoreError> {
         self.select()?;
         self.inner.health_targets().await
     }
 
-    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn metrics_targets(&self) -> Result<Targets, StoreError> {
         self.select()?;
         self.inner.metrics_targets().await
     }

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::classify::classify;
 use crate::clock::Clock;
+use crate::cluster::Fence;
 use crate::engine::{CycleSummary, Tally, Work, Worker, WorkerConfig, WorkerKind};
 use crate::events::Event;
 use crate::model::{
@@ -20,6 +21,7 @@ use crate::probe::{
     CollectError, HealthProbe, MetricsCollector, NotChecked, ProbeFailure, ProbeOutcome,
 };
 use crate::store::{Findings, StorageCheck, Store, StoreError};
+use crate::targets::TargetRef;
 
 /// Turns a probe's outcome into the health check that is stored; `Err` when Fleet could not
 /// check, which stores nothing.
@@ -54,7 +56,7 @@ pub fn health_check(
         ProbeOutcome::Failed {
             failure,
             response_time,
-        } => failed_check(target, timestamp, &failure, response_time),
+        } => failed_check(target.id, target.fence, timestamp, &failure, response_time),
     })
 }
 
@@ -92,13 +94,14 @@ fn health_alert(s: &CycleSummary) -> String {
 
 /// The stored check of a probe that failed.
 fn failed_check(
-    target: &ProbeTarget,
+    server_id: ServerId,
+    fence: Option<Fence>,
     timestamp: OffsetDateTime,
     failure: &ProbeFailure,
     response_time: Option<Duration>,
 ) -> HealthCheck {
     HealthCheck {
-        server_id: target.id,
+        server_id,
         timestamp,
         status: failure.status(),
         response_time_ms: response_time.map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
@@ -109,7 +112,7 @@ fn failed_check(
         error_details: None,
         responded: failure.responded(),
         successful: false,
-        fence: target.fence,
+        fence,
     }
 }
 
@@ -132,9 +135,9 @@ impl LastChecked {
     }
 
     /// The shorter of the store's age and this process's.
-    fn ago(&self, target: &ProbeTarget) -> Option<Duration> {
-        let local = self.lock().get(&target.id).map(|at| at.elapsed());
-        match (target.checked_ago, local) {
+    fn ago(&self, target: &TargetRef) -> Option<Duration> {
+        let local = self.lock().get(&target.id()).map(|at| at.elapsed());
+        match (target.checked_ago(), local) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -189,47 +192,49 @@ impl HealthWork {
 
 #[async_trait]
 impl Work for HealthWork {
-    type Target = ProbeTarget;
+    type Target = TargetRef;
     type Output = HealthCheck;
 
     fn kind(&self) -> WorkerKind {
         WorkerKind::Health
     }
 
-    async fn select(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn select(&self) -> Result<Vec<TargetRef>, StoreError> {
         let targets = self.store.health_targets().await?;
         // Forget servers that are no longer probed, so the map stays the fleet's size.
-        let selected: HashSet<ServerId> = targets.iter().map(|t| t.id).collect();
+        let selected: HashSet<ServerId> = targets.ids().collect();
         self.known().retain(|id, _| selected.contains(id));
         self.last.keep(&selected);
-        Ok(targets)
+        Ok(targets.into_refs())
     }
 
-    fn name<'a>(&self, target: &'a ProbeTarget) -> &'a str {
-        &target.name
+    fn name<'a>(&self, target: &'a TargetRef) -> &'a str {
+        target.name()
     }
 
-    fn checked_ago(&self, target: &ProbeTarget) -> Option<Duration> {
+    fn checked_ago(&self, target: &TargetRef) -> Option<Duration> {
         self.last.ago(target)
     }
 
-    fn started(&self, target: &ProbeTarget, at: Instant) {
-        self.last.record(target.id, at);
+    fn started(&self, target: &TargetRef, at: Instant) {
+        self.last.record(target.id(), at);
     }
 
     async fn run(
         &self,
-        target: &ProbeTarget,
+        target: &TargetRef,
         started: OffsetDateTime,
         deadline: Instant,
     ) -> Result<HealthCheck, NotChecked> {
+        // Unpacked for this check only, and dropped with it.
+        let target = target.to_target();
         if let Some(key_id) = &target.unreadable_token {
             return Err(NotChecked::TokenUnreadable {
                 key_id: key_id.clone(),
             });
         }
-        let outcome = self.probe.probe(target, deadline).await;
-        let check = health_check(target, started, outcome)?;
+        let outcome = self.probe.probe(&target, deadline).await;
+        let check = health_check(&target, started, outcome)?;
         if !check.successful {
             tracing::debug!(target: "fleet::health", server = %target.name, error = check.error_message.as_deref().unwrap_or(""), "health check of {} failed", target.name);
         }
@@ -238,11 +243,17 @@ impl Work for HealthWork {
 
     fn timed_out(
         &self,
-        target: &ProbeTarget,
+        target: &TargetRef,
         started: OffsetDateTime,
         after: Duration,
     ) -> HealthCheck {
-        failed_check(target, started, &ProbeFailure::Timeout { after }, None)
+        failed_check(
+            target.id(),
+            target.fence(),
+            started,
+            &ProbeFailure::Timeout { after },
+            None,
+        )
     }
 
     fn tally(&self, output: &HealthCheck) -> Tally {
@@ -252,32 +263,33 @@ impl Work for HealthWork {
         }
     }
 
-    fn event(&self, target: &ProbeTarget, check: &HealthCheck, manual: bool) -> Event {
+    fn event(&self, target: &TargetRef, check: &HealthCheck, manual: bool) -> Event {
         let previous = self
             .known()
-            .insert(target.id, Some(check.status))
-            .unwrap_or(target.health);
+            .insert(target.id(), Some(check.status))
+            .unwrap_or(target.health());
+        let name = target.name();
         match previous {
             // A server's first check is recorded in the change log but not logged at info:
             // at start-up that would be one line per server of the fleet.
             None => {
-                tracing::debug!(target: "fleet::health", server = %target.name, to = check.status.as_str(), "{}: first checked, {}", target.name, check.status)
+                tracing::debug!(target: "fleet::health", server = %name, to = check.status.as_str(), "{}: first checked, {}", name, check.status)
             }
             Some(from) if from != check.status => {
                 let (from, to) = (from.as_str(), check.status.as_str());
                 match &check.error_message {
                     Some(error) => {
-                        tracing::info!(target: "fleet::health", server = %target.name, from, to, error = %error, "{}: {from} → {to} ({error})", target.name)
+                        tracing::info!(target: "fleet::health", server = %name, from, to, error = %error, "{}: {from} → {to} ({error})", name)
                     }
                     None => {
-                        tracing::info!(target: "fleet::health", server = %target.name, from, to, "{}: {from} → {to}", target.name)
+                        tracing::info!(target: "fleet::health", server = %name, from, to, "{}: {from} → {to}", name)
                     }
                 }
             }
             Some(_) => {}
         }
         Event::Checked {
-            server: target.name.clone(),
+            server: name.to_owned(),
             check: check.clone(),
             previous,
             manual,
@@ -368,59 +380,62 @@ impl MetricsWork {
 
     fn failure(
         &self,
-        target: &ProbeTarget,
+        target: &TargetRef,
         started: OffsetDateTime,
         error: CollectError,
     ) -> MetricsRecord {
-        tracing::warn!(target: "fleet::metrics", server = %target.name, error = %error, "metrics collection from {} failed: {error}", target.name);
+        let name = target.name();
+        tracing::warn!(target: "fleet::metrics", server = %name, error = %error, "metrics collection from {name} failed: {error}");
         MetricsRecord::Failure(MetricsFailure {
-            server_id: target.id,
+            server_id: target.id(),
             timestamp: started,
             error: error.to_string(),
-            fence: target.fence,
+            fence: target.fence(),
         })
     }
 }
 
 #[async_trait]
 impl Work for MetricsWork {
-    type Target = ProbeTarget;
+    type Target = TargetRef;
     type Output = MetricsRecord;
 
     fn kind(&self) -> WorkerKind {
         WorkerKind::Metrics
     }
 
-    async fn select(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn select(&self) -> Result<Vec<TargetRef>, StoreError> {
         let targets = self.store.metrics_targets().await?;
-        self.last.keep(&targets.iter().map(|t| t.id).collect());
-        Ok(targets)
+        self.last.keep(&targets.ids().collect());
+        Ok(targets.into_refs())
     }
 
-    fn name<'a>(&self, target: &'a ProbeTarget) -> &'a str {
-        &target.name
+    fn name<'a>(&self, target: &'a TargetRef) -> &'a str {
+        target.name()
     }
 
-    fn checked_ago(&self, target: &ProbeTarget) -> Option<Duration> {
+    fn checked_ago(&self, target: &TargetRef) -> Option<Duration> {
         self.last.ago(target)
     }
 
-    fn started(&self, target: &ProbeTarget, at: Instant) {
-        self.last.record(target.id, at);
+    fn started(&self, target: &TargetRef, at: Instant) {
+        self.last.record(target.id(), at);
     }
 
     async fn run(
         &self,
-        target: &ProbeTarget,
+        handle: &TargetRef,
         started: OffsetDateTime,
         deadline: Instant,
     ) -> Result<MetricsRecord, NotChecked> {
+        // Unpacked for this collection only, and dropped with it.
+        let target = handle.to_target();
         if let Some(key_id) = &target.unreadable_token {
             return Err(NotChecked::TokenUnreadable {
                 key_id: key_id.clone(),
             });
         }
-        match self.collector.collect(target, deadline).await {
+        match self.collector.collect(&target, deadline).await {
             Ok(values) => Ok(MetricsRecord::Sample(MetricsSample {
                 server_id: target.id,
                 timestamp: started,
@@ -429,13 +444,13 @@ impl Work for MetricsWork {
                 fence: target.fence,
             })),
             Err(CollectError::NotChecked(why)) => Err(why),
-            Err(e) => Ok(self.failure(target, started, e)),
+            Err(e) => Ok(self.failure(handle, started, e)),
         }
     }
 
     fn timed_out(
         &self,
-        target: &ProbeTarget,
+        target: &TargetRef,
         started: OffsetDateTime,
         after: Duration,
     ) -> MetricsRecord {
@@ -455,9 +470,9 @@ impl Work for MetricsWork {
         }
     }
 
-    fn event(&self, target: &ProbeTarget, record: &MetricsRecord, _manual: bool) -> Event {
+    fn event(&self, target: &TargetRef, record: &MetricsRecord, _manual: bool) -> Event {
         Event::Collected {
-            server: target.name.clone(),
+            server: target.name().to_owned(),
             record: record.clone(),
         }
     }

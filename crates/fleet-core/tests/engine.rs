@@ -653,8 +653,8 @@ mockall::mock! {
     Store {}
     #[async_trait::async_trait]
     impl Store for Store {
-        async fn health_targets(&self) -> Result<Vec<fleet_core::ProbeTarget>, fleet_core::StoreError>;
-        async fn metrics_targets(&self) -> Result<Vec<fleet_core::ProbeTarget>, fleet_core::StoreError>;
+        async fn health_targets(&self) -> Result<fleet_core::Targets, fleet_core::StoreError>;
+        async fn metrics_targets(&self) -> Result<fleet_core::Targets, fleet_core::StoreError>;
         async fn record_health(&self, checks: &[fleet_core::HealthCheck]) -> Result<(), fleet_core::StoreError>;
         async fn record_metrics(&self, records: &[fleet_core::MetricsRecord]) -> Result<(), fleet_core::StoreError>;
     }
@@ -667,7 +667,7 @@ async fn one_cycle_makes_one_selection_and_one_write_for_its_batch() {
     store
         .expect_health_targets()
         .times(1)
-        .returning(move || Ok(targets.clone()));
+        .returning(move || Ok(targets.clone().into()));
     store
         .expect_record_health()
         .times(1)
@@ -986,7 +986,7 @@ async fn a_server_whose_token_no_key_opens_is_not_probed() {
     let mut store = MockStore::new();
     store
         .expect_health_targets()
-        .returning(move || Ok(targets.clone()));
+        .returning(move || Ok(targets.clone().into()));
     store
         .expect_record_health()
         .withf(|checks| checks.len() == 1)
@@ -1142,7 +1142,7 @@ async fn a_target_checked_recently_is_held_until_due_within_the_cycle() {
         // third works again, with ages as stale as a store that has not taken the results
         // of the repeat yet.
         match n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
-            0 => Ok(targets.clone()),
+            0 => Ok(targets.clone().into()),
             1 => Err(fleet_core::StoreError::unavailable("down")),
             _ => Ok(targets
                 .iter()
@@ -1200,8 +1200,8 @@ async fn a_catch_up_checks_only_what_is_due_between_cycles_and_keeps_the_grid() 
     let n = selections.clone();
     store.expect_health_targets().returning(move || {
         Ok(match n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
-            0 => vec![s0.clone()],
-            _ => vec![s0.clone(), s1.clone()],
+            0 => vec![s0.clone()].into(),
+            _ => vec![s0.clone(), s1.clone()].into(),
         })
     });
     store.expect_record_health().returning(|_| Ok(()));

@@ -11,7 +11,7 @@ use fleet_core::{
     HealthRollup, HealthStatus, History, HistoryQuery, LlmSummary, LlmUsage, ManagedServer,
     MetricValues, MetricsBucket, MetricsRecord, MetricsRollup, MetricsSample, NewServer, Period,
     ProbeTarget, Registry, Resolution, SeriesWindow, ServerFilter, ServerId, ServerStatus,
-    ServerTally, ServerUpdate, SortKey, StateChange, StorageCheck, Store, StoreError,
+    ServerTally, ServerUpdate, SortKey, StateChange, StorageCheck, Store, StoreError, Targets,
 };
 use futures_util::TryStreamExt;
 use time::OffsetDateTime;
@@ -509,7 +509,7 @@ impl PgStore {
     /// Runs a selection: `sql` alone, or `shared` for this store's instance. Rows are read
     /// one at a time as they arrive, each made a target and dropped, so a selection of the
     /// whole fleet never holds the fleet's rows and its targets at once.
-    async fn targets(&self, sql: &str, shared: &str) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn targets(&self, sql: &str, shared: &str) -> Result<Targets, StoreError> {
         let client = self.client().await?;
         let me = self.member_id();
         let stmt = client
@@ -522,7 +522,8 @@ impl PgStore {
         };
         let rows = client.query_raw(&stmt, params).await.map_err(db_error)?;
         let mut rows = std::pin::pin!(rows);
-        let mut targets = Vec::new();
+        // Each row is packed as it arrives: the selection is never held unpacked.
+        let mut targets = Targets::new();
         while let Some(row) = rows.try_next().await.map_err(db_error)? {
             targets.push(self.target(&row));
         }
@@ -893,11 +894,11 @@ SELECT (SELECT count(*) FROM s_raw) + (SELECT count(*) FROM f_raw)
 
 #[async_trait]
 impl Store for PgStore {
-    async fn health_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn health_targets(&self) -> Result<Targets, StoreError> {
         self.targets(HEALTH_TARGETS, SHARED_HEALTH_TARGETS).await
     }
 
-    async fn metrics_targets(&self) -> Result<Vec<ProbeTarget>, StoreError> {
+    async fn metrics_targets(&self) -> Result<Targets, StoreError> {
         self.targets(METRICS_TARGETS, SHARED_METRICS_TARGETS).await
     }
 

@@ -107,7 +107,7 @@ async fn tokens_are_sealed_at_rest_and_refused_without_a_key() {
     );
     let key_id: String = row.get(1);
     assert_eq!(key_id.len(), 12);
-    let targets = store.health_targets().await.unwrap();
+    let targets = store.health_targets().await.unwrap().to_vec();
     assert_eq!(
         targets[0].token.as_ref().unwrap().expose(),
         "very-secret-token"
@@ -121,7 +121,7 @@ async fn tokens_are_sealed_at_rest_and_refused_without_a_key() {
             .unwrap()
     );
     assert_eq!(
-        store.health_targets().await.unwrap()[0]
+        store.health_targets().await.unwrap().to_vec()[0]
             .token
             .as_ref()
             .unwrap()
@@ -154,7 +154,11 @@ async fn tokens_are_sealed_at_rest_and_refused_without_a_key() {
         "nothing stored for b"
     );
     // Without the key the token cannot be opened: the target has none, and nothing panics.
-    assert!(keyless.health_targets().await.unwrap()[0].token.is_none());
+    assert!(
+        keyless.health_targets().await.unwrap().to_vec()[0]
+            .token
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -779,7 +783,7 @@ async fn keys_rotate_every_sealed_column_and_the_old_key_can_then_go() {
         )
     };
     let token_of = |s: PgStore| async move {
-        let t = s.health_targets().await.unwrap().remove(0);
+        let t = s.health_targets().await.unwrap().to_vec().remove(0);
         (t.token.map(|t| t.expose().to_owned()), t.unreadable_token)
     };
     // Sealed under A.

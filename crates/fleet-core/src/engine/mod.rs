@@ -32,7 +32,11 @@ use buffer::ResultBuffer;
 /// What a worker schedules: how to pick targets, check one, count and record the results.
 #[async_trait]
 pub trait Work: Send + Sync + 'static {
-    /// What one check is run against.
+    /// What one check is run against. Cheap to clone (a handle, such as [`TargetRef`]): the
+    /// engine keeps the last cycle's targets beside the running cycle's, and gives each check
+    /// its own.
+    ///
+    /// [`TargetRef`]: crate::TargetRef
     type Target: Clone + Send + Sync + 'static;
     /// What one check produces.
     type Output: Send + Sync + 'static;
@@ -128,8 +132,8 @@ pub struct Worker<W: Work> {
     stats: StatsHandle,
     /// The last successful selection, checked again while selecting fails, with the offset
     /// from its cycle's start at which each target last started (so that a repeat keeps
-    /// each target's spacing). Shared with that cycle's checks, so keeping them copies nothing
-    /// (a copy was 21 MB per worker at 100,000 servers).
+    /// each target's spacing). Targets are cheap handles (see [`Work::Target`]), so keeping
+    /// them copies no target.
     last_targets: std::sync::Mutex<LastCycle<W::Target>>,
     events: Events,
     /// Dropped results already announced as a problem.
@@ -391,7 +395,7 @@ where
         cancel: &CancellationToken,
         started: Instant,
         catch_up: bool,
-    ) -> Selected<Arc<W::Target>> {
+    ) -> Selected<W::Target> {
         let kind = self.work.kind().as_str();
         let selected = tokio::select! {
             biased;
@@ -408,27 +412,22 @@ where
                 // 0.9 x interval, and 0.2 % more for the drift between the monotonic clock
                 // the hold counts on and the wall clock the stored timestamps come from.
                 let due = self.config.interval.mul_f64(0.902);
-                // Taken from the end, the selection's buffer shrinking as it empties, so that
-                // a large fleet's targets are never held twice (as selected and as shared).
-                let mut targets = targets;
-                let mut held: Vec<(Arc<W::Target>, Duration)> = Vec::with_capacity(targets.len());
-                while let Some(t) = targets.pop() {
-                    let hold = match self.work.checked_ago(&t) {
-                        Some(ago) if ago < due => selected_after + (due - ago),
-                        _ => Duration::ZERO,
-                    };
-                    held.push((Arc::new(t), hold));
-                    if targets.len() % SHRINK_EVERY == 0 {
-                        targets.shrink_to_fit();
-                    }
-                }
-                held.reverse();
+                let mut held: Vec<(W::Target, Duration)> = targets
+                    .into_iter()
+                    .map(|t| {
+                        let hold = match self.work.checked_ago(&t) {
+                            Some(ago) if ago < due => selected_after + (due - ago),
+                            _ => Duration::ZERO,
+                        };
+                        (t, hold)
+                    })
+                    .collect();
                 if held.iter().any(|(_, hold)| !hold.is_zero()) {
                     held.sort_by_key(|(_, hold)| *hold);
                 }
                 if !catch_up {
                     last.clear();
-                    last.extend(held.iter().map(|(t, _)| Arc::clone(t)));
+                    last.extend(held.iter().map(|(t, _)| t.clone()));
                     last_starts.clear();
                 }
                 Selected::Targets(held)
@@ -504,7 +503,7 @@ where
     /// target started.
     async fn dispatch(
         &self,
-        targets: Vec<(Arc<W::Target>, Duration)>,
+        targets: Vec<(W::Target, Duration)>,
         started: Instant,
         pace: Pace,
         cancel: &CancellationToken,
@@ -739,7 +738,7 @@ const SELECT_FAILED: &str = "selecting targets failed";
 const STORAGE_CHECK_FAILED: &str = "storage check failed";
 
 /// A whole cycle's targets and the offset from its start at which each started.
-type LastCycle<T> = (Vec<Arc<T>>, Vec<Duration>);
+type LastCycle<T> = (Vec<T>, Vec<Duration>);
 
 /// What step 1 found.
 enum Selected<T> {
@@ -791,7 +790,7 @@ impl Drop for InFlight {
 impl<W: Work> Check<W> {
     /// Runs the check stamped `started_at`; its deadline counts from when its task runs, so
     /// that a check's full timeout is its own however late the task starts.
-    async fn run(self, target: Arc<W::Target>, started_at: OffsetDateTime) {
+    async fn run(self, target: W::Target, started_at: OffsetDateTime) {
         let _in_flight = InFlight::new(self.stats.clone());
         let output = match run_until(
             &*self.work,
@@ -978,9 +977,6 @@ pub(crate) struct Pace {
 /// The least time between batch starts: a fleet too large to start within a quarter of the
 /// interval at this pace gets larger batches instead of shorter gaps.
 pub(crate) const MIN_BATCH_DELAY: Duration = Duration::from_millis(10);
-
-/// How many targets are taken from a selection between two shrinks of its buffer.
-const SHRINK_EVERY: usize = 4_096;
 
 /// How long a check runs before it stops counting against the configured `max_in_flight`
 /// (it is hung or slow, not competing for CPU) and only holds its file slot; at most half
