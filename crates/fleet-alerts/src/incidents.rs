@@ -322,6 +322,16 @@ impl Engine {
         self.active.len()
     }
 
+    /// The servers of firing alerts and of open incidents' members: those whose names,
+    /// regions and groups routing and notices read from [`Context::servers`].
+    pub fn servers(&self) -> BTreeSet<ServerId> {
+        self.active
+            .keys()
+            .chain(self.open.values().flat_map(|o| o.members.keys()))
+            .filter_map(|k| k.server)
+            .collect()
+    }
+
     /// An alert started or stopped.
     pub fn change(&mut self, change: &AlertChange, ctx: &Context<'_>) -> Vec<Effect> {
         let mut fx = Vec::new();

@@ -2,7 +2,7 @@
 //! result events, feeds the machines, writes their effects in one transaction per batch, and
 //! runs the senders that drain the outbox.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,8 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fleet_core::cluster::Fence;
 use fleet_core::{
-    CancellationToken, Clock, Counts, Event, Events, Groups, HealthStatus, History, MetricsRecord,
-    Problem, Received, Registry, ServerFilter, ServerId, ServerStatus, StoreError, WorkerKind,
+    CancellationToken, Clock, Counts, Event, Events, Groups, HealthStatus, History, ManagedServer,
+    MetricsRecord, Problem, Received, Registry, ServerFilter, ServerId, ServerStatus, StoreError,
+    WorkerKind,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -35,12 +36,17 @@ pub const MAX_BACKLOG: u64 = 1_000;
 pub const MAX_SENDS: usize = 16;
 /// The result events the evaluator may fall behind by before it is told it lagged.
 pub const EVENT_QUEUE: usize = 65_536;
+/// The most servers the directory looks up one by one; more are found in one listing.
+const DIRECTORY_LOOKUPS: usize = 256;
 
 /// What the engine needs to know of the registry: names, regions, groups and region sizes.
 #[async_trait]
 pub trait ServerSource: Send + Sync {
-    /// Every server.
-    async fn directory(&self) -> Result<HashMap<ServerId, ServerInfo>, StoreError>;
+    /// The servers among `ids` that are registered. Nothing is read when `ids` is empty.
+    async fn directory(
+        &self,
+        ids: &BTreeSet<ServerId>,
+    ) -> Result<HashMap<ServerId, ServerInfo>, StoreError>;
     /// One server.
     async fn server_info(&self, id: ServerId) -> Result<Option<ServerInfo>, StoreError>;
     /// Active servers per region.
@@ -72,28 +78,47 @@ impl<T: Registry + Groups + Counts + History + ?Sized> ServerSource for T {
             .collect())
     }
 
-    async fn directory(&self) -> Result<HashMap<ServerId, ServerInfo>, StoreError> {
-        let groups = self.list_groups().await?;
+    async fn directory(
+        &self,
+        ids: &BTreeSet<ServerId>,
+    ) -> Result<HashMap<ServerId, ServerInfo>, StoreError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
         let mut member_of: HashMap<ServerId, Vec<(fleet_core::GroupId, String)>> = HashMap::new();
-        for g in &groups {
-            for m in &g.members {
+        for g in self.list_groups().await? {
+            for m in g.members.iter().filter(|m| ids.contains(m)) {
                 member_of
                     .entry(*m)
                     .or_default()
                     .push((g.id, g.name.clone()));
             }
         }
+        let mut info = |s: ManagedServer| {
+            let groups = member_of.remove(&s.id).unwrap_or_default();
+            let info = ServerInfo {
+                name: s.name,
+                region: s.region,
+                groups,
+            };
+            (s.id, info)
+        };
+        if ids.len() <= DIRECTORY_LOOKUPS {
+            let mut found = HashMap::with_capacity(ids.len());
+            for id in ids {
+                if let Some(s) = self.get_server(*id).await? {
+                    let (id, i) = info(s);
+                    found.insert(id, i);
+                }
+            }
+            return Ok(found);
+        }
+        // Many servers at once (an outage): one listing costs less than a lookup each.
         let servers = self.list_servers(&ServerFilter::default()).await?;
         Ok(servers
             .into_iter()
-            .map(|s| {
-                let info = ServerInfo {
-                    name: s.name,
-                    region: s.region,
-                    groups: member_of.remove(&s.id).unwrap_or_default(),
-                };
-                (s.id, info)
-            })
+            .filter(|s| ids.contains(&s.id))
+            .map(info)
             .collect())
     }
 
@@ -614,11 +639,11 @@ impl Evaluator {
     }
 
     async fn load_led(&mut self) -> Result<(), StoreError> {
-        self.refresh_directory().await;
         self.refresh_routing().await;
         let led = self.store.led_state().await?;
         let open = self.store.open_incidents().await?;
         self.engine = Engine::restore(open, led.firing);
+        self.refresh_directory().await;
         self.shared.position = led.position;
         self.shared.consumed.clear();
         self.effects.clear();
@@ -836,7 +861,6 @@ impl Evaluator {
 
     async fn restore(&mut self) -> Result<(), StoreError> {
         self.rules.clear();
-        self.refresh_directory().await;
         self.refresh_routing().await;
         let phases = self.store.alert_phases().await?;
         let open = self.store.open_incidents().await?;
@@ -873,12 +897,16 @@ impl Evaluator {
         }
         let n = open.len();
         self.engine = Engine::restore(open, firing);
+        self.refresh_directory().await;
         tracing::info!(target: "fleet::alerts", open_incidents = n, firing = self.engine.active_count(), "alert state loaded");
         Ok(())
     }
 
+    /// Reads what routing needs of the servers the engine holds alerts or incidents for, and
+    /// forgets the rest: the directory is the size of what is wrong, not of the fleet.
+    /// Servers that start alerting between refreshes are looked up as they do.
     async fn refresh_directory(&mut self) {
-        match self.servers.directory().await {
+        match self.servers.directory(&self.engine.servers()).await {
             Ok(d) => self.directory = d,
             Err(e) => {
                 tracing::warn!(target: "fleet::alerts", error = %e, "cannot read the registry")
@@ -1698,6 +1726,51 @@ mod tests {
         let rows = store.outbox();
         assert_eq!(rows.len(), 2, "{rows:?}");
         assert_eq!(notifier.received().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_directory_reads_only_the_servers_asked_for_with_their_groups() {
+        let registry = InMemoryStore::new();
+        let mut ids = Vec::new();
+        for i in 0..DIRECTORY_LOOKUPS + 10 {
+            let mut new = NewServer::new(format!("s{i:03}"), "http://127.0.0.1:9");
+            new.region = Some(if i % 2 == 0 { "eu" } else { "us" }.into());
+            ids.push(registry.create_server(new).await.unwrap().id);
+        }
+        let group = registry
+            .create_group(fleet_core::GroupFields {
+                name: Some("db".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        registry.add_members(group.id, &ids[1..3]).await.unwrap();
+
+        assert!(
+            registry
+                .directory(&BTreeSet::new())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A few: looked up one by one; an unknown id is left out.
+        let asked: BTreeSet<ServerId> = [ids[0], ids[1], ServerId::new()].into();
+        let few = registry.directory(&asked).await.unwrap();
+        assert_eq!(few.len(), 2);
+        assert_eq!(few[&ids[0]].name, "s000");
+        assert!(few[&ids[0]].groups.is_empty());
+        assert_eq!(few[&ids[1]].region.as_deref(), Some("us"));
+        assert_eq!(few[&ids[1]].groups, vec![(group.id, "db".to_owned())]);
+        // More than DIRECTORY_LOOKUPS: one listing, the same answer for those asked.
+        let asked: BTreeSet<ServerId> = ids[1..=DIRECTORY_LOOKUPS + 1].iter().copied().collect();
+        let many = registry.directory(&asked).await.unwrap();
+        assert_eq!(many.len(), DIRECTORY_LOOKUPS + 1);
+        assert!(!many.contains_key(&ids[0]));
+        assert_eq!(many[&ids[2]].groups, vec![(group.id, "db".to_owned())]);
+        assert_eq!(
+            many[&ids[DIRECTORY_LOOKUPS + 1]].name,
+            format!("s{:03}", DIRECTORY_LOOKUPS + 1)
+        );
     }
 
     #[tokio::test(start_paused = true)]
