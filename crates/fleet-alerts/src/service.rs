@@ -123,21 +123,7 @@ impl<T: Registry + Groups + Counts + History + ?Sized> ServerSource for T {
     }
 
     async fn server_info(&self, id: ServerId) -> Result<Option<ServerInfo>, StoreError> {
-        let Some(s) = self.get_server(id).await? else {
-            return Ok(None);
-        };
-        let groups = self
-            .list_groups()
-            .await?
-            .into_iter()
-            .filter(|g| g.members.contains(&id))
-            .map(|g| (g.id, g.name))
-            .collect();
-        Ok(Some(ServerInfo {
-            name: s.name,
-            region: s.region,
-            groups,
-        }))
+        Ok(self.directory(&BTreeSet::from([id])).await?.remove(&id))
     }
 
     async fn region_sizes(&self) -> Result<HashMap<String, u64>, StoreError> {
