@@ -1,6 +1,6 @@
 //! A cycle's selection, packed: every target's text in one buffer and its fixed fields in one
-//! array, so that a selection of 100,000 servers is two allocations of about 15 MB together
-//! instead of 400,000 small ones of about 34 MB.
+//! array of 48-byte records, so that a selection of 100,000 servers is two allocations of
+//! about 11 MB together instead of 400,000 small ones of about 34 MB.
 //!
 //! Small allocations by the hundred thousand also fragment the allocator's heap, which then
 //! stays resident after they are freed; two large ones are mapped and unmapped whole. A check
@@ -19,27 +19,51 @@ struct Rare {
     unreadable_token: Option<String>,
     metrics_path: Option<String>,
     ca_cert: Option<String>,
+    /// A lease the selection's table of leases has no room for.
+    fence: Option<Fence>,
+    /// The name, URL and token, in that order, of a target whose text would start past what
+    /// a `u32` offset reaches (a selection of more than 4 GiB of text).
+    text: Option<String>,
 }
 
-/// One target's fixed fields; its name, URL and token are `text[start..]`, in that order.
+/// One target's fixed fields, 48 bytes; its name, URL and token are `text[start..]`, in that
+/// order, and its lease is `fences[fence]`: a selection's leases are few (one per bucket), so
+/// each target keeps a 2-byte index where a [`Fence`] takes 24.
 #[derive(Clone, Debug)]
 struct Packed {
     id: ServerId,
-    start: usize,
+    start: u32,
     name_len: u32,
     url_len: u32,
-    /// `u32::MAX` when the server has no token.
+    /// [`NO_TOKEN`] when the server has no token.
     token_len: u32,
-    /// The store's age of the last check in nanoseconds; `u64::MAX` when unknown.
-    checked_ago: u64,
-    fence: Option<Fence>,
+    /// The store's age of the last check in whole milliseconds, rounded down (so that a hold
+    /// is never cut short); [`UNKNOWN_AGE`] when unknown.
+    checked_ago_ms: u32,
+    /// [`NO_FENCE`] when the target has no lease, or keeps it in `rare`.
+    fence: u16,
     health: Option<HealthStatus>,
     kind: ServerKind,
     rare: Option<Box<Rare>>,
 }
 
 const NO_TOKEN: u32 = u32::MAX;
-const UNKNOWN_AGE: u64 = u64::MAX;
+const UNKNOWN_AGE: u32 = u32::MAX;
+const NO_FENCE: u16 = u16::MAX;
+/// Where the shared text ends: a target that would start past it keeps its own. Small in
+/// unit tests, so that they cover that path without 4 GiB of text.
+const TEXT_LIMIT: u32 = if cfg!(test) { 4096 } else { NO_TOKEN };
+
+/// Appends `s` to `text`, cut at the largest length a `u32` holds (on a character boundary,
+/// and below [`NO_TOKEN`]); returns the length kept.
+fn append(text: &mut String, s: &str) -> u32 {
+    let mut end = s.len().min(NO_TOKEN as usize - 1);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.push_str(&s[..end]);
+    end as u32
+}
 
 /// A selection's targets, in order, packed. Built with [`Targets::push`] or collected from
 /// [`ProbeTarget`]s; read back with [`Targets::get`] and [`Targets::iter`], which unpack.
@@ -47,6 +71,11 @@ const UNKNOWN_AGE: u64 = u64::MAX;
 pub struct Targets {
     text: String,
     items: Vec<Packed>,
+    /// The distinct leases of the targets, which `Packed::fence` indexes.
+    fences: Vec<Fence>,
+    /// Where each lease is in `fences`, while the selection is built; dropped by
+    /// [`Targets::shrink_to_fit`].
+    fence_index: std::collections::HashMap<Fence, u16>,
 }
 
 impl Targets {
@@ -60,60 +89,75 @@ impl Targets {
         Self {
             text: String::with_capacity(n * 64),
             items: Vec::with_capacity(n),
+            ..Self::default()
         }
     }
 
     /// Appends `target`. A name, URL or token longer than 4 GiB is cut there (no registry
     /// accepts one).
     pub fn push(&mut self, target: ProbeTarget) {
-        let start = self.text.len();
-        let name_len = self.append(&target.name);
-        let url_len = self.append(&target.api_url);
+        let mut rare = Rare {
+            unreadable_token: target.unreadable_token,
+            metrics_path: target.metrics_path,
+            ca_cert: target.ca_cert,
+            ..Rare::default()
+        };
+        let fence = match target.fence {
+            None => NO_FENCE,
+            Some(f) => self.fence_slot(f).unwrap_or_else(|| {
+                rare.fence = Some(f);
+                NO_FENCE
+            }),
+        };
+        let start = u32::try_from(self.text.len())
+            .ok()
+            .filter(|&start| start < TEXT_LIMIT);
+        let text = match start {
+            Some(_) => &mut self.text,
+            None => rare.text.insert(String::new()),
+        };
+        let name_len = append(text, &target.name);
+        let url_len = append(text, &target.api_url);
         let token_len = match &target.token {
-            Some(token) => self.append(token.expose()),
+            Some(token) => append(text, token.expose()),
             None => NO_TOKEN,
         };
-        let rare = (target.unreadable_token.is_some()
-            || target.metrics_path.is_some()
-            || target.ca_cert.is_some())
-        .then(|| {
-            Box::new(Rare {
-                unreadable_token: target.unreadable_token,
-                metrics_path: target.metrics_path,
-                ca_cert: target.ca_cert,
-            })
-        });
+        let rare = (rare != Rare::default()).then(|| Box::new(rare));
         self.items.push(Packed {
             id: target.id,
-            start,
+            start: start.unwrap_or(0),
             name_len,
             url_len,
             token_len,
-            checked_ago: target.checked_ago.map_or(UNKNOWN_AGE, |d| {
-                u64::try_from(d.as_nanos()).unwrap_or(UNKNOWN_AGE - 1)
+            checked_ago_ms: target.checked_ago.map_or(UNKNOWN_AGE, |d| {
+                u32::try_from(d.as_millis()).unwrap_or(UNKNOWN_AGE - 1)
             }),
-            fence: target.fence,
+            fence,
             health: target.health,
             kind: target.kind,
             rare,
         });
     }
 
-    /// Appends `s`, cut at the largest length a `u32` holds (on a character boundary, and
-    /// below [`NO_TOKEN`]); returns the length kept.
-    fn append(&mut self, s: &str) -> u32 {
-        let mut end = s.len().min(NO_TOKEN as usize - 1);
-        while !s.is_char_boundary(end) {
-            end -= 1;
+    /// `fence`'s place in the table of leases, added when new; `None` when the table is full.
+    fn fence_slot(&mut self, fence: Fence) -> Option<u16> {
+        if let Some(&i) = self.fence_index.get(&fence) {
+            return Some(i);
         }
-        self.text.push_str(&s[..end]);
-        end as u32
+        let i = u16::try_from(self.fences.len())
+            .ok()
+            .filter(|&i| i < NO_FENCE)?;
+        self.fences.push(fence);
+        self.fence_index.insert(fence, i);
+        Some(i)
     }
 
     /// Gives back spare capacity; a store calls it once the selection is complete.
     pub fn shrink_to_fit(&mut self) {
         self.text.shrink_to_fit();
         self.items.shrink_to_fit();
+        self.fences.shrink_to_fit();
+        self.fence_index = std::collections::HashMap::new();
     }
 
     /// How many targets.
@@ -130,11 +174,36 @@ impl Targets {
     pub fn heap_bytes(&self) -> usize {
         self.text.capacity()
             + self.items.capacity() * std::mem::size_of::<Packed>()
+            + self.fences.capacity() * std::mem::size_of::<Fence>()
             + self.items.iter().filter(|p| p.rare.is_some()).count() * std::mem::size_of::<Rare>()
     }
 
     fn item(&self, i: usize) -> &Packed {
         &self.items[i]
+    }
+
+    /// A target's name, URL and token, each `None` past its end.
+    fn texts<'a>(&'a self, p: &'a Packed) -> (&'a str, &'a str, Option<&'a str>) {
+        let (text, start) = match p.rare.as_deref().and_then(|r| r.text.as_deref()) {
+            Some(spilled) => (spilled, 0),
+            None => (self.text.as_str(), p.start as usize),
+        };
+        let url_start = start + p.name_len as usize;
+        let token_start = url_start + p.url_len as usize;
+        let token = (p.token_len != NO_TOKEN)
+            .then(|| &text[token_start..token_start + p.token_len as usize]);
+        (
+            &text[start..url_start],
+            &text[url_start..token_start],
+            token,
+        )
+    }
+
+    fn fence_of(&self, p: &Packed) -> Option<Fence> {
+        match p.fence {
+            NO_FENCE => p.rare.as_deref().and_then(|r| r.fence),
+            i => self.fences.get(usize::from(i)).copied(),
+        }
     }
 
     /// The `i`th target's id.
@@ -150,17 +219,16 @@ impl Targets {
     /// # Panics
     /// When `i` is out of range.
     pub fn name(&self, i: usize) -> &str {
-        let p = self.item(i);
-        &self.text[p.start..p.start + p.name_len as usize]
+        self.texts(self.item(i)).0
     }
 
-    /// The `i`th target's age as the store gave it.
+    /// The `i`th target's age as the store gave it, to the millisecond (rounded down).
     ///
     /// # Panics
     /// When `i` is out of range.
     pub fn checked_ago(&self, i: usize) -> Option<Duration> {
-        let ago = self.item(i).checked_ago;
-        (ago != UNKNOWN_AGE).then(|| Duration::from_nanos(ago))
+        let ago = self.item(i).checked_ago_ms;
+        (ago != UNKNOWN_AGE).then(|| Duration::from_millis(u64::from(ago)))
     }
 
     /// The `i`th target's health when it was selected.
@@ -176,28 +244,25 @@ impl Targets {
     /// # Panics
     /// When `i` is out of range.
     pub fn fence(&self, i: usize) -> Option<Fence> {
-        self.item(i).fence
+        self.fence_of(self.item(i))
     }
 
     /// The `i`th target, unpacked; `None` when out of range.
     pub fn get(&self, i: usize) -> Option<ProbeTarget> {
         let p = self.items.get(i)?;
-        let url_start = p.start + p.name_len as usize;
-        let token_start = url_start + p.url_len as usize;
-        let rare = p.rare.as_deref().cloned().unwrap_or_default();
+        let (name, api_url, token) = self.texts(p);
+        let rare = p.rare.as_deref();
         Some(ProbeTarget {
             id: p.id,
-            name: self.text[p.start..url_start].to_owned(),
-            api_url: self.text[url_start..token_start].to_owned(),
-            token: (p.token_len != NO_TOKEN).then(|| {
-                ApiToken::new(&self.text[token_start..token_start + p.token_len as usize])
-            }),
-            unreadable_token: rare.unreadable_token,
+            name: name.to_owned(),
+            api_url: api_url.to_owned(),
+            token: token.map(ApiToken::new),
+            unreadable_token: rare.and_then(|r| r.unreadable_token.clone()),
             health: p.health,
             kind: p.kind,
-            metrics_path: rare.metrics_path,
-            ca_cert: rare.ca_cert,
-            fence: p.fence,
+            metrics_path: rare.and_then(|r| r.metrics_path.clone()),
+            ca_cert: rare.and_then(|r| r.ca_cert.clone()),
+            fence: self.fence_of(p),
             checked_ago: self.checked_ago(i),
         })
     }
@@ -382,6 +447,55 @@ mod tests {
     }
 
     #[test]
+    fn a_target_takes_48_bytes_besides_its_text() {
+        assert_eq!(std::mem::size_of::<Packed>(), 48);
+    }
+
+    #[test]
+    fn targets_past_the_shared_text_and_the_lease_table_keep_their_own() {
+        let all: Vec<ProbeTarget> = (0..80_000u32)
+            .map(|i| ProbeTarget {
+                token: (i % 3 == 0).then(|| ApiToken::new(format!("token-{i}"))),
+                fence: (i % 7 != 0).then_some(Fence {
+                    bucket: (i % 1024) as u16,
+                    epoch: i64::from(i),
+                }),
+                checked_ago: Some(Duration::from_millis(u64::from(i))),
+                ..target(&format!("web-{i}"))
+            })
+            .collect();
+        let packed = Targets::from(all.clone());
+        assert!(
+            packed.fences.len() == usize::from(NO_FENCE),
+            "the table filled up"
+        );
+        assert!(
+            packed
+                .items
+                .iter()
+                .any(|p| p.rare.as_ref().is_some_and(|r| r.fence.is_some()))
+        );
+        assert!(
+            packed
+                .items
+                .iter()
+                .any(|p| p.rare.as_ref().is_some_and(|r| r.text.is_some()))
+        );
+        assert_eq!(packed.to_vec(), all);
+        assert_eq!(packed.name(79_999), "web-79999");
+        assert_eq!(packed.fence(79_999), all[79_999].fence);
+    }
+
+    #[test]
+    fn an_age_is_kept_to_the_millisecond_and_rounded_down() {
+        let packed = Targets::from(vec![ProbeTarget {
+            checked_ago: Some(Duration::new(29, 999_999_999)),
+            ..target("a")
+        }]);
+        assert_eq!(packed.checked_ago(0), Some(Duration::from_millis(29_999)));
+    }
+
+    #[test]
     fn every_field_comes_back_as_it_went_in() {
         let plain = target("web-1");
         let full = ProbeTarget {
@@ -395,7 +509,7 @@ mod tests {
                 bucket: 41,
                 epoch: -7,
             }),
-            checked_ago: Some(Duration::new(29, 999_999_999)),
+            checked_ago: Some(Duration::from_millis(29_999)),
             ..target("db-ü")
         };
         let empty_token = ProbeTarget {
